@@ -1,0 +1,87 @@
+"""One step of the online estimators of ``argmin_m E_g D(m - g)`` (the D-median of the gradient).
+
+``D`` is named by ``div``: ``"sq"`` for ``||.||^2 / 2`` (its minimiser is the mean), ``"l2"`` for
+``||.||_2`` (the geometric median) and ``"l1"`` for ``||.||_1`` (the coordinate-wise median).
+
+* :func:`spp_step` is the stochastic proximal point step (eqs. 8-10 of the workshop paper),
+  ``m+ = g + prox_{tau D}(m - g)``: momentum with ``beta = 1/(1+tau)`` (eq. 11), Clip21 /
+  vectorwise clipping (Lemma 2.1) and componentwise clipping (Lemma 2.2).
+* :func:`sgd_step` is the stochastic subgradient step (eq. 6), ``m+ = m - tau u`` with
+  ``u in dD(m - g)``: momentum with ``beta = 1 - tau`` (eq. 7), adaptive momentum and the signed
+  increment (Appendix B).
+
+Derived in the chapter "Online estimators across iterations". ``m`` and ``g`` hold vectors on the
+last dimension; leading dimensions broadcast (for example ``m`` of shape ``(d,)`` against ``g``
+of shape ``(seeds, d)``). Inputs are never modified.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import Scalar, check_choice, check_same_kind, check_tau, check_vector
+from .prox import _clip_l1, _clip_l2
+
+__all__ = ["DIVERGENCES", "spp_step", "sgd_step"]
+
+DIVERGENCES = ("sq", "l2", "l1")
+
+
+def _check_pair(m: torch.Tensor, g: torch.Tensor) -> torch.Size:
+    check_vector(m, "m")
+    check_vector(g, "g")
+    check_same_kind(m, g, "m", "g")
+    if m.shape[-1] != g.shape[-1]:
+        raise ValueError(
+            f"m and g must have the same vector dimension, got shapes {tuple(m.shape)} and "
+            f"{tuple(g.shape)}"
+        )
+    try:
+        return torch.broadcast_shapes(m.shape, g.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"the batch dimensions of m {tuple(m.shape)} and g {tuple(g.shape)} do not broadcast"
+        ) from None
+
+
+def spp_step(m: torch.Tensor, g: torch.Tensor, tau: Scalar, div: str) -> torch.Tensor:
+    """SPP step ``m+ = argmin_y D(y - g) + ||y - m||^2 / (2 tau) = g + prox_{tau D}(m - g)``.
+
+    ``"sq"``: ``m + tau/(1+tau) (g - m)`` (momentum, ``beta = 1/(1+tau)``);
+    ``"l2"``: ``m + clip_l2(g - m, tau)`` (Clip21); ``"l1"``: ``m + clip_l1(g - m, tau)``.
+    """
+    check_choice(div, "div", DIVERGENCES)
+    shape = _check_pair(m, g)
+    tau = check_tau(tau, _like(m, shape), "tau")
+    delta = g - m
+    if div == "sq":
+        return m + (tau / (1.0 + tau)) * delta
+    if div == "l2":
+        return m + _clip_l2(delta, tau)
+    return m + _clip_l1(delta, tau)
+
+
+def sgd_step(m: torch.Tensor, g: torch.Tensor, tau: Scalar, div: str) -> torch.Tensor:
+    """Subgradient step ``m+ = m - tau u``, ``u in dD(m - g)`` (``u = 0`` where ``D`` has a kink).
+
+    ``"sq"``: ``(1 - tau) m + tau g`` (momentum, ``beta = 1 - tau``);
+    ``"l2"``: ``m + tau (g - m) / ||g - m||_2`` (adaptive momentum, ``m`` if ``g = m``);
+    ``"l1"``: ``m + tau sign(g - m)`` (signed increment).
+    """
+    check_choice(div, "div", DIVERGENCES)
+    shape = _check_pair(m, g)
+    tau = check_tau(tau, _like(m, shape), "tau")
+    delta = g - m
+    if div == "sq":
+        return m + tau * delta
+    if div == "l2":
+        norm = torch.linalg.vector_norm(delta, dim=-1, keepdim=True)
+        # delta / ||delta|| with the subgradient 0 chosen at delta = 0.
+        unit = torch.where(norm > 0, delta / torch.where(norm > 0, norm, 1.0), 0.0)
+        return m + tau * unit
+    return m + tau * torch.sign(delta)
+
+
+def _like(m: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A zero-cost stand-in of the broadcast shape, for validating ``tau`` against it."""
+    return m.new_empty(()).expand(shape)
