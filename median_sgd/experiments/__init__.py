@@ -1,0 +1,21 @@
+"""Experiments of the book, as library code.
+
+One module per experiment. Each defines a frozen config dataclass, ``CONFIGS = {"ci": ...,
+"paper": ...}`` (the two scales differ only in sizes, never in code) and ``run(config, *, device,
+...)`` returning tidy records (lists of dicts) that :mod:`median_sgd.plotting` draws. Nothing here
+prints or plots, so users can rerun an experiment with other settings from their own notebooks.
+"""
+
+SCALES = ("ci", "paper")
+
+
+def select(records, field: str = "median", **where):
+    """The ``field`` of the one record matching every ``key=value`` in ``where``.
+
+    >>> select([{"n": 5, "estimator": "mean", "median": 3.6}], n=5, estimator="mean")
+    3.6
+    """
+    rows = [r for r in records if all(r.get(k) == v for k, v in where.items())]
+    if len(rows) != 1:
+        raise ValueError(f"expected exactly one record with {where}, found {len(rows)}")
+    return rows[0][field]

@@ -1,0 +1,71 @@
+"""The figures the chapters draw (the only module of the library that imports matplotlib)."""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Optional
+
+import matplotlib.pyplot as plt
+
+__all__ = ["estimator_style", "plot_outlier_scene", "plot_quantile_curves"]
+
+_COLORS = {
+    "mean": "tab:red",
+    "coordinate median": "tab:purple",
+    "geometric median": "tab:green",
+}
+_MARKERS = {"mean": "X", "coordinate median": "s", "geometric median": "P"}
+
+
+def estimator_style(name: str) -> dict:
+    """Colour and marker of an estimator, the same in every figure of the book."""
+    if name.startswith("trimmed mean"):
+        return {"color": "tab:orange", "marker": "D"}
+    return {"color": _COLORS.get(name, "tab:gray"), "marker": _MARKERS.get(name, "o")}
+
+
+def plot_outlier_scene(scene: dict, ax: Optional[plt.Axes] = None) -> plt.Axes:
+    """The workshop paper's Fig. 1: a 2-D sample, outliers on an outer arc, and each estimate."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 5.5))
+    pts, out = scene["points"].numpy(), scene["is_outlier"].numpy()
+    ax.scatter(pts[~out, 0], pts[~out, 1], s=12, color="tab:blue", alpha=0.6, label="sample (inliers)")
+    ax.scatter(pts[out, 0], pts[out, 1], s=12, color="tab:cyan", alpha=0.9, label="sample (outliers)")
+    ax.scatter(*scene["true_mean"].numpy(), s=220, marker="*", color="black", zorder=5,
+               label="population mean")
+    for name, est in scene["estimates"].items():
+        style = estimator_style(name)
+        ax.scatter(*est.numpy(), s=90, zorder=6, edgecolor="white", linewidth=0.8,
+                   label=f"sample {name}" if not name.startswith("sample") else name, **style)
+    ax.set_aspect("equal")
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    return ax
+
+
+def plot_quantile_curves(
+    records: List[dict],
+    x: str,
+    ax: Optional[plt.Axes] = None,
+    *,
+    estimators: Optional[Iterable[str]] = None,
+    logx: bool = False,
+    logy: bool = True,
+) -> plt.Axes:
+    """Median over seeds (line) and the 10%-90% band of each estimator against ``x``."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    names = list(dict.fromkeys(r["estimator"] for r in records)) if estimators is None else list(estimators)
+    for name in names:
+        rows = sorted((r for r in records if r["estimator"] == name), key=lambda r: r[x])
+        xs = [r[x] for r in rows]
+        style = estimator_style(name)
+        ax.plot(xs, [r["median"] for r in rows], label=name, color=style["color"],
+                marker=style["marker"], markersize=4)
+        ax.fill_between(xs, [r["q10"] for r in rows], [r["q90"] for r in rows],
+                        color=style["color"], alpha=0.15, linewidth=0)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
