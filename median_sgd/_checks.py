@@ -111,12 +111,15 @@ def check_tau(tau: Scalar, like: torch.Tensor, name: str = "tau") -> Scalar:
         raise TypeError(f"{name} must be real, got {tau.dtype}")
     batch = like.shape[:-1]
     try:
-        torch.broadcast_shapes(tau.shape, batch)
+        fits = torch.broadcast_shapes(tau.shape, batch) == batch
     except RuntimeError:
+        fits = False
+    if not fits:
+        # tau may not add dimensions: a (d,)-shaped tau against one (d,) vector is ambiguous.
         raise ValueError(
-            f"{name} of shape {tuple(tau.shape)} does not broadcast against the batch shape "
+            f"{name} of shape {tuple(tau.shape)} does not broadcast to the batch shape "
             f"{tuple(batch)} (one value per problem; the vector dimension is the last one)"
-        ) from None
+        )
     if value_checks_enabled() and tau.numel() > 0 and not bool(
         (torch.isfinite(tau) & (tau > 0)).all()
     ):

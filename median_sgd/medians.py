@@ -130,15 +130,13 @@ def geometric_median(
                 f"weights must have shape (..., n) with n = {n} samples, got {tuple(weights.shape)}"
             )
         try:
-            torch.broadcast_shapes(weights.shape[:-1], batch)
+            fits = torch.broadcast_shapes(weights.shape[:-1], batch) == batch
         except RuntimeError:
+            fits = False
+        if not fits:
             raise ValueError(
-                f"weights of shape {tuple(weights.shape)} do not broadcast against G's batch "
-                f"shape {tuple(batch)}"
-            ) from None
-        if weights.dim() - 1 > len(batch):
-            raise ValueError(
-                f"weights have more batch dimensions than G: {tuple(weights.shape)} vs {tuple(G.shape)}"
+                f"weights of shape {tuple(weights.shape)} do not broadcast to G's batch shape "
+                f"{tuple(batch)}"
             )
         check_finite(weights, "weights")
         if value_checks_enabled():
