@@ -1,0 +1,89 @@
+"""The book's table of contents, chapters, citations and Colab install cells agree.
+
+Fast checks that do not need a book build (``scripts/book`` builds it with warnings as errors).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOK = ROOT / "book"
+CITE = re.compile(r"\{cite(?::[a-z]+)?\}`([^`]+)`")
+BIB_KEY = re.compile(r"^@\w+\s*\{\s*([^,\s]+)\s*,", re.MULTILINE)
+
+
+def toc_entries() -> list[str]:
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8"))
+    assert toc.get("format") == "jb-book"
+    entries = [toc["root"]]
+
+    def walk(items):
+        for item in items or []:
+            if "file" in item:
+                entries.append(item["file"])
+            walk(item.get("sections"))
+
+    for part in toc.get("parts", []):
+        walk(part.get("chapters"))
+    walk(toc.get("chapters"))
+    return entries
+
+
+def resolve(entry: str) -> list[Path]:
+    return [p for p in (ROOT / f"{entry}.ipynb", ROOT / f"{entry}.md") if p.is_file()]
+
+
+def test_every_toc_entry_exists_once():
+    entries = toc_entries()
+    assert len(entries) == len(set(entries)), f"duplicate _toc.yml entries: {entries}"
+    for entry in entries:
+        found = resolve(entry)
+        assert found, f"_toc.yml lists {entry!r}, but neither {entry}.ipynb nor {entry}.md exists"
+        assert len(found) == 1, f"{entry!r} is ambiguous: {found}"
+
+
+def test_every_notebook_is_in_the_toc():
+    listed = {ROOT / f"{entry}.ipynb" for entry in toc_entries()}
+    notebooks = sorted(BOOK.glob("*.ipynb"))
+    assert notebooks, "book/ has no notebooks: the book must have chapters"
+    missing = [p.relative_to(ROOT).as_posix() for p in notebooks if p not in listed]
+    assert not missing, f"not listed in _toc.yml (and so never rendered): {missing}"
+
+
+def markdown_sources() -> dict[str, str]:
+    sources = {p.name: p.read_text(encoding="utf-8") for p in sorted(BOOK.glob("*.md"))}
+    for path in sorted(BOOK.glob("*.ipynb")):
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        sources[path.name] = "\n".join(
+            "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+            for cell in nb["cells"]
+            if cell["cell_type"] == "markdown"
+        )
+    return sources
+
+
+def test_every_citation_is_in_the_bibliography():
+    keys = set(BIB_KEY.findall((BOOK / "references.bib").read_text(encoding="utf-8")))
+    assert keys, "book/references.bib has no entries"
+    unknown = []
+    for name, text in markdown_sources().items():
+        for group in CITE.findall(text):
+            unknown += [f"{name}: {key.strip()}" for key in group.split(",") if key.strip() not in keys]
+    assert not unknown, f"cited but not in book/references.bib: {unknown}"
+
+
+def test_colab_install_cells_use_the_configured_repository():
+    config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
+    url = config["repository"]["url"].rstrip("/")
+    branch = config["repository"].get("branch", "main")
+    target = f"git+{url}@{branch}"
+    for path in sorted(BOOK.glob("*.ipynb")):
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        first = "".join(code[0]["source"]) if code else ""
+        assert target in first, f"{path.name}: the install cell should install {target}"
