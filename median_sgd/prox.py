@@ -66,4 +66,6 @@ def _clip_l1(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
 
 def _clip_l2(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    return (tau / torch.clamp_min(norm, tau)) * v
+    # torch.div, not ``tau / tensor``: for a Python number PyTorch evaluates the latter as
+    # ``tensor.reciprocal() * tau``, which is not exactly 1 when ||v|| <= tau.
+    return torch.div(tau, torch.clamp_min(norm, tau)) * v
