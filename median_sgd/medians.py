@@ -80,10 +80,10 @@ def geometric_median(
     """``argmin_z sum_i w_i ||z - G_i||_2`` by smoothed Weiszfeld, started at the weighted mean.
 
     One iteration: ``r_i = ||G_i - z||``, ``b_i = w_i / max(r_i, eps s)``,
-    ``z <- z + sum_i b_i (G_i - z) / sum_i b_i``, where ``s`` is the weighted mean distance of the
-    points from the start (so ``eps`` is relative to the data's scale and the result is
-    scale-equivariant). The floor keeps every iterate finite when it lands on a data point or
-    when all points coincide.
+    ``z <- z + sum_i b_i (G_i - z) / sum_i b_i``, where ``s`` is the weighted median of the
+    distances ``r_i`` (a robust scale: ``eps`` is relative, the result is scale-equivariant, and
+    far outliers cannot inflate the floor), floored at the distances' rounding noise. The floor
+    keeps every iterate finite when it lands on a data point or when all points coincide.
 
     Stopping rule (relative, scale-free): a problem has converged once
     ``||sum_i b_i (G_i - z)|| - sum_{i near z} w_i (1 - r_i / (eps s)) <= tol * sum_i w_i``: the
@@ -153,15 +153,11 @@ def geometric_median(
         z = torch.matmul(w0.unsqueeze(-2), X0).squeeze(-2) / w_sum.unsqueeze(-1)
         done = torch.zeros(batch, dtype=torch.bool, device=G.device)
         n_iter = torch.zeros(batch, dtype=torch.int64, device=G.device)
-        floor = None
-        beta = None
+        rounding = 4 * torch.finfo(work_dtype).eps
         for _ in range(max_iter):
             diff = X0 - z.unsqueeze(-2)  # (..., n, d)
             dist = torch.linalg.vector_norm(diff, dim=-1)  # (..., n)
-            if floor is None:
-                scale = (w0 * dist).sum(-1) / w_sum
-                # All points at the start: every distance is 0, any positive floor works.
-                floor = torch.where(scale > 0, eps * scale, torch.ones_like(scale)).unsqueeze(-1)
+            floor = _distance_floor(dist, w0, w_sum, z, eps, rounding, uniform=weights is None)
             beta = w0 / torch.maximum(dist, floor)
             resultant = torch.matmul(beta.unsqueeze(-2), diff).squeeze(-2)  # (..., d)
             beta_sum = beta.sum(-1)
@@ -184,6 +180,28 @@ def geometric_median(
         b = w / torch.maximum(dist, floor)
         z = torch.matmul(b.unsqueeze(-2), X).squeeze(-2) / b.sum(-1, keepdim=True)
     return GeometricMedianResult(median=z.to(G.dtype), n_iter=n_iter, converged=done)
+
+
+def _distance_floor(dist, w, w_sum, z, eps, rounding, *, uniform):
+    """The smoothing floor of Weiszfeld's weights, shape (..., 1).
+
+    ``eps`` times the weighted median distance from ``z``: a robust scale, which outliers (less
+    than half of the weight), however far, cannot inflate; and at least the rounding noise of the
+    distances, ``~ machine epsilon * ||z||``, below which a point is indistinguishable from ``z``.
+    Falls back to the mean distance when at least half of the weight sits on ``z`` (then ``z`` is
+    optimal), and to 1 when every point coincides with ``z`` (then any floor works).
+    """
+    if uniform:
+        med = dist.median(dim=-1).values
+    else:
+        sorted_dist, order = dist.sort(dim=-1)
+        cum = w.gather(-1, order).cumsum(-1)
+        k = (cum < 0.5 * w_sum.unsqueeze(-1)).sum(-1, keepdim=True).clamp_max(dist.shape[-1] - 1)
+        med = sorted_dist.gather(-1, k).squeeze(-1)
+    mean = (w * dist).sum(-1) / w_sum
+    scale = torch.where(med > 0, med, torch.where(mean > 0, mean, torch.ones_like(mean)))
+    noise = rounding * torch.linalg.vector_norm(z, dim=-1)
+    return torch.maximum(eps * scale, noise).unsqueeze(-1)
 
 
 def geometric_median_objective(
