@@ -35,7 +35,7 @@ def plot_outlier_scene(scene: dict, ax: Optional[plt.Axes] = None) -> plt.Axes:
     for name, est in scene["estimates"].items():
         style = estimator_style(name)
         ax.scatter(*est.numpy(), s=90, zorder=6, edgecolor="white", linewidth=0.8,
-                   label=f"sample {name}" if not name.startswith("sample") else name, **style)
+                   label=f"sample {name}", **style)
     ax.set_aspect("equal")
     ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
     return ax

@@ -15,7 +15,7 @@ Three studies, all vectorised over seeds through the leading batch dimension of 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Union
 
 import torch
@@ -67,13 +67,15 @@ CONFIGS: Dict[str, RobustMeanConfig] = {
 assert set(CONFIGS) == set(SCALES)
 
 
-def estimators(trim: float = 0.2) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+def estimators(
+    trim: float = 0.2, gm_max_iter: int = 2000
+) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """The location estimators compared: each maps a (..., n, d) sample to a (..., d) estimate."""
     return {
         "mean": lambda G: G.mean(dim=-2),
         f"trimmed mean ({trim:.0%})": lambda G: trimmed_mean(G, trim),
         "coordinate median": coordinate_median,
-        "geometric median": lambda G: geometric_median(G, max_iter=2000).median,
+        "geometric median": lambda G: geometric_median(G, max_iter=gm_max_iter).median,
     }
 
 
@@ -94,7 +96,9 @@ def outlier_scene(cfg: RobustMeanConfig, *, device="cpu", dtype=torch.float64) -
     )
     outliers = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=-1)
     points = torch.cat([inliers, outliers])
-    estimates = {name: est(points).cpu() for name, est in estimators(cfg.trim).items()}
+    estimates = {
+        name: est(points).cpu() for name, est in estimators(cfg.trim, cfg.gm_max_iter).items()
+    }
     return {
         "points": points.cpu(),
         "is_outlier": torch.arange(len(points)) >= cfg.scene_inliers,
@@ -103,12 +107,14 @@ def outlier_scene(cfg: RobustMeanConfig, *, device="cpu", dtype=torch.float64) -
     }
 
 
-def _errors(samples: torch.Tensor, trim: float) -> Dict[str, torch.Tensor]:
-    """Per-seed RMS error per coordinate, ``||estimate - 0|| / sqrt(d)``, of each estimator."""
-    d = samples.shape[-1]
+def _errors(
+    samples: torch.Tensor, cfg: RobustMeanConfig, *, per_coordinate: bool
+) -> Dict[str, torch.Tensor]:
+    """Per-seed error ``||estimate - 0||`` of each estimator (over ``sqrt(d)`` per coordinate)."""
+    d = samples.shape[-1] if per_coordinate else 1
     return {
         name: torch.linalg.vector_norm(est(samples), dim=-1) / math.sqrt(d)
-        for name, est in estimators(trim).items()
+        for name, est in estimators(cfg.trim, cfg.gm_max_iter).items()
     }
 
 
@@ -123,7 +129,7 @@ def sample_size_study(cfg: RobustMeanConfig, *, device="cpu", dtype=torch.float6
     records = []
     for n in cfg.sample_sizes:
         samples = sample_stable(1.0, (cfg.seeds, n, cfg.dim), generator=gen, device=device, dtype=dtype)
-        for name, err in _errors(samples, cfg.trim).items():
+        for name, err in _errors(samples, cfg, per_coordinate=True).items():
             records.append({"n": n, "estimator": name, **_summary(err)})
     return records
 
@@ -136,7 +142,7 @@ def tail_study(cfg: RobustMeanConfig, *, device="cpu", dtype=torch.float64) -> L
     # Every alpha in one call: alpha broadcasts along the first dimension.
     samples = sample_stable(alphas.view(-1, 1, 1, 1), size, generator=gen, device=device, dtype=dtype)
     records = []
-    for name, err in _errors(samples, cfg.trim).items():
+    for name, err in _errors(samples, cfg, per_coordinate=True).items():
         for i, alpha in enumerate(cfg.tail_alphas):
             records.append({"alpha": alpha, "estimator": name, **_summary(err[i])})
     return records
@@ -151,9 +157,9 @@ def breakdown_study(cfg: RobustMeanConfig, *, device="cpu", dtype=torch.float64)
         k = round(frac * n)
         X = torch.randn(cfg.breakdown_seeds, n, d, generator=gen, device=device, dtype=dtype)
         X[:, :k, 0] += cfg.breakdown_distance
-        for name, err in _errors(X, cfg.trim).items():
-            # Report the error per coordinate-free norm (not divided by sqrt(d)): the bias.
-            records.append({"fraction": k / n, "estimator": name, **_summary(err * math.sqrt(d))})
+        # The bias itself, ||estimate||, not per coordinate.
+        for name, err in _errors(X, cfg, per_coordinate=False).items():
+            records.append({"fraction": k / n, "estimator": name, **_summary(err)})
     return records
 
 
