@@ -1,4 +1,4 @@
-"""The figures the chapters draw (the only module of the library that imports matplotlib)."""
+"""Figures of chapter 1 (the median as a robust estimator of the mean)."""
 
 from __future__ import annotations
 
@@ -6,21 +6,9 @@ from typing import Iterable, List, Optional
 
 import matplotlib.pyplot as plt
 
-__all__ = ["estimator_style", "plot_outlier_scene", "plot_quantile_curves"]
+from ._style import estimator_style
 
-_COLORS = {
-    "mean": "tab:red",
-    "coordinate median": "tab:purple",
-    "geometric median": "tab:green",
-}
-_MARKERS = {"mean": "X", "coordinate median": "s", "geometric median": "P"}
-
-
-def estimator_style(name: str) -> dict:
-    """Colour and marker of an estimator, the same in every figure of the book."""
-    if name.startswith("trimmed mean"):
-        return {"color": "tab:orange", "marker": "D"}
-    return {"color": _COLORS.get(name, "tab:gray"), "marker": _MARKERS.get(name, "o")}
+__all__ = ["plot_outlier_scene", "plot_quantile_curves"]
 
 
 def plot_outlier_scene(scene: dict, ax: Optional[plt.Axes] = None) -> plt.Axes:

@@ -1,0 +1,91 @@
+"""Timing helpers shared by the benchmark suites: warm-up, repetitions, medians, device sync."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels so a timer measures work, not launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeat: int = 7,
+            min_time: float = 0.0) -> dict:
+    """Median (and min, max) seconds of ``fn()`` over ``repeat`` timed calls after ``warmup`` calls.
+
+    With ``min_time > 0`` each timed sample loops ``fn`` until it has run that long and reports the
+    time per call, so sub-millisecond calls are not dominated by timer resolution.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(repeat):
+        calls = 0
+        start = time.perf_counter()
+        while True:
+            fn()
+            calls += 1
+            if min_time <= 0.0:
+                break
+            synchronize(device)
+            if time.perf_counter() - start >= min_time:
+                break
+        synchronize(device)
+        samples.append((time.perf_counter() - start) / calls)
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples),
+            "repeat": repeat}
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name of the device the numbers were measured on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def print_table(title: str, rows: List[dict], columns: Iterable[str]) -> None:
+    """A plain-text table of ``rows`` restricted to ``columns`` (floats to 3 significant digits)."""
+    columns = list(columns)
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
+              for i, c in enumerate(columns)]
+    print(f"\n{title}")
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def write_results(suite: str, rows: List[dict], device: torch.device,
+                  path: Optional[Path] = None) -> Path:
+    """Write ``rows`` with the machine's description to ``results/<suite>-<device type>.json``."""
+    path = path or RESULTS / f"{suite}-{device.type}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "suite": suite,
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path

@@ -1,0 +1,4 @@
+"""The models of the book's experiments, in plain torch (no torchvision needed).
+
+One module per family; every public name is re-exported here.
+"""
