@@ -10,6 +10,12 @@ _COLORS = {
     "geometric median": "tab:green",
 }
 _MARKERS = {"mean": "X", "coordinate median": "s", "geometric median": "P"}
+# Online estimators (chapters 3, 4; names of experiments.tracking.ESTIMATORS): the colour of the
+# median each one estimates, a lighter shade for the explicit (SGD) versions.
+_COLORS.update({"momentum": "tab:red", "momentum (SGD)": "salmon", "VClip": "tab:green",
+                "adaptive momentum": "yellowgreen", "CClip": "tab:purple", "signed increment": "orchid"})
+_MARKERS.update({"momentum": "X", "momentum (SGD)": "x", "VClip": "P", "adaptive momentum": "+",
+                 "CClip": "s", "signed increment": "d"})
 
 
 def estimator_style(name: str) -> dict:
