@@ -1,0 +1,158 @@
+"""Measured cost of aggregating ``n`` vectors of dimension ``d`` (chapters "The geometric median"
+and "BGmD").
+
+One Weiszfeld iteration reads the ``(n, d)`` matrix a constant number of times: ``O(nd)``, like
+the mean. :func:`gm_cost_study` measures it across ``d`` (at fixed ``n``) and across ``n`` (at
+fixed ``d``), next to the mean and the coordinate-wise median, and counts the iterations the
+solver needs to reach its tolerance (they do not grow with ``d``).
+
+Timings are seconds on whatever machine runs the study, so records hold machine-dependent
+numbers: compare ratios and slopes, not values. Each is the minimum over ``repeats`` calls after a
+warm-up call. On the CPU the clock is the process's CPU time (``time.process_time``) and the study
+runs on ``threads`` threads (one by default; the previous setting is restored): the work of the
+computation, undisturbed by other processes sharing the machine or by idle threads spinning. On
+CUDA it is wall-clock time, with the device synchronised before the clock is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Union
+
+import torch
+
+from ..medians import coordinate_median, geometric_median
+from . import SCALES
+
+__all__ = ["AggregationCostConfig", "CONFIGS", "cpu_threads", "time_call", "gm_cost_study", "loglog_slope"]
+
+
+@dataclass(frozen=True)
+class AggregationCostConfig:
+    """Sizes of the timing studies (``ci`` and ``paper`` differ only in sizes)."""
+
+    seed: int = 0
+    n: int = 16  # rows (gradients) in the sweep over d
+    dims: tuple = (2**12, 2**14, 2**16, 2**18, 2**19)
+    ns: tuple = (8, 16, 32, 64, 128)  # rows in the sweep over n
+    n_sweep_dim: int = 2**15
+    gm_iters: int = 5  # Weiszfeld iterations per timed call (fixed, so the time per iteration is exact)
+    repeats: int = 5
+    corrupted_fraction: float = 0.2  # for the iteration counts: that many rows moved far away
+    threads: int = 1  # CPU threads while timing
+
+
+CONFIGS: Dict[str, AggregationCostConfig] = {
+    "ci": AggregationCostConfig(),
+    "paper": AggregationCostConfig(
+        dims=(2**12, 2**14, 2**16, 2**18, 2**20, 2**22, 2**24),
+        ns=(8, 16, 32, 64, 128, 256, 512),
+        n_sweep_dim=2**18,
+        repeats=11,
+    ),
+}
+assert set(CONFIGS) == set(SCALES)
+
+
+def _config(config) -> AggregationCostConfig:
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise ValueError(f"unknown scale {config!r}; expected one of {', '.join(CONFIGS)}")
+        config = CONFIGS[config]
+    if not isinstance(config, AggregationCostConfig):
+        raise TypeError(f"config must be a scale name or an AggregationCostConfig, got {type(config).__name__}")
+    return config
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int):
+    """Run the block with ``torch.set_num_threads(threads)``, restoring the previous value."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def time_call(fn: Callable[[], object], *, repeats: int = 5, device="cpu") -> float:
+    """Seconds of one call of ``fn()``: the minimum over ``repeats`` calls after one warm-up call.
+
+    CPU time of the process on a CPU device, wall-clock time (synchronised) on CUDA.
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    cuda = torch.device(device).type == "cuda"
+    clock = time.perf_counter if cuda else time.process_time
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        _sync(device)
+        best = min(best, clock() - start)
+    return best
+
+
+def _sample(n: int, d: int, cfg: AggregationCostConfig, gen, device, dtype) -> torch.Tensor:
+    G = torch.randn(n, d, generator=gen, device=device, dtype=dtype)
+    n_bad = round(cfg.corrupted_fraction * n)
+    G[:n_bad] += 10.0  # corrupted rows: far away in every coordinate
+    return G
+
+
+def _methods(cfg: AggregationCostConfig) -> Dict[str, Callable[[torch.Tensor], object]]:
+    return {
+        "mean": lambda G: G.mean(-2),
+        "coordinate median": coordinate_median,
+        "Weiszfeld iteration": lambda G: geometric_median(G, max_iter=cfg.gm_iters, fixed_iter=True),
+    }
+
+
+def gm_cost_study(
+    config: Union[str, AggregationCostConfig] = "ci", *, device="cpu", dtype=torch.float32
+) -> List[dict]:
+    """Records ``{"sweep", "n", "d", "method", "seconds"}`` (per Weiszfeld iteration for the GM),
+    plus ``{"sweep": "iterations", "n", "d", "iterations", "converged"}`` for the solver at its
+    default tolerance on the sweep over ``d``."""
+    cfg = _config(config)
+    with cpu_threads(cfg.threads):
+        return _gm_cost_study(cfg, device=device, dtype=dtype)
+
+
+def _gm_cost_study(cfg: AggregationCostConfig, *, device, dtype) -> List[dict]:
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    records = []
+    sizes = [("d", cfg.n, d) for d in cfg.dims] + [("n", n, cfg.n_sweep_dim) for n in cfg.ns]
+    for sweep, n, d in sizes:
+        G = _sample(n, d, cfg, gen, device, dtype)
+        for name, fn in _methods(cfg).items():
+            seconds = time_call(lambda: fn(G), repeats=cfg.repeats, device=device)
+            if name == "Weiszfeld iteration":
+                seconds /= cfg.gm_iters
+            records.append({"sweep": sweep, "n": n, "d": d, "method": name, "seconds": seconds})
+        if sweep == "d":
+            res = geometric_median(G)
+            records.append({"sweep": "iterations", "n": n, "d": d,
+                            "iterations": int(res.n_iter), "converged": bool(res.converged)})
+    return records
+
+
+def loglog_slope(xs, ys) -> float:
+    """Least-squares slope of ``log y`` against ``log x``: the exponent ``p`` in ``y ~ x^p``."""
+    x = torch.log(torch.as_tensor(xs, dtype=torch.float64))
+    y = torch.log(torch.as_tensor(ys, dtype=torch.float64))
+    if x.numel() < 2 or x.shape != y.shape:
+        raise ValueError("need at least two (x, y) pairs of equal length")
+    xc = x - x.mean()
+    return float((xc * (y - y.mean())).sum() / (xc * xc).sum())

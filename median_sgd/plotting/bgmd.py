@@ -1,0 +1,124 @@
+"""Figures of part II (the geometric median, BGmD, its experiments; Acharya et al. 2022)."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ._style import estimator_style
+from .robust_mean import plot_quantile_curves
+
+__all__ = [
+    "method_style",
+    "plot_gm_scenes",
+    "plot_breakdown_curves",
+    "plot_gap_traces",
+    "plot_cost",
+]
+
+# Aggregators of the BGmD paper; the estimators of part I keep their colours.
+_METHODS = {
+    "SGD": {"color": "tab:red", "marker": "X"},
+    "CmD": {"color": "tab:purple", "marker": "s"},
+    "GmD": {"color": "tab:green", "marker": "P"},
+    "BGmD": {"color": "tab:blue", "marker": "o"},
+    "trimmed mean": {"color": "tab:orange", "marker": "D"},
+    "Krum": {"color": "tab:brown", "marker": "v"},
+    "Weiszfeld iteration": {"color": "tab:green", "marker": "P"},
+}
+
+
+def method_style(name: str) -> dict:
+    """Colour and marker of a method or estimator, the same in every figure of the book."""
+    if name in _METHODS:
+        return dict(_METHODS[name])
+    return estimator_style(name)
+
+
+def plot_gm_scenes(scenes: List[dict], axes: Optional[Sequence[plt.Axes]] = None, *, lim: float = 25.0,
+                   zoom: float = 1.2):
+    """Fig. 5 of the BGmD paper: one panel per corrupted fraction, the mean against the geometric
+    median; an inset zooms on the population mean (the star)."""
+    if axes is None:
+        _, axes = plt.subplots(1, len(scenes), figsize=(3.2 * len(scenes), 3.4))
+    axes = np.atleast_1d(axes)
+    for ax, scene in zip(axes, scenes):
+        pts, bad = scene["points"].numpy(), scene["is_bad"].numpy()
+        inset = ax.inset_axes([0.6, 0.6, 0.38, 0.38])
+        for target, size in ((ax, 6), (inset, 10)):
+            target.scatter(pts[~bad, 0], pts[~bad, 1], s=size, color="tab:blue", alpha=0.5,
+                           label="uncorrupted")
+            target.scatter(pts[bad, 0], pts[bad, 1], s=size, color="tab:gray", alpha=0.6,
+                           label="corrupted")
+            target.scatter(*scene["true_mean"].numpy(), s=120, marker="*", color="black", zorder=5,
+                           label="population mean")
+            for name, est in scene["estimates"].items():
+                target.scatter(*est.numpy(), s=55, zorder=6, edgecolor="white", linewidth=0.7,
+                               label=f"sample {name}", **estimator_style(name))
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        inset.set_xlim(-zoom, zoom)
+        inset.set_ylim(-zoom, zoom)
+        inset.set_xticks([])
+        inset.set_yticks([])
+        ax.indicate_inset_zoom(inset, edgecolor="0.4")
+        label = "clean data" if scene["fraction"] == 0 else f"{scene['fraction']:.0%} corruption"
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(loc="lower left", fontsize=6, framealpha=0.9)
+    return axes
+
+
+def plot_breakdown_curves(records: List[dict], mode: str, ax: Optional[plt.Axes] = None) -> plt.Axes:
+    """Error against the corrupted fraction (median and 10-90% band over seeds) for one corruption
+    ``mode``, with the median over seeds of Minsker's bound on the geometric median's error."""
+    rows = [r for r in records if r["mode"] == mode]
+    ax = plot_quantile_curves(rows, "fraction", ax)
+    gm = sorted((r for r in rows if r["estimator"] == "geometric median"), key=lambda r: r["fraction"])
+    ax.plot([r["fraction"] for r in gm], [r["bound_median"] for r in gm], "k--", linewidth=1,
+            label=r"bound $C_\psi\, r$ (median)")
+    ax.set_xlabel(r"corrupted fraction $\psi$")
+    ax.set_ylabel(r"$\|\hat m - \mu\|_2$")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_gap_traces(traces: Dict[str, Iterable[float]], ax: Optional[plt.Axes] = None) -> plt.Axes:
+    """Relative objective gap ``f(z_k)/f* - 1`` against the iteration ``k``, one curve per label."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    for i, (label, gaps) in enumerate(traces.items()):
+        gaps = np.asarray(list(gaps), dtype=float)
+        ks = np.arange(len(gaps))
+        keep = gaps > 0
+        ax.semilogy(ks[keep], gaps[keep], marker="o", markersize=3, label=label,
+                    color=plt.cm.viridis(i / max(1, len(traces) - 1)))
+    ax.set_xlabel("Weiszfeld iteration $k$")
+    ax.set_ylabel(r"$f(z_k)/f^\star - 1$")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_cost(records: List[dict], sweep: str, ax: Optional[plt.Axes] = None, *,
+              methods: Optional[Iterable[str]] = None) -> plt.Axes:
+    """Measured seconds against the swept size (log-log), one line per method, with a dashed
+    slope-1 reference through the last point of the first method."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    rows = [r for r in records if r.get("sweep") == sweep and "seconds" in r]
+    names = list(dict.fromkeys(r["method"] for r in rows)) if methods is None else list(methods)
+    for i, name in enumerate(names):
+        pts = sorted((r[sweep], r["seconds"]) for r in rows if r["method"] == name)
+        xs, ys = np.array(pts).T
+        ax.loglog(xs, ys, label=name, **method_style(name), markersize=5)
+        if i == 0:
+            ax.loglog(xs, ys[-1] * xs / xs[-1], "k--", linewidth=0.8, label="slope 1 (linear)")
+    ax.set_xlabel(sweep)
+    ax.set_ylabel("seconds")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
