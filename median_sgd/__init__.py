@@ -8,7 +8,8 @@ batch dimensions, and raises ``ValueError``/``TypeError`` on bad input.
 """
 
 from ._checks import value_checks
-from .estimators import sgd_step, spp_step
+from .bgmd import BGmD, select_block
+from .estimators import sgd_step, sgd_step_lp, spp_step, spp_step_lp
 from .medians import (
     GeometricMedianResult,
     coordinate_median,
@@ -16,7 +17,7 @@ from .medians import (
     geometric_median_objective,
     trimmed_mean,
 )
-from .prox import clip_l1, clip_l2, prox_l1, prox_l2, prox_sq
+from .prox import clip_l1, clip_l2, clip_lp, prox_l1, prox_l2, prox_lp, prox_sq
 from .stable import sample_stable
 
 __version__ = "0.1.0"
@@ -36,4 +37,10 @@ __all__ = [
     "trimmed_mean",
     "sample_stable",
     "value_checks",
+    "prox_lp",
+    "clip_lp",
+    "spp_step_lp",
+    "sgd_step_lp",
+    "select_block",
+    "BGmD",
 ]

@@ -1,0 +1,272 @@
+"""Block geometric median descent (BGmD): ``u = scatter_I(Gm((G + 1 m^T)[:, I]))``, ``m <- rule((G + 1 m^T)[:, J])``.
+
+Acharya et al. (AISTATS 2022), Algorithms 1 and 2; derived in the chapters "Block geometric
+median descent" and "What BGmD's memory remembers". Each step takes the ``(n, d)`` matrix ``G`` of
+(step-size-scaled) gradients, one row per sample or client, and
+
+1. adds the memory ``m`` to every row: ``A = G + 1 m^T`` (memory augmentation);
+2. selects a block ``I`` of ``k`` columns of ``A`` (:func:`select_block`; ``J`` is the rest);
+3. returns the update ``u`` with ``u_I = Gm(A[:, I])`` (the geometric median in ``R^k``) and
+   ``u_J = 0``;
+4. stores the residual ``A[:, J]`` in the memory: ``m_I = 0`` and ``m_J = rule(A[:, J])``, where
+   the rule is the paper's mean over *all* rows (``"mean"``), a coordinate-wise median
+   (``"median"``) or a geometric median (``"gm"``) of the residual rows, or no memory at all
+   (``None``).
+
+Because the geometric median is translation equivariant, ``Gm(A[:, I]) = m_I + Gm(G[:, I])``:
+whatever the memory holds passes straight into the update. With ``"mean"`` the memory is a plain
+average of every row, corrupted rows included, so over many steps BGmD moves like the *mean* on
+the coordinates outside each block; see the chapter on memory.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Union
+
+import torch
+
+from ._checks import check_choice, check_sample_matrix, value_checks, value_checks_enabled
+from .medians import GeometricMedianResult, coordinate_median, geometric_median
+
+__all__ = ["select_block", "resolve_block_size", "BGmD", "MODES", "MEMORY_RULES"]
+
+MODES = ("norm", "topk")
+MEMORY_RULES = ("mean", "median", "gm", None)
+_GM_OPTIONS = ("eps", "tol", "max_iter", "fixed_iter")
+
+
+def resolve_block_size(k: Union[int, float], d: int) -> int:
+    """The number of kept columns: an ``int`` ``1 <= k <= d`` as is, a ``float`` ``0 < k <= 1``
+    as the fraction ``beta`` of ``d``: ``max(1, floor(beta d))`` (as the authors' code does)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise TypeError(f"k must be an int (a number of columns) or a float fraction, got {k!r}")
+    if isinstance(k, numbers.Integral):
+        k = int(k)
+        if not 1 <= k <= d:
+            raise ValueError(f"k must satisfy 1 <= k <= d = {d}, got {k}")
+        return k
+    k = float(k)
+    if not (math.isfinite(k) and 0.0 < k <= 1.0):
+        raise ValueError(f"a fractional k must lie in (0, 1], got {k}")
+    return max(1, int(math.floor(k * d + 1e-9)))
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def _exponential(shape, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """Exp(1) draws in float64 on ``device`` (drawn on the generator's device when it differs).
+
+    float64, so that a draw of exactly 0 (which would make a key infinite) has probability
+    ~2**-53 instead of float32's ~2**-24 per column; floored at the smallest normal number.
+    """
+    where = device if generator is None else generator.device
+    e = torch.empty(shape, device=where, dtype=torch.float64).exponential_(generator=generator)
+    return e.to(device).clamp_min_(torch.finfo(torch.float64).tiny)
+
+
+def _select_from_squares(
+    sq: torch.Tensor, k: int, mode: str, generator: Optional[torch.Generator], power: float
+) -> torch.Tensor:
+    """The block (indices, shape (..., k), in no particular order) from squared column norms ``sq``."""
+    if mode == "topk":
+        idx = torch.topk(sq, k, dim=-1, sorted=False).indices
+    else:
+        # Successive sampling without replacement with probabilities proportional to s_j is the
+        # order of arrival of independent exponential clocks of rates s_j (Efraimidis-Spirakis):
+        # clock j rings at E_j / s_j, E_j ~ Exp(1), so keep the k largest keys s_j / E_j. One
+        # pass, no 2**24 category limit (unlike torch.multinomial), no host synchronisation.
+        scores = sq.to(torch.float64)  # s_j = ||G[:, j]||^power, in float64 (no overflow)
+        if power != 2.0:
+            scores = scores.pow(0.5 * power)
+        keys = scores / _exponential(sq.shape, generator, sq.device)  # 0 for a zero column
+        idx = torch.topk(keys, k, dim=-1, sorted=False).indices
+    return idx
+
+
+def select_block(
+    G: torch.Tensor,
+    k: Union[int, float],
+    *,
+    mode: str = "norm",
+    generator: Optional[torch.Generator] = None,
+    power: float = 2.0,
+) -> torch.Tensor:
+    """``I_k``: ``k`` distinct columns of ``G`` (..., n, d), drawn with probability ``∝ ||G[:, j]||^power``.
+
+    Algorithm 2 of Acharya et al. (chapter "Block geometric median descent"). ``mode="norm"``
+    samples ``k`` columns without replacement, successively, each draw with probability
+    proportional to the score ``s_j = ||G[:, j]||_2^power`` of the columns not drawn yet (active
+    norm sampling). ``power=2`` (default) is the squared norm of the paper's Algorithm 2 box and
+    of its introduction ("measured by the squared l2 norm"); ``power=1`` the plain norm of its
+    Section 4 text. Columns of norm 0 are drawn only once every nonzero column is in.
+    ``mode="topk"`` keeps the ``k`` largest column norms, deterministically: what the authors'
+    released code does. ``k`` is a number of columns (``int``) or a fraction of ``d``
+    (``float`` in ``(0, 1]``, see :func:`resolve_block_size`).
+
+    Returns a ``LongTensor`` of shape (..., k) on ``G``'s device, in no particular order (sort it
+    if you need to: sorting costs more than the selection on some inputs). Draws come
+    from ``generator`` (a ``torch.Generator``; one on another device than ``G`` works too, its
+    draws are moved). No host synchronisation.
+    """
+    check_sample_matrix(G)
+    check_choice(mode, "mode", MODES)
+    _check_generator(generator)
+    if isinstance(power, bool) or not isinstance(power, numbers.Real) or not (
+        math.isfinite(power) and power > 0
+    ):
+        raise ValueError(f"power must be a finite number > 0, got {power!r}")
+    k = resolve_block_size(k, G.shape[-1])
+    sq = torch.einsum("...ij,...ij->...j", G, G)  # squared column norms
+    return _select_from_squares(sq, k, mode, generator, float(power))
+
+
+class BGmD:
+    """Stateful BGmD aggregator: ``u = scatter_I(Gm(A[:, I]))``, ``m <- rule(A[:, J])``, ``A = G + 1 m^T``.
+
+    Algorithm 1 of Acharya et al. (chapters "Block geometric median descent" and "What BGmD's
+    memory remembers"). ``agg(G)`` takes the ``(..., n, d)`` matrix of step-size-scaled gradients
+    (one row per sample or client; the leading dimensions are independent problems, each with its
+    own memory) and returns the ``(..., d)`` update ``u`` (the step is ``x <- x - u``):
+
+    * the memory ``m`` (zero at first) is added to every row: ``A = G + m``;
+    * a block ``I`` of ``k`` columns of ``A`` is chosen by :func:`select_block` with ``mode``
+      (``"norm"``: Algorithm 2's norm-proportional sampling; ``"topk"``: the authors' code);
+    * ``u_I = geometric_median(A[:, I], **gm_options).median`` and ``u = 0`` outside ``I``;
+    * the residual ``A - C_k(A)`` (the unselected columns ``J``) goes to the memory with the rule
+      ``memory``: ``"mean"`` (the paper: ``m_J = mean_i A[i, J]``, every row, corrupted rows
+      included), ``"median"`` (coordinate-wise median of the residual rows), ``"gm"`` (their
+      geometric median in ``R^{d-k}``: robust, but as costly as a full geometric median), or
+      ``None`` (no memory: the residual is dropped). ``m_I = 0`` always.
+
+    ``k`` is an int number of columns or a float fraction of ``d`` (``0.1``: the paper's 10%).
+    ``gm_options`` go to :func:`median_sgd.geometric_median` (``eps``, ``tol``, ``max_iter``,
+    ``fixed_iter``; with ``fixed_iter=True`` a step has no host synchronisation at all) and are
+    also used by the ``"gm"`` memory rule. ``power`` is the exponent of the column norms in the
+    sampling probabilities (see :func:`select_block`).
+
+    State: ``agg.memory`` (``None`` until the first call or after ``agg.reset()``), and, for
+    diagnostics, ``agg.last_block`` (the indices ``I``), ``agg.last_gm`` (the
+    :class:`~median_sgd.GeometricMedianResult` of the block) and ``agg.last_residual`` (the
+    relative residual ``||A - C_k(A)||_F^2 / ||A||_F^2`` of the augmented matrix, ``1 - xi`` of
+    the paper's Lemma 1; a tensor, read it without forcing a synchronisation in a hot loop). A
+    later call must have the same shape (up to ``n``), dtype and device as the memory, else
+    ``ValueError``; ``reset()`` first to change them. ``G`` is never modified.
+    """
+
+    def __init__(
+        self,
+        k: Union[int, float],
+        *,
+        mode: str = "norm",
+        memory: Optional[str] = "mean",
+        generator: Optional[torch.Generator] = None,
+        power: float = 2.0,
+        **gm_options,
+    ) -> None:
+        if isinstance(k, bool) or not isinstance(k, numbers.Real):
+            raise TypeError(f"k must be an int (a number of columns) or a float fraction, got {k!r}")
+        if isinstance(k, numbers.Integral) and k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if not isinstance(k, numbers.Integral):
+            resolve_block_size(k, 1)  # validates the fraction
+        check_choice(mode, "mode", MODES)
+        check_choice(memory, "memory", MEMORY_RULES)
+        _check_generator(generator)
+        if isinstance(power, bool) or not isinstance(power, numbers.Real) or not (
+            math.isfinite(power) and power > 0
+        ):
+            raise ValueError(f"power must be a finite number > 0, got {power!r}")
+        unknown = sorted(set(gm_options) - set(_GM_OPTIONS))
+        if unknown:
+            raise TypeError(
+                f"unknown geometric_median option(s) {unknown}; expected some of {list(_GM_OPTIONS)}"
+            )
+        self.k = k
+        self.mode = mode
+        self.memory_rule = memory
+        self.generator = generator
+        self.power = float(power)
+        self.gm_options = dict(gm_options)
+        self.memory: Optional[torch.Tensor] = None
+        self.last_block: Optional[torch.Tensor] = None
+        self.last_gm: Optional[GeometricMedianResult] = None
+        self.last_residual: Optional[torch.Tensor] = None
+
+    def __repr__(self) -> str:
+        opts = "".join(f", {k}={v!r}" for k, v in self.gm_options.items())
+        return (f"BGmD(k={self.k!r}, mode={self.mode!r}, memory={self.memory_rule!r}"
+                f"{'' if self.power == 2.0 else f', power={self.power!r}'}{opts})")
+
+    def reset(self) -> None:
+        """Forget the memory (and the diagnostics of the last step)."""
+        self.memory = None
+        self.last_block = None
+        self.last_gm = None
+        self.last_residual = None
+
+    def __call__(self, G: torch.Tensor) -> torch.Tensor:
+        with value_checks(False):  # shape and dtype here; finiteness below, from the column sums
+            check_sample_matrix(G)
+        batch, n, d = G.shape[:-2], G.shape[-2], G.shape[-1]
+        k = resolve_block_size(self.k, d)
+        m = self.memory
+        if m is not None:
+            if m.shape != (*batch, d) or m.dtype != G.dtype or m.device != G.device:
+                raise ValueError(
+                    f"G of shape {tuple(G.shape)}, {G.dtype} on {G.device} does not match the "
+                    f"memory of shape {tuple(m.shape)}, {m.dtype} on {m.device}; call reset() first"
+                )
+        # Column statistics of A = G + 1 m^T without forming A (an n x d allocation costs as much
+        # as a Weiszfeld iteration): sum_i A_ij = s_j + n m_j and
+        # sum_i A_ij^2 = q_j + m_j (2 s_j + n m_j), with s, q the column sums and squares of G.
+        colsum = torch.matmul(G.new_ones(n), G)  # (..., d), through BLAS
+        # A NaN or Inf anywhere in a column makes its sum NaN or Inf: an O(d) finiteness check
+        # instead of check_finite's O(n d) (a finite column whose sum overflows is reported too).
+        if value_checks_enabled() and not bool(torch.isfinite(colsum).all()):
+            raise ValueError("G contains NaN or Inf values (or its column sums overflow)")
+        with value_checks(False):  # G is checked; the geometric medians need not re-check blocks
+            return self._step(G, m, k, n, d, colsum)
+
+    def _step(self, G, m, k, n, d, colsum):
+        sq = torch.einsum("...ij,...ij->...j", G, G)
+        if m is not None:
+            colsum_a = colsum + n * m
+            sq = (sq + m * (2 * colsum + n * m)).clamp_min_(0.0)
+        else:
+            colsum_a = colsum
+        idx = _select_from_squares(sq, k, self.mode, self.generator, self.power)  # (..., k)
+        block = torch.gather(G, -1, idx.unsqueeze(-2).expand(*G.shape[:-1], k))  # (..., n, k)
+        if m is not None:
+            block = block + torch.gather(m, -1, idx).unsqueeze(-2)
+        gm = geometric_median(block, **self.gm_options)
+        update = torch.zeros_like(sq).scatter_(-1, idx, gm.median)
+
+        total = sq.sum(-1)
+        kept = torch.gather(sq, -1, idx).sum(-1)
+        tiny = torch.finfo(total.dtype).tiny
+        self.last_residual = torch.where(
+            total > 0, (total - kept).clamp_min(0.0) / total.clamp_min(tiny), torch.zeros_like(total)
+        )
+        self.last_block = idx
+        self.last_gm = gm
+
+        rule = self.memory_rule
+        if rule is None:
+            self.memory = None
+            return update
+        if rule == "mean":
+            new = colsum_a / n
+        elif rule == "median":
+            # The coordinate-wise median commutes with adding m_j to a whole column.
+            new = coordinate_median(G) if m is None else coordinate_median(G) + m
+        else:  # "gm": the residual rows A - C_k(A), which are zero on the block
+            A = G.clone() if m is None else G + m.unsqueeze(-2)
+            A.scatter_(-1, idx.unsqueeze(-2).expand(*A.shape[:-1], k), 0.0)
+            new = geometric_median(A, **self.gm_options).median
+        self.memory = new.scatter_(-1, idx, 0.0)
+        return update
