@@ -1,0 +1,146 @@
+"""The aggregators' common interface, Krum against a brute-force transcription of Blanchard et
+al.'s rule, and the by-name factory."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import median_sgd as ms
+from median_sgd.aggregators import (
+    AGGREGATORS,
+    CoordinateMedian,
+    GeometricMedian,
+    Krum,
+    Mean,
+    TrimmedMean,
+    krum,
+    krum_scores,
+    make_aggregator,
+)
+
+
+def rows(n=9, d=6, seed=0, dtype=torch.float64, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def brute_force_krum(G, f, m=1):
+    X = G.numpy()
+    n = len(X)
+    scores = []
+    for i in range(n):
+        dists = sorted(float(np.sum((X[i] - X[j]) ** 2)) for j in range(n) if j != i)
+        scores.append(sum(dists[: n - f - 2]))
+    order = np.argsort(scores, kind="stable")[:m]
+    return np.array(scores), X[order].mean(0)
+
+
+@pytest.mark.parametrize("n, f", [(7, 2), (10, 3), (12, 1), (5, 0)])
+def test_krum_matches_brute_force(n, f):
+    for seed in range(5):
+        G = rows(n, 4, seed=seed)
+        G[:f] += 8.0 * torch.randn(f, 4, generator=torch.Generator().manual_seed(seed),
+                                   dtype=torch.float64)
+        scores, chosen = brute_force_krum(G, f)
+        np.testing.assert_allclose(krum_scores(G, f).numpy(), scores, rtol=1e-9)
+        np.testing.assert_allclose(krum(G, f).numpy(), chosen, rtol=1e-12)
+        _, multi = brute_force_krum(G, f, m=n - f)
+        np.testing.assert_allclose(krum(G, f, m=n - f).numpy(), multi, rtol=1e-9)
+
+
+def test_krum_ignores_far_outliers():
+    G = rows(11, 5)
+    G[:4] = 1e6
+    u = Krum(f=4)(G)
+    assert torch.linalg.vector_norm(u) < 10
+    assert any(torch.equal(u, G[i]) for i in range(4, 11)), "Krum returns one of the rows"
+
+
+def test_krum_batched():
+    Gs = torch.stack([rows(8, 3, seed=s) for s in range(4)])
+    out = krum(Gs, 2, m=3)
+    for i in range(4):
+        torch.testing.assert_close(out[i], krum(Gs[i], 2, m=3))
+
+
+def test_aggregators_against_oracles():
+    G = rows(9, 6)
+    torch.testing.assert_close(Mean()(G), G.mean(0))
+    torch.testing.assert_close(CoordinateMedian()(G), torch.from_numpy(np.median(G.numpy(), 0)))
+    torch.testing.assert_close(
+        TrimmedMean(0.25)(G), torch.from_numpy(scipy.stats.trim_mean(G.numpy(), 0.25, axis=0)))
+    gm = GeometricMedian(tol=1e-12, max_iter=5000)
+    u = gm(G)
+    # first-order optimality: the unit vectors to the points sum to ~0
+    unit = (G - u) / torch.linalg.vector_norm(G - u, dim=1, keepdim=True)
+    assert torch.linalg.vector_norm(unit.sum(0)) < 1e-8
+    assert bool(gm.last_gm.converged)
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_every_aggregator_keeps_dtype_device_shape_and_input(name, device, dtype):
+    options = {"krum": {"f": 2}, "multi_krum": {"f": 2, "m": 4},
+               "bgmd": {"k": 3, "generator": torch.Generator(device=device.type).manual_seed(0)}}
+    agg = make_aggregator(name, **options.get(name, {}))
+    G = rows(9, 8, dtype=dtype, device=device)
+    before = G.clone()
+    for _ in range(2):
+        u = agg(G)
+        assert u.shape == (8,) and u.dtype == dtype and u.device == device
+    assert torch.equal(G, before)
+    agg.reset()
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_positive_homogeneity(name):
+    """agg(c G) = c agg(G): scaling by the step size before or after aggregating agrees."""
+    options = {"krum": {"f": 2}, "multi_krum": {"f": 2, "m": 4}, "bgmd": {"k": 3, "mode": "topk"},
+               "gmd": {"tol": 1e-12, "max_iter": 5000}, "gm": {"tol": 1e-12, "max_iter": 5000},
+               "geometric_median": {"tol": 1e-12, "max_iter": 5000}}
+    G = rows(9, 8)
+    a = make_aggregator(name, **options.get(name, {}))(G * 0.01)
+    b = make_aggregator(name, **options.get(name, {}))(G) * 0.01
+    torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+
+
+def test_breakdown_under_scaled_bit_flip():
+    """40% of rows flipped to -100 g: the mean points the wrong way, the medians do not."""
+    g = torch.linspace(1.0, 2.0, 20, dtype=torch.float64)
+    G = g + 0.1 * rows(10, 20)
+    G[:4] = -100 * G[:4]
+    cos = lambda u: float(u @ g / (torch.linalg.vector_norm(u) * torch.linalg.vector_norm(g)))
+    assert cos(make_aggregator("mean")(G)) < -0.9
+    for name in ("cmd", "gmd", "krum", "trimmed_mean"):
+        opts = {"krum": {"f": 4}, "trimmed_mean": {"trim": 0.45}}.get(name, {})
+        assert cos(make_aggregator(name, **opts)(G)) > 0.95, name
+
+
+def test_make_aggregator_names_and_errors():
+    assert isinstance(make_aggregator("SGD"), Mean)
+    assert isinstance(make_aggregator("coordinate_median"), CoordinateMedian)
+    assert isinstance(make_aggregator("bgmd", k=0.2, memory="median"), ms.BGmD)
+    assert make_aggregator("bgmd").k == 0.1
+    with pytest.raises(ValueError, match="unknown aggregator 'median_of_means'.*cmd"):
+        make_aggregator("median_of_means")
+    with pytest.raises(TypeError):
+        make_aggregator(3)
+    with pytest.raises(TypeError, match="bad options"):
+        make_aggregator("cmd", trim=0.1)
+    with pytest.raises(TypeError):
+        make_aggregator("krum")  # f is required
+    with pytest.raises(ValueError, match="needs m"):
+        make_aggregator("multi_krum", f=1)
+    with pytest.raises(ValueError):
+        make_aggregator("trimmed_mean", trim=0.5)
+    with pytest.raises(ValueError, match="n - f - 2"):
+        make_aggregator("krum", f=3)(rows(5, 2))
+    with pytest.raises(ValueError):
+        Krum(f=-1)
+    with pytest.raises(ValueError):
+        krum(rows(6, 2), 1, m=7)
+    with pytest.raises(TypeError, match="geometric_median option"):
+        make_aggregator("gmd", iters=3)
