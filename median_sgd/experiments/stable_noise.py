@@ -179,8 +179,9 @@ class StableNoiseResult:
 
 
 def _summary(x: torch.Tensor) -> dict:
-    """min / median / max / mean over the last dimension (the seeds), as Python floats."""
-    return {"min": x.min(-1).values, "median": x.median(-1).values, "max": x.max(-1).values,
+    """min / median / max / mean over the last dimension (the seeds); the median of an even count
+    is the mean of the two middle values."""
+    return {"min": x.min(-1).values, "median": x.quantile(0.5, dim=-1), "max": x.max(-1).values,
             "mean": x.mean(-1)}
 
 
