@@ -1,0 +1,92 @@
+"""Figures of chapter 4 (estimating a gradient under alpha-stable noise; the workshop paper's Fig. 2)."""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib import cm, colors
+
+from ._style import estimator_style
+
+__all__ = ["plot_final_error", "plot_convergence"]
+
+
+def _names(records: List[dict], estimators: Optional[Iterable[str]]) -> List[str]:
+    if estimators is None:
+        return list(dict.fromkeys(r["estimator"] for r in records))
+    return list(estimators)
+
+
+def plot_final_error(
+    records: List[dict],
+    ax: Optional[plt.Axes] = None,
+    *,
+    estimators: Optional[Iterable[str]] = None,
+    center: str = "median",
+    logy: bool = True,
+) -> plt.Axes:
+    """Fig. 2 (left): final relative error against 1/alpha, a line per estimator (``center`` over
+    seeds) and the min-max band over seeds."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 4))
+    for name in _names(records, estimators):
+        rows = sorted((r for r in records if r["estimator"] == name), key=lambda r: r["inv_alpha"])
+        if not rows:
+            raise ValueError(f"no records for estimator {name!r}")
+        x = [r["inv_alpha"] for r in rows]
+        style = estimator_style(name)
+        ax.plot(x, [r[center] for r in rows], label=name, color=style["color"],
+                marker=style["marker"], markersize=4)
+        ax.fill_between(x, [r["min"] for r in rows], [r["max"] for r in rows],
+                        color=style["color"], alpha=0.15, linewidth=0)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(r"$1/\alpha$ (heavier tails to the right)")
+    ax.set_ylabel(r"final $\|m_T - \hat g\|_2 / \|\hat g\|_2$")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_convergence(
+    curves: List[dict],
+    *,
+    estimators: Sequence[str],
+    inv_alphas: Optional[Sequence[float]] = None,
+    axes: Optional[Sequence[plt.Axes]] = None,
+    center: str = "median",
+    cmap: str = "viridis",
+    logy: bool = True,
+) -> Sequence[plt.Axes]:
+    """Fig. 2 (right): relative error against the iteration, one panel per estimator, one line per
+    noise level coloured by 1/alpha (``center`` over seeds), with a shared colour bar."""
+    if inv_alphas is None:
+        inv_alphas = sorted({r["inv_alpha"] for r in curves})
+    if axes is None:
+        _, axes = plt.subplots(1, len(estimators), figsize=(4 * len(estimators), 3.6),
+                               sharey=True, squeeze=False)
+        axes = axes[0]
+    if len(axes) != len(estimators):
+        raise ValueError(f"got {len(axes)} axes for {len(estimators)} estimators")
+    norm = colors.Normalize(vmin=min(inv_alphas), vmax=max(inv_alphas))
+    colormap = plt.get_cmap(cmap)
+    for ax, name in zip(axes, estimators):
+        for inv_alpha in inv_alphas:
+            rows = sorted((r for r in curves if r["estimator"] == name and r["inv_alpha"] == inv_alpha),
+                          key=lambda r: r["step"])
+            if not rows:
+                raise ValueError(f"no curve for estimator {name!r} at 1/alpha = {inv_alpha}")
+            ax.plot([r["step"] for r in rows], [r[center] for r in rows],
+                    color=colormap(norm(inv_alpha)), linewidth=1.2)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_title(name, color=estimator_style(name)["color"], fontsize=10)
+        ax.set_xlabel("iteration $t$")
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].set_ylabel(r"$\|m_t - \hat g\|_2 / \|\hat g\|_2$")
+    bar = plt.colorbar(cm.ScalarMappable(norm=norm, cmap=colormap), ax=list(axes), pad=0.01)
+    bar.set_label(r"$1/\alpha$")
+    bar.set_ticks(np.linspace(min(inv_alphas), max(inv_alphas), 5))
+    return axes
