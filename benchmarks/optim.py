@@ -1,0 +1,124 @@
+"""Speed of ``MedianSGD.step()`` against ``torch.optim.SGD(momentum=0.9, foreach=True).step()``.
+
+A 10M-parameter model (the parameter shapes of an 8-block transformer encoder with width 320,
+plus a 1000 x 320 embedding: 97 tensors, 10,183,680 parameters) with fixed random gradients. For
+every divergence and step rule, one optimizer step is timed right after the reference SGD step
+(same run, same tensors), and the ratio of the two medians is reported; the target is a ratio of
+at most 1.3. Each rule is timed on its default path (``foreach=None``: a per-tensor loop on the
+CPU, multi-tensor kernels on a GPU) and on the other one. Also :class:`~median_sgd.optim.Clip21`
+(one worker's update plus the server step) for comparison.
+
+``python -m benchmarks.optim [--quick] [--device cuda]`` runs this suite alone and writes
+``benchmarks/results/optim-<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import List
+
+import torch
+
+from median_sgd.optim import MedianSGD
+
+from ._harness import measure, print_table, write_results
+
+WIDTH = 320
+BLOCKS = 8
+VOCAB = 1000
+TARGET_RATIO = 1.3
+
+
+def model_shapes() -> List[tuple]:
+    """Parameter shapes of a small transformer encoder: 10,183,680 parameters in 97 tensors."""
+    d = WIDTH
+    shapes: List[tuple] = []
+    for _ in range(BLOCKS):
+        shapes += [(3 * d, d), (3 * d,), (d, d), (d,),  # attention in-projection, out-projection
+                   (4 * d, d), (4 * d,), (d, 4 * d), (d,),  # feed-forward
+                   (d,), (d,), (d,), (d,)]  # two layer norms
+    shapes.append((VOCAB, d))  # embedding
+    return shapes
+
+
+def make_params(device: torch.device, dtype=torch.float32, seed: int = 0) -> List[torch.nn.Parameter]:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for shape in model_shapes():
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=dtype).to(device))
+        p.grad = torch.randn(shape, generator=gen, dtype=dtype).to(device)
+        params.append(p)
+    return params
+
+
+CASES = [
+    # (div, method, scope)
+    ("sq", "spp", "param"),
+    ("sq", "sgd", "param"),
+    ("l1", "spp", "param"),
+    ("l1", "sgd", "param"),
+    ("l2", "spp", "param"),
+    ("l2", "sgd", "param"),
+    ("l2", "spp", "global"),
+    ("l2", "sgd", "global"),
+]
+
+
+def run(device, *, quick: bool = False) -> List[dict]:
+    """Time every case on both paths; return tidy rows (and print the ratio table)."""
+    device = torch.device(device)
+    params = make_params(device)
+    n_params = sum(p.numel() for p in params)
+    repeat = 5 if quick else 15
+    reference = torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=True)
+    default_foreach = device.type != "cpu"
+    rows = []
+    for div, method, scope in CASES:
+        for foreach in (default_foreach, not default_foreach):
+            opt = MedianSGD(params, lr=1e-4, tau=0.1, div=div, method=method, scope=scope,
+                            foreach=foreach)
+            # The two are timed alternately, sample by sample, so load on the machine hits both.
+            for _ in range(2):  # warm-up: allocates the state, fills caches
+                reference.step()
+                opt.step()
+            ref_times, times = [], []
+            for _ in range(repeat):
+                ref_times.append(measure(reference.step, device, warmup=0, repeat=1)["median_s"])
+                times.append(measure(opt.step, device, warmup=0, repeat=1)["median_s"])
+            ref, ours = sorted(ref_times)[repeat // 2], sorted(times)[repeat // 2]
+            rows.append({
+                "optimizer": "MedianSGD",
+                "div": div,
+                "method": method,
+                "scope": scope,
+                "path": "foreach" if foreach else "loop",
+                "default_path": foreach == default_foreach,
+                "params": n_params,
+                "sgd_momentum_foreach_s": ref,
+                "step_s": ours,
+                "ratio": ours / ref,
+                "within_target": ours / ref <= TARGET_RATIO,
+            })
+            del opt
+    print_table(
+        f"MedianSGD.step / SGD(momentum=0.9, foreach=True).step, {n_params / 1e6:.1f}M parameters "
+        f"on {device} (target <= {TARGET_RATIO})",
+        rows,
+        ["div", "method", "scope", "path", "default_path", "step_s", "sgd_momentum_foreach_s",
+         "ratio"],
+    )
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rows = run(device, quick=args.quick)
+    print(f"\nwrote {write_results('optim', rows, device)}")
+
+
+if __name__ == "__main__":
+    main()
