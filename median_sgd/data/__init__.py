@@ -4,3 +4,5 @@
 ``paper`` scale downloads the real datasets (for Colab), with a cache and checksum verification.
 One module per kind of data; every public name is re-exported here.
 """
+
+from .images import ImageData, iid_split, load_digits, load_images, shard_split

@@ -1,0 +1,168 @@
+"""Image datasets and client splits of BGmD's experiments: ``(x, y)`` tensors, pixels in ``[0, 1]``.
+
+Acharya et al. (AISTATS 2022), Section 7.1; used in the chapters "What BGmD's memory remembers"
+and "Robust training experiments".
+
+* ``ci`` scale: ``"digits"``, scikit-learn's 1,797 8x8 handwritten digits (ships with
+  scikit-learn, no download), split into train and test sets.
+* ``paper`` scale: ``"mnist"``, ``"fashion_mnist"``, ``"cifar10"`` through torchvision's
+  downloaders (which verify MD5 checksums), cached under ``root`` (default
+  ``$MEDIAN_SGD_DATA`` or ``~/.cache/median_sgd``). torchvision is an optional dependency,
+  imported only when such a dataset is asked for (``pip install torchvision``).
+
+Client splits: :func:`iid_split` (homogeneous: a random equal partition) and :func:`shard_split`
+(heterogeneous, the paper's federated CIFAR-10 scheme: sort by label, cut into 80 contiguous
+shards, give each client 8 random shards).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["ImageData", "load_images", "load_digits", "iid_split", "shard_split", "IMAGE_DATASETS"]
+
+IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """A classification dataset as tensors: ``x_*`` (N, C, H, W) float32 in ``[0, 1]``, ``y_*``
+    (N,) int64; ``mean``/``std`` per channel, of the training images (for :meth:`normalize`)."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    num_classes: int
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - mean) / std`` per channel (images of shape (..., C, H, W))."""
+        shape = (len(self.mean), 1, 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        return (x - mean) / std
+
+    def to(self, device) -> "ImageData":
+        """The same data on ``device``."""
+        return replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
+                       x_test=self.x_test.to(device), y_test=self.y_test.to(device))
+
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])
+
+
+def _make(name, x_train, y_train, x_test, y_test, num_classes) -> ImageData:
+    dims = (0, 2, 3)
+    mean = tuple(float(v) for v in x_train.double().mean(dims))
+    std = tuple(float(v) for v in x_train.double().std(dims))
+    return ImageData(name, x_train.float().contiguous(), y_train.long(), x_test.float().contiguous(),
+                     y_test.long(), mean, std, num_classes)
+
+
+def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> ImageData:
+    """scikit-learn's 8x8 digits (1,797 images, 10 classes), pixels scaled from 0..16 to [0, 1],
+    split at random (stratified by class) into train and test sets."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
+    from sklearn.datasets import load_digits as _sk_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = _sk_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    tr, te = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed,
+                              stratify=bunch.target)
+    tr, te = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(te))
+    return _make("digits", x[tr], y[tr], x[te], y[te], 10)
+
+
+def _torchvision():
+    """torchvision, imported on demand (it is optional: only the paper-scale datasets need it)."""
+    try:
+        import torchvision  # noqa: F401
+        import torchvision.datasets as datasets
+    except ImportError as err:  # ModuleNotFoundError, or a broken install
+        raise ImportError(
+            "the paper-scale image datasets (mnist, fashion_mnist, cifar10) are downloaded with "
+            "torchvision, which is not installed: `pip install torchvision` (Colab has it), or "
+            "use the offline 'digits' dataset (the ci scale)"
+        ) from err
+    return datasets
+
+
+def default_root() -> Path:
+    """Where downloads are cached: ``$MEDIAN_SGD_DATA`` or ``~/.cache/median_sgd``."""
+    return Path(os.environ.get("MEDIAN_SGD_DATA", Path.home() / ".cache" / "median_sgd"))
+
+
+def load_images(name: str, *, root: Optional[os.PathLike] = None, download: bool = True,
+                seed: int = 0) -> ImageData:
+    """A dataset by name: ``"digits"`` (offline) or ``"mnist"``, ``"fashion_mnist"``,
+    ``"cifar10"`` (torchvision; their standard train/test splits; ``seed`` only affects digits)."""
+    if not isinstance(name, str):
+        raise TypeError(f"dataset name must be a string, got {type(name).__name__}")
+    key = name.lower().replace("-", "_")
+    if key not in IMAGE_DATASETS:
+        raise ValueError(f"unknown image dataset {name!r}; expected one of {', '.join(IMAGE_DATASETS)}")
+    if key == "digits":
+        return load_digits(seed=seed)
+    datasets = _torchvision()
+    root = Path(root) if root is not None else default_root()
+    cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST,
+           "cifar10": datasets.CIFAR10}[key]
+    parts = []
+    for train in (True, False):
+        ds = cls(str(root), train=train, download=download)
+        data = torch.as_tensor(np.asarray(ds.data))
+        x = data.permute(0, 3, 1, 2) if data.dim() == 4 else data.unsqueeze(1)  # (N, C, H, W)
+        parts += [x.float() / 255.0, torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)]
+    return _make(key, *parts, 10)
+
+
+def _check_clients(n_clients) -> int:
+    if isinstance(n_clients, bool) or not isinstance(n_clients, int) or n_clients < 1:
+        raise ValueError(f"n_clients must be an integer >= 1, got {n_clients!r}")
+    return n_clients
+
+
+def iid_split(n_samples: int, n_clients: int, *,
+              generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
+    """Homogeneous split: a uniformly random partition of ``range(n_samples)`` into
+    ``n_clients`` parts of sizes differing by at most one."""
+    _check_clients(n_clients)
+    if n_samples < n_clients:
+        raise ValueError(f"cannot split {n_samples} samples among {n_clients} clients")
+    perm = torch.randperm(n_samples, generator=generator)
+    return [part.clone() for part in torch.tensor_split(perm, n_clients)]
+
+
+def shard_split(labels: torch.Tensor, n_clients: int, *, n_shards: int = 80,
+                shards_per_client: int = 8,
+                generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
+    """Heterogeneous split (Section 7.1): sort the samples by label, cut them into ``n_shards``
+    contiguous shards (of sizes differing by at most one), and give each client
+    ``shards_per_client`` distinct random shards (no shard shared). With the defaults, 10
+    clients of 8 shards each; most clients see only some of the classes."""
+    _check_clients(n_clients)
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
+        raise TypeError("labels must be a 1-D integer tensor")
+    if n_clients * shards_per_client > n_shards:
+        raise ValueError(f"{n_clients} clients x {shards_per_client} shards need more than the "
+                         f"{n_shards} shards")
+    if n_shards > labels.numel():
+        raise ValueError(f"cannot cut {labels.numel()} samples into {n_shards} shards")
+    order = torch.sort(labels.cpu(), stable=True).indices
+    shards = torch.tensor_split(order, n_shards)
+    pick = torch.randperm(n_shards, generator=generator)[: n_clients * shards_per_client]
+    return [torch.cat([shards[int(s)] for s in pick[c * shards_per_client:(c + 1) * shards_per_client]])
+            for c in range(n_clients)]
