@@ -83,7 +83,7 @@ class TrackingConfig:
     chunk: int = 250  # iterations of noise drawn at once
     # (a) fixed distribution g = g_hat + M xi, xi_i ~ Lomax(tail_index), g_hat ~ N(0, I).
     fixed_steps: int = 4000
-    fixed_tau: float = 0.02
+    fixed_tau: float = 0.01  # the paper's tau in its Fig. 2
     tail_index: float = 1.5
     mixing: Tuple[Tuple[float, ...], ...] = ((1.0, 1.0), (1.0, -1.0))
     reference_samples: int = 50_000  # for the coordinate-wise and geometric medians
@@ -194,7 +194,9 @@ def fixed_study(
     ``step, estimator, target, q10, median, q90``: the distance ``||m_t - target||`` over seeds at
     log-spaced steps), ``final`` (records ``estimator, target, distance, q10, median, q90``: the
     distance to each target of the tail average of ``m_t`` over the second half of the run,
-    pooled over seeds for ``distance`` and per seed for the quantiles), ``trace`` (estimator ->
+    pooled over seeds for ``distance`` and per seed for the quantiles), ``tail_average``
+    (estimator -> that pooled ``(d,)`` average), ``tail_average_seeds`` (estimator -> the
+    ``(seeds, d)`` tail averages of each seed), ``trace`` (estimator ->
     ``(steps + 1, d)`` path of the first seed) and ``samples`` (the first seed's first samples).
     Everything is returned on the CPU.
     """
@@ -270,6 +272,8 @@ def fixed_study(
         "targets": {k: v.cpu() for k, v in targets.items()},
         "curves": curves,
         "final": final,
+        "tail_average": {name: tail_mean[e].mean(dim=0).cpu() for e, name in enumerate(names)},
+        "tail_average_seeds": {name: tail_mean[e].cpu() for e, name in enumerate(names)},
         "trace": {name: trace[:, e].cpu() for e, name in enumerate(names)},
         "samples": samples.cpu(),
     }

@@ -6,8 +6,16 @@ re-exported here, so chapters write ``from median_sgd.plotting import plot_...``
 
 from ._style import estimator_style
 from .robust_mean import plot_outlier_scene, plot_quantile_curves
+from .stable_noise import plot_convergence, plot_final_error
 from .prox import plot_operator_2d, plot_operators_1d
-from .tracking import online_style, plot_drift_error, plot_drift_trace, plot_fixed_curves, plot_fixed_paths
+from .tracking import (
+    online_style,
+    plot_drift_error,
+    plot_drift_trace,
+    plot_fixed_curves,
+    plot_fixed_estimates,
+    plot_fixed_paths,
+)
 from .bgmd import (
     method_style,
     plot_breakdown_curves,
