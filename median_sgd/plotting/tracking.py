@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterable, List, Optional, Sequence
 
 import matplotlib.pyplot as plt
+from matplotlib.markers import MarkerStyle
 
 from ._style import estimator_style
 
@@ -100,8 +101,9 @@ def plot_fixed_estimates(
         style = online_style(name)
         seeds = fixed["tail_average_seeds"][name][:, coordinate].numpy() - origin
         ax.scatter(seeds, [row] * len(seeds), s=8, color=style["color"], alpha=0.35, zorder=3)
+        edge = {"edgecolor": "black", "linewidth": 0.5} if MarkerStyle(style["marker"]).is_filled() else {}
         ax.scatter(float(fixed["tail_average"][name][coordinate]) - origin, row, s=80,
-                   marker=style["marker"], color=style["color"], edgecolor="black", linewidth=0.5, zorder=4)
+                   marker=style["marker"], color=style["color"], zorder=4, **edge)
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels(names, fontsize=8)
     ax.set_ylim(len(names) - 0.5, -0.5)
