@@ -6,3 +6,4 @@ One module per kind of data; every public name is re-exported here.
 """
 
 from .images import ImageData, iid_split, load_digits, load_images, shard_split
+from .text import TextCorpus, load_text_corpus, pydoc_corpus, segment_ids
