@@ -4,3 +4,4 @@ One module per family; every public name is re-exported here.
 """
 
 from .cnn import LeNet, ResNet18, TinyCNN, count_parameters, resnet18
+from .transformer import TransformerLM
