@@ -1,0 +1,411 @@
+"""Robust distributed training (BGmD's Section 7): ``x <- x - agg(attack(gamma [g_1; ...; g_b]))`` over b clients.
+
+Acharya et al. (AISTATS 2022), Section 7; the training loop of the chapters "What BGmD's memory
+remembers" and "Robust training experiments". One iteration:
+
+1. ``b`` clients each draw a mini-batch (``split="iid"``: ``b`` disjoint batches of one shuffled
+   pass over the training set, the paper's homogeneous setting; ``split="shards"``: each client
+   draws from its own label-sorted shards, the heterogeneous one);
+2. a feature or label attack corrupts a fresh ``psi``-fraction of all the samples;
+3. every client computes the gradient of its mini-batch loss at the same parameters ``x``
+   (``grad_mode="vmap"``: one ``torch.func.vmap`` over the clients; ``"loop"``: one backward per
+   client, needed for models with batch norm; ``"auto"`` picks);
+4. a gradient attack corrupts a fresh ``psi``-fraction of the ``b`` gradient rows;
+5. the aggregator maps the ``(b, d)`` matrix ``gamma G`` to an update ``u`` (``d``), and
+   ``v <- mu v + u``, ``x <- x - v - gamma lambda x`` (momentum ``mu``, weight decay ``lambda``).
+
+The learning rate ``gamma`` decays by ``lr_decay`` per epoch (the paper's Fashion-MNIST run:
+0.99) or follows a cosine schedule. Every ``eval_every`` iterations a record is written: test
+accuracy and loss, the mean training loss of the batches since the last record, the wall-clock
+time spent training (evaluation excluded) and in the aggregator, and for BGmD the mean relative
+residual ``||G - C_k(G)||_F^2 / ||G||_F^2`` (``1 - xi``, the paper's Figs. 7-8). A run stops
+early, marked ``diverged``, when the training loss exceeds ``max_loss`` or is not finite (the
+authors' rule).
+
+:func:`train` is one run; :func:`run` the grid ``methods x attacks x psis x seeds`` of a config
+(a clean ``psi = 0`` run is done once, with attack ``"none"``). Nothing here prints or plots.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .._checks import value_checks
+from ..aggregators import make_aggregator
+from ..attacks import make_attack
+from ..data.images import ImageData, iid_split, load_images, shard_split
+from ..models.cnn import LeNet, TinyCNN, count_parameters, resnet18
+from . import SCALES
+
+__all__ = [
+    "Method",
+    "method",
+    "BGmDTrainingConfig",
+    "CONFIGS",
+    "MODELS",
+    "build_model",
+    "client_gradients",
+    "train",
+    "run",
+]
+
+
+@dataclass(frozen=True)
+class Method:
+    """An aggregation rule to train with: a ``label`` for the records, a name for
+    :func:`~median_sgd.aggregators.make_aggregator` and its options (``((key, value), ...)``)."""
+
+    label: str
+    aggregator: str
+    options: Tuple[Tuple[str, Any], ...] = ()
+
+    def build(self, *, generator: Optional[torch.Generator] = None, gm_options: Optional[dict] = None):
+        """A fresh aggregator (BGmD gets ``generator``; GmD and BGmD get the Weiszfeld options)."""
+        options = dict(self.options)
+        key = self.aggregator.lower()
+        if key in ("bgmd", "gmd", "gm", "geometric_median"):
+            options = {**(gm_options or {}), **options}
+        if key == "bgmd" and "generator" not in options:
+            options["generator"] = generator
+        return make_aggregator(self.aggregator, **options)
+
+
+def method(aggregator: str, label: Optional[str] = None, **options) -> Method:
+    """``method("bgmd", k=0.1, memory="median")``: a :class:`Method` (the label defaults to the name)."""
+    return Method(label or aggregator, aggregator, tuple(sorted(options.items())))
+
+
+#: The paper's four methods: SGD (mean), CmD, BGmD (k = 10% of d, mean memory), GmD.
+PAPER_METHODS = (
+    method("mean", "SGD"),
+    method("cmd", "CmD"),
+    method("bgmd", "BGmD", k=0.1),
+    method("gmd", "GmD"),
+)
+
+
+@dataclass(frozen=True)
+class BGmDTrainingConfig:
+    """One training experiment; the ``ci`` and ``paper`` scales differ only in these values."""
+
+    dataset: str = "digits"
+    model: str = "tiny_cnn"
+    clients: int = 10  # b: parallel mini-batches (rows of G)
+    batch_size: int = 16  # samples per client per iteration
+    epochs: float = 15.0
+    split: str = "iid"  # or "shards" (heterogeneous)
+    lr: float = 0.05
+    lr_decay: float = 1.0  # per epoch; "cosine" anneals instead when cosine=True
+    cosine: bool = False
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    methods: Tuple[Method, ...] = PAPER_METHODS
+    attacks: Tuple[str, ...] = ("bit_flip",)
+    psis: Tuple[float, ...] = (0.0, 0.2, 0.4)
+    seeds: Tuple[int, ...] = (0,)
+    gm_max_iter: int = 100
+    gm_tol: float = 1e-5
+    eval_every: int = 10
+    eval_batch: int = 2048
+    grad_mode: str = "auto"  # "vmap", "loop" or "auto"
+    max_loss: float = 1e3
+    data_seed: int = 0
+
+    def __post_init__(self):
+        for name in ("clients", "batch_size", "eval_every", "eval_batch", "gm_max_iter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
+            raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
+        if not (self.lr > 0 and 0 < self.lr_decay <= 1 and 0 <= self.momentum < 1
+                and self.weight_decay >= 0):
+            raise ValueError("need lr > 0, 0 < lr_decay <= 1, 0 <= momentum < 1, weight_decay >= 0")
+        if self.split not in ("iid", "shards"):
+            raise ValueError(f"split must be 'iid' or 'shards', got {self.split!r}")
+        if self.grad_mode not in ("vmap", "loop", "auto"):
+            raise ValueError(f"grad_mode must be 'vmap', 'loop' or 'auto', got {self.grad_mode!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; expected one of {', '.join(MODELS)}")
+        if not all(isinstance(m, Method) for m in self.methods):
+            raise TypeError("methods must be Method objects (see method())")
+
+
+MODELS = {
+    "tiny_cnn": lambda data: TinyCNN(in_channels=data.image_shape[0], num_classes=data.num_classes),
+    "lenet": lambda data: LeNet(in_channels=data.image_shape[0], num_classes=data.num_classes,
+                                image_size=data.image_shape[-1]),
+    "resnet18": lambda data: resnet18(num_classes=data.num_classes, in_channels=data.image_shape[0]),
+}
+
+
+CONFIGS: Dict[str, BGmDTrainingConfig] = {
+    # Offline, two CPU cores, seconds: 8x8 digits, the 412-parameter CNN, 10 clients.
+    "ci": BGmDTrainingConfig(),
+    # Section 7.1's homogeneous Fashion-MNIST setting: LeNet (1.16M parameters), 32 parallel
+    # batches of 64, lr 0.01 decayed by 1% per epoch, weight decay 1e-4, 50 epochs, 5 seeds.
+    "paper": BGmDTrainingConfig(
+        dataset="fashion_mnist",
+        model="lenet",
+        clients=32,
+        batch_size=64,
+        epochs=50.0,
+        lr=0.01,
+        lr_decay=0.99,
+        momentum=0.0,
+        psis=(0.0, 0.1, 0.2, 0.4),
+        attacks=("bit_flip", "gradient_noise", "feature_noise", "impulse", "backdoor"),
+        seeds=(0, 1, 2, 3, 4),
+        eval_every=100,
+    ),
+}
+assert set(CONFIGS) == set(SCALES)
+
+
+def build_model(name: str, data: ImageData) -> nn.Module:
+    """The model ``name`` (``"tiny_cnn"``, ``"lenet"``, ``"resnet18"``) for ``data``'s images."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    return MODELS[name](data)
+
+
+def _has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def client_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mode: str = "auto"):
+    """``(G, losses)``: the ``(b, d)`` matrix of per-client mini-batch gradients (parameters
+    flattened in ``model.parameters()`` order) and the ``(b,)`` losses, for client batches ``x``
+    (b, B, C, H, W) and ``y`` (b, B). ``mode="vmap"``: ``torch.func.vmap`` over the clients (one
+    batched forward and backward; dropout draws differ per client); ``"loop"``: one backward per
+    client (batch-norm statistics are then updated client by client); ``"auto"``: vmap unless the
+    model has batch norm."""
+    if mode == "auto":
+        mode = "loop" if _has_batch_norm(model) else "vmap"
+    params = [p for p in model.parameters() if p.requires_grad]
+    if mode == "vmap":
+        from torch.func import functional_call, grad_and_value, vmap
+
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        buffers = dict(model.named_buffers())
+
+        def loss_fn(values, xb, yb):
+            out = functional_call(model, ({**dict(zip(names, values)), **buffers},), (xb,))
+            return F.cross_entropy(out, yb)
+
+        values = tuple(p.detach() for p in params)
+        grads, losses = vmap(grad_and_value(loss_fn), in_dims=(None, 0, 0),
+                             randomness="different")(values, x, y)
+        G = torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
+        return G, losses
+    if mode != "loop":
+        raise ValueError(f"mode must be 'vmap', 'loop' or 'auto', got {mode!r}")
+    rows, losses = [], []
+    for xb, yb in zip(x, y):
+        loss = F.cross_entropy(model(xb), yb)
+        grads = torch.autograd.grad(loss, params)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+        losses.append(loss.detach())
+    return torch.stack(rows), torch.stack(losses)
+
+
+class _ClientSampler:
+    """Index batches (b, B) of each iteration: one shuffled pass per epoch (``iid``), or each
+    client cycling through a reshuffled pool of its own shards (``shards``)."""
+
+    def __init__(self, data: ImageData, cfg: BGmDTrainingConfig, generator: torch.Generator):
+        self.n = len(data.y_train)
+        self.b, self.B = cfg.clients, cfg.batch_size
+        self.g = generator
+        if self.b * self.B > self.n:
+            raise ValueError(f"{self.b} clients x {self.B} samples exceed the {self.n} training samples")
+        self.per_epoch = self.n // (self.b * self.B)
+        self.pools = None
+        if cfg.split == "shards":
+            self.pools = shard_split(data.y_train, self.b, generator=generator)
+            if min(len(p) for p in self.pools) < self.B:
+                raise ValueError("a client's shards hold fewer samples than one batch")
+            self.orders = [p[torch.randperm(len(p), generator=generator)] for p in self.pools]
+            self.pos = [0] * self.b
+        self.t = 0
+
+    def next(self) -> torch.Tensor:
+        if self.pools is None:
+            i = self.t % self.per_epoch
+            if i == 0:
+                self.perm = torch.randperm(self.n, generator=self.g)
+            block = self.perm[i * self.b * self.B:(i + 1) * self.b * self.B]
+            self.t += 1
+            return block.view(self.b, self.B)
+        rows = []
+        for c in range(self.b):
+            if self.pos[c] + self.B > len(self.orders[c]):
+                pool = self.pools[c]
+                self.orders[c] = pool[torch.randperm(len(pool), generator=self.g)]
+                self.pos[c] = 0
+            rows.append(self.orders[c][self.pos[c]:self.pos[c] + self.B])
+            self.pos[c] += self.B
+        self.t += 1
+        return torch.stack(rows)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, data: ImageData, xs: torch.Tensor, batch: int) -> Tuple[float, float]:
+    was_training = model.training
+    model.eval()
+    correct, loss = 0.0, 0.0
+    for start in range(0, len(xs), batch):
+        out = model(xs[start:start + batch])
+        y = data.y_test[start:start + batch]
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += float((out.argmax(-1) == y).sum())
+    model.train(was_training)
+    return correct / len(xs), loss / len(xs)
+
+
+def _lr_at(cfg: BGmDTrainingConfig, t: int, per_epoch: int, total: int) -> float:
+    if cfg.cosine:
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * t / total))
+    return cfg.lr * cfg.lr_decay ** (t // per_epoch)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="it", leave=False)
+
+
+def train(
+    cfg: BGmDTrainingConfig,
+    method: Method,
+    attack: str = "none",
+    psi: float = 0.0,
+    seed: int = 0,
+    *,
+    data: Optional[ImageData] = None,
+    device="cpu",
+    progress: bool = False,
+    sync_timing: bool = False,
+) -> List[dict]:
+    """One training run: records every ``cfg.eval_every`` iterations (and at the end).
+
+    ``data`` (loaded from ``cfg.dataset`` when not given) is moved to ``device``. The seed fixes
+    the model's initialisation, the batches, the attack's draws, BGmD's block sampling and
+    dropout; torch's global random state is restored afterwards. ``sync_timing=True`` waits for
+    the GPU around the aggregator so that ``aggregation_s`` is exact on CUDA (on the CPU it is
+    always exact).
+    """
+    device = torch.device(device)
+    if data is None:
+        data = load_images(cfg.dataset, seed=cfg.data_seed)
+    data = data.to(device)
+    atk = make_attack(attack, psi)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), value_checks(False):
+        torch.manual_seed(seed)
+        model = build_model(cfg.model, data).to(device)
+        model.train()
+        gen_cpu = torch.Generator().manual_seed(seed + 1)
+        gen_dev = torch.Generator(device=device).manual_seed(seed + 2)
+        gm_options = {"max_iter": cfg.gm_max_iter, "tol": cfg.gm_tol}
+        agg = method.build(generator=gen_dev, gm_options=gm_options)
+        sampler = _ClientSampler(data, cfg, gen_cpu)
+        total = max(1, int(round(cfg.epochs * sampler.per_epoch)))
+        params = [p for p in model.parameters() if p.requires_grad]
+        d = count_parameters(model)
+        x_test = data.normalize(data.x_test)
+        velocity = torch.zeros(d, device=device)
+        base = dict(method=method.label, aggregator=method.aggregator, attack=attack, psi=psi,
+                    seed=seed, dataset=cfg.dataset, model=cfg.model, d=d, clients=cfg.clients)
+        records: List[dict] = []
+        loss_sum = torch.zeros((), device=device)
+        residual_sum = torch.zeros((), device=device)
+        window = 0
+        has_residual = False
+        train_s = agg_s = 0.0
+        bar = _progress(total, f"{method.label} {attack} {psi:g}", progress)
+        for t in range(1, total + 1):
+            start = time.perf_counter()
+            lr = _lr_at(cfg, t - 1, sampler.per_epoch, total)
+            idx = sampler.next().to(device)
+            xb, yb = atk.batch(data.x_train[idx], data.y_train[idx], generator=gen_dev)
+            G, losses = client_gradients(model, data.normalize(xb), yb, mode=cfg.grad_mode)
+            G = atk.gradients(G, generator=gen_dev)
+            if sync_timing and device.type == "cuda":
+                torch.cuda.synchronize(device)
+            a0 = time.perf_counter()
+            u = agg(lr * G)
+            if sync_timing and device.type == "cuda":
+                torch.cuda.synchronize(device)
+            agg_s += time.perf_counter() - a0
+            residual = getattr(agg, "last_residual", None)
+            if residual is not None:
+                residual_sum += residual
+                has_residual = True
+            with torch.no_grad():
+                velocity.mul_(cfg.momentum).add_(u)
+                offset = 0
+                for p in params:
+                    n = p.numel()
+                    p.sub_(velocity[offset:offset + n].view_as(p))
+                    if cfg.weight_decay:
+                        p.mul_(1 - lr * cfg.weight_decay)
+                    offset += n
+            loss_sum += losses.mean().detach()
+            window += 1
+            train_s += time.perf_counter() - start
+            if bar is not None:
+                bar.update(1)
+            if t % cfg.eval_every == 0 or t == total:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                train_loss = float(loss_sum) / window
+                diverged = not math.isfinite(train_loss) or train_loss > cfg.max_loss
+                acc, test_loss = (float("nan"), float("nan")) if diverged else _evaluate(
+                    model, data, x_test, cfg.eval_batch)
+                records.append(dict(
+                    base, iteration=t, epoch=t / sampler.per_epoch, time_s=train_s,
+                    aggregation_s=agg_s, lr=lr, train_loss=train_loss, test_accuracy=acc,
+                    test_loss=test_loss,
+                    relative_residual=float(residual_sum) / window if has_residual else None,
+                    diverged=diverged))
+                loss_sum.zero_()
+                residual_sum.zero_()
+                window = 0
+                if diverged:
+                    break
+        if bar is not None:
+            bar.close()
+    return records
+
+
+def run(cfg: BGmDTrainingConfig, *, device="cpu", progress: bool = False,
+        data: Optional[ImageData] = None) -> List[dict]:
+    """Every run of the grid ``cfg.methods x cfg.attacks x cfg.psis x cfg.seeds``: tidy records
+    (see :func:`train`). ``psi = 0`` is run once per method and seed, as attack ``"none"``."""
+    if data is None:
+        data = load_images(cfg.dataset, seed=cfg.data_seed)
+    grid = []
+    for psi in cfg.psis:
+        for attack in (("none",) if psi == 0 else cfg.attacks):
+            for m in cfg.methods:
+                for seed in cfg.seeds:
+                    grid.append((m, attack, psi, seed))
+    records: List[dict] = []
+    outer = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        outer = tqdm(grid, desc="runs", unit="run")
+    for m, attack, psi, seed in (outer if outer is not None else grid):
+        records += train(cfg, m, attack, psi, seed, data=data, device=device, progress=False)
+    return records

@@ -1,0 +1,162 @@
+"""The robust-training loop of BGmD's experiments: per-client gradients against autograd, the
+client samplers, the records, determinism, divergence detection and the configs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from median_sgd.data import load_digits
+from median_sgd.experiments import SCALES, bgmd_training as bt
+from median_sgd.models import LeNet, TinyCNN
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def small(**kw):
+    base = dict(clients=4, batch_size=8, epochs=0.1, eval_every=5, gm_max_iter=20)
+    base.update(kw)
+    return bt.BGmDTrainingConfig(**base)
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_client_gradients_match_autograd(mode):
+    torch.manual_seed(0)
+    model = TinyCNN().double()
+    x = torch.randn(3, 5, 1, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 10, (3, 5))
+    G, losses = bt.client_gradients(model, x, y, mode=mode)
+    assert G.shape == (3, 412)
+    for c in range(3):
+        model.zero_grad()
+        loss = F.cross_entropy(model(x[c]), y[c])
+        loss.backward()
+        expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        torch.testing.assert_close(G[c], expected)
+        torch.testing.assert_close(losses[c], loss.detach())
+
+
+def test_client_gradients_auto_uses_loop_for_batch_norm():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2),
+                                torch.nn.Flatten(), torch.nn.Linear(72, 10))
+    assert bt._has_batch_norm(model) and not bt._has_batch_norm(LeNet())
+    G, _ = bt.client_gradients(model, torch.randn(3, 4, 1, 8, 8), torch.randint(0, 10, (3, 4)))
+    assert G.shape == (3, 20 + 4 + 730)
+    with pytest.raises(ValueError):
+        bt.client_gradients(TinyCNN(), torch.zeros(1, 1, 1, 8, 8), torch.zeros(1, 1, dtype=torch.long),
+                            mode="jit")
+
+
+def test_iid_sampler_is_one_pass_per_epoch(digits):
+    cfg = small(clients=4, batch_size=10)
+    sampler = bt._ClientSampler(digits, cfg, torch.Generator().manual_seed(0))
+    assert sampler.per_epoch == len(digits.y_train) // 40
+    seen = torch.cat([sampler.next().reshape(-1) for _ in range(sampler.per_epoch)])
+    assert len(set(seen.tolist())) == len(seen)  # no repeats within an epoch
+    assert sampler.next().shape == (4, 10)
+
+
+def test_shard_sampler_keeps_clients_on_their_shards(digits):
+    cfg = small(clients=10, batch_size=8, split="shards")
+    sampler = bt._ClientSampler(digits, cfg, torch.Generator().manual_seed(0))
+    pools = [set(p.tolist()) for p in sampler.pools]
+    for _ in range(30):
+        batch = sampler.next()
+        for c in range(10):
+            assert set(batch[c].tolist()) <= pools[c]
+
+
+def test_train_records_and_determinism(digits):
+    cfg = small(epochs=0.5)
+    m = bt.method("bgmd", "BGmD", k=0.1, memory="median")
+    a = bt.train(cfg, m, "bit_flip", 0.25, seed=3, data=digits)
+    b = bt.train(cfg, m, "bit_flip", 0.25, seed=3, data=digits)
+    c = bt.train(cfg, m, "bit_flip", 0.25, seed=4, data=digits)
+    iters = len(digits.y_train) // 32 // 2
+    assert [r["iteration"] for r in a] == sorted({*range(5, iters + 1, 5), iters})
+    keys = {"method", "aggregator", "attack", "psi", "seed", "iteration", "epoch", "time_s",
+            "aggregation_s", "lr", "train_loss", "test_accuracy", "test_loss",
+            "relative_residual", "diverged", "d", "clients", "dataset", "model"}
+    assert keys <= set(a[0])
+    assert a[0]["d"] == 412 and a[0]["method"] == "BGmD" and a[0]["psi"] == 0.25
+    for r in a:
+        assert 0 <= r["test_accuracy"] <= 1 and 0 <= r["relative_residual"] <= 1
+        assert not r["diverged"]
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rs]
+    assert strip(a) == strip(b)
+    assert strip(a) != strip(c)
+
+
+def test_train_restores_the_global_random_state(digits):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    bt.train(small(), bt.method("mean"), data=digits)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_training_learns_and_the_mean_breaks_under_bit_flip(digits):
+    cfg = small(clients=10, batch_size=16, epochs=10, eval_every=1000, lr=0.05)
+    clean = bt.train(cfg, bt.method("mean"), data=digits)[-1]
+    assert clean["test_accuracy"] > 0.6  # far above chance (0.1) after 80 steps
+    flipped = bt.train(cfg, bt.method("mean"), "bit_flip", 0.4, data=digits)[-1]
+    assert flipped["diverged"] or flipped["test_accuracy"] < 0.2
+    robust = bt.train(cfg, bt.method("cmd"), "bit_flip", 0.2, data=digits)[-1]
+    assert robust["test_accuracy"] > 0.3 and not robust["diverged"]
+
+
+def test_divergence_stops_the_run(digits):
+    cfg = small(clients=5, epochs=3, eval_every=2, lr=0.5, momentum=0.0)
+    rec = bt.train(cfg, bt.method("mean"), "bit_flip", 0.4, data=digits)
+    assert rec[-1]["diverged"] and math.isnan(rec[-1]["test_accuracy"])
+    assert rec[-1]["iteration"] < int(3 * len(digits.y_train) // 40)
+
+
+def test_run_grid_runs_clean_once(digits):
+    cfg = small(methods=(bt.method("mean", "SGD"), bt.method("cmd", "CmD")),
+                attacks=("bit_flip", "backdoor"), psis=(0.0, 0.25), seeds=(0,), epochs=0.05)
+    records = bt.run(cfg, data=digits)
+    runs = {(r["method"], r["attack"], r["psi"]) for r in records}
+    assert runs == {(m, a, p) for m in ("SGD", "CmD")
+                    for a, p in (("none", 0.0), ("bit_flip", 0.25), ("backdoor", 0.25))}
+
+
+def test_lr_schedules():
+    cfg = small(lr=0.1, lr_decay=0.5)
+    assert bt._lr_at(cfg, 0, 10, 100) == 0.1 and bt._lr_at(cfg, 25, 10, 100) == 0.025
+    cos = small(lr=0.1, cosine=True)
+    assert bt._lr_at(cos, 0, 10, 100) == pytest.approx(0.1)
+    assert bt._lr_at(cos, 50, 10, 100) == pytest.approx(0.05)
+
+
+def test_configs():
+    assert set(bt.CONFIGS) == set(SCALES)
+    paper = bt.CONFIGS["paper"]
+    assert (paper.dataset, paper.model, paper.clients, paper.batch_size) == ("fashion_mnist", "lenet", 32, 64)
+    assert paper.psis == (0.0, 0.1, 0.2, 0.4) and len(paper.seeds) == 5
+    assert [m.label for m in paper.methods] == ["SGD", "CmD", "BGmD", "GmD"]
+    with pytest.raises(ValueError):
+        bt.BGmDTrainingConfig(split="dirichlet")
+    with pytest.raises(ValueError):
+        bt.BGmDTrainingConfig(model="vgg")
+    with pytest.raises(ValueError):
+        bt.BGmDTrainingConfig(clients=0)
+    with pytest.raises(TypeError):
+        bt.BGmDTrainingConfig(methods=("mean",))
+    m = bt.method("bgmd", k=0.2, memory=None)
+    assert m.label == "bgmd" and dict(m.options) == {"k": 0.2, "memory": None}
+    agg = m.build(generator=torch.Generator(), gm_options={"max_iter": 7})
+    assert agg.k == 0.2 and agg.memory_rule is None and agg.gm_options == {"max_iter": 7}
+
+
+def test_train_on_cuda(digits):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    rec = bt.train(small(), bt.method("bgmd", k=0.1), "bit_flip", 0.25, data=digits, device="cuda")
+    assert not rec[-1]["diverged"]
