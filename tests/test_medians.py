@@ -529,3 +529,149 @@ def test_gm_objective_helper(gen):
     assert torch.all(ms.geometric_median_objective(G, zm, w) <= ms.geometric_median_objective(G, z, w))
     with pytest.raises(ValueError):
         ms.geometric_median_objective(G, torch.zeros(2, 3, 5, dtype=F64))
+
+
+# ---------------------------------------------------------------------------------------------
+# geometric_median: the fast paths (column blocks, Gram iteration, cheap finiteness test) give the
+# answer of the plain iteration
+# ---------------------------------------------------------------------------------------------
+
+import median_sgd.medians as medians_module  # noqa: E402
+
+
+def _gm_pair(G, weights=None, **kw):
+    """(default, plain) results: the default takes the Gram path where it applies, plain never."""
+    fast = gm(G, weights, **kw)
+    saved = medians_module._GRAM_MAX_N
+    medians_module._GRAM_MAX_N = 0
+    try:
+        plain = gm(G, weights, **kw)
+    finally:
+        medians_module._GRAM_MAX_N = saved
+    return fast, plain
+
+
+def _spread(G):
+    return float(torch.linalg.vector_norm(G - G.mean(-2, keepdim=True), dim=-1).max())
+
+
+def _uses_gram(G):
+    n, d = G.shape[-2:]
+    return n <= medians_module._GRAM_MAX_N and n * d >= medians_module._GRAM_MIN_SIZE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", ["clean", "outliers", "weighted", "batched", "offset"])
+def test_gm_gram_path_agrees_with_plain_iteration(case, dtype):
+    g = torch.Generator().manual_seed(11)
+    shape = (3, 8, 2**13) if case == "batched" else (8, 2**13)
+    G = torch.randn(shape, generator=g, dtype=F64)
+    if case in ("outliers", "batched"):
+        G[..., :3, :] += 5.0  # 3 of 8 rows far away: slow convergence (3/5 contraction)
+    if case == "offset":
+        G += 30.0  # far from the origin relative to the spread: distances must not cancel
+    G = G.to(dtype)
+    w = torch.rand(8, generator=g, dtype=F64).to(dtype) + 0.2 if case == "weighted" else None
+    assert _uses_gram(G)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    fast, plain = _gm_pair(G, w, tol=tol, max_iter=300)
+    assert bool(fast.converged.all()) and bool(plain.converged.all())
+    assert (fast.n_iter - plain.n_iter).abs().max() <= 1
+    atol = (1e-4 if dtype == torch.float32 else 1e-8) * _spread(G)
+    torch.testing.assert_close(fast.median, plain.median, rtol=0, atol=atol)
+    # and it is the minimiser: the objective is no worse than the plain iteration's
+    f_fast = ms.geometric_median_objective(G.double(), fast.median.double(), None if w is None else w.double())
+    f_plain = ms.geometric_median_objective(G.double(), plain.median.double(), None if w is None else w.double())
+    assert torch.all(f_fast <= f_plain * (1 + (1e-9 if dtype == torch.float32 else 1e-14)))
+
+
+def test_gm_gram_path_median_on_a_data_point():
+    # 5 of 9 rows coincide: the median is that point; the Gram distances to it cancel, so the
+    # exact iteration must take over and land on it.
+    g = torch.Generator().manual_seed(12)
+    d = 2**13
+    p = torch.randn(d, generator=g, dtype=F64)
+    G = torch.cat([p.expand(5, d), torch.randn(4, d, generator=g, dtype=F64) * 3])
+    assert _uses_gram(G)
+    res = gm(G)
+    assert bool(res.converged)
+    assert float(torch.linalg.vector_norm(res.median - p)) <= 1e-6 * _spread(G)
+    res32 = gm(G.float())
+    assert bool(res32.converged)
+    assert float(torch.linalg.vector_norm(res32.median.double() - p)) <= 1e-4 * _spread(G)
+
+
+@pytest.mark.parametrize("far", [1e6, 1e12])
+def test_gm_gram_path_far_outliers(far):
+    g = torch.Generator().manual_seed(13)
+    d = 2**13
+    clean = torch.randn(9, d, generator=g, dtype=F64)
+    G = torch.cat([clean, torch.full((7, d), far, dtype=F64)])
+    assert _uses_gram(G)
+    fast, plain = _gm_pair(G, max_iter=1000)
+    assert bool(fast.converged) and bool(plain.converged)
+    radius = float(torch.linalg.vector_norm(clean - clean.mean(0), dim=-1).max())
+    assert float(torch.linalg.vector_norm(fast.median - plain.median)) < 1e-6 * radius
+    assert float(torch.linalg.vector_norm(fast.median - clean.mean(0))) < 3 * radius
+
+
+def test_gm_gram_path_respects_max_iter_and_reports_non_convergence():
+    G = torch.randn(8, 2**13, generator=torch.Generator().manual_seed(14), dtype=F64)
+    G[:3] += 5.0
+    for k in (1, 2, 3, 7):
+        fast, plain = _gm_pair(G, tol=0.0, max_iter=k)
+        assert int(fast.n_iter) == int(plain.n_iter) == k
+        assert not bool(fast.converged) and not bool(plain.converged)
+        torch.testing.assert_close(fast.median, plain.median, rtol=0, atol=1e-9 * _spread(G))
+        fixed = gm(G, tol=0.0, max_iter=k, fixed_iter=True)
+        torch.testing.assert_close(fast.median, fixed.median, rtol=0, atol=1e-9 * _spread(G))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gm_gram_path_forced_on_small_problems(seed, monkeypatch):
+    # The Gram iteration on problems of any size (forced): the same answer as the plain one, also
+    # with a data point at the median (1-D, odd n) and with weights.
+    monkeypatch.setattr(medians_module, "_GRAM_MIN_SIZE", 1)
+    for n, d in [(5, 1), (7, 3), (12, 5), (30, 2)]:
+        G = random_problem(seed, n, d)
+        w = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=F64) + 0.1
+        for weights in (None, w):
+            fast, plain = _gm_pair(G, weights, **TIGHT)
+            assert bool(fast.converged) == bool(plain.converged)
+            scale = _spread(G)
+            torch.testing.assert_close(fast.median, plain.median, rtol=0, atol=1e-7 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_gm_column_blocks_match_one_block(dtype, monkeypatch):
+    # Distances summed over column blocks, weighted sum as a matrix-vector product: the same
+    # iterates as the one-block formula up to rounding, and the numpy reference.
+    G = _corrupted(11, 10, 37, 50.0, noisy=True)[1]
+    one = gm(G.to(dtype), max_iter=17, tol=0.0, fixed_iter=True)
+    monkeypatch.setattr(medians_module, "_BLOCK_ELEMENTS", 64)  # 3 columns per block
+    assert medians_module._block_columns(G) < G.shape[-1]
+    blocks = gm(G.to(dtype), max_iter=17, tol=0.0, fixed_iter=True)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    np.testing.assert_allclose(blocks.median.double().numpy(), one.median.double().numpy(), rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(blocks.median.double().numpy(), _weiszfeld_reference(G.numpy(), 17), rtol=rtol, atol=rtol)
+    adaptive = gm(G.to(dtype), max_iter=1000)
+    assert bool(adaptive.converged)
+    w = torch.rand(21, generator=torch.Generator().manual_seed(3), dtype=F64).to(dtype) + 0.1
+    res = gm(G.to(dtype), w, max_iter=1000)
+    monkeypatch.setattr(medians_module, "_BLOCK_ELEMENTS", 1 << 30)
+    ref = gm(G.to(dtype), w, max_iter=1000)
+    torch.testing.assert_close(res.median, ref.median, rtol=0, atol=(1e-3 if dtype == torch.float32 else 1e-9))
+
+
+def test_fast_finiteness_test_on_large_matrices():
+    G = torch.randn(4, 2**16, generator=torch.Generator().manual_seed(15))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        H = G.clone()
+        H[2, 12345] = bad
+        for f in (ms.geometric_median, ms.coordinate_median, lambda X: ms.trimmed_mean(X, 0.25)):
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                f(H)
+    # finite values whose sum overflows are accepted (the exact test decides)
+    H = torch.full((3, 4), 3e38)
+    assert torch.isinf(H.sum())
+    assert torch.equal(ms.coordinate_median(H), torch.full((4,), 3e38))
