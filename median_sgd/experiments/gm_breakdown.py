@@ -56,9 +56,9 @@ class GMBreakdownConfig:
     far_distance: float = 1e3  # "far": the corrupted points moved by far_distance * e_1
     panel_fractions: tuple = (0.0, 0.1, 0.3, 0.45)  # Fig. 5's panels
     fractions: tuple = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45)
-    seeds: int = 200
+    seeds: int = 150  # 150 x 100 x 2 values: below torch's parallel grain (no thread overhead)
     gm_tol: float = 1e-6
-    gm_max_iter: int = 5000
+    gm_max_iter: int = 500  # a median on a data point that its neighbours almost balance converges slowly
 
 
 CONFIGS: Dict[str, GMBreakdownConfig] = {
@@ -149,8 +149,9 @@ def breakdown_curves(cfg: GMBreakdownConfig, *, device="cpu", dtype=torch.float6
 
     One record per (mode, fraction, estimator) with the error quantiles over ``seeds`` samples;
     the geometric median's records also carry ``bound_ratio`` (the largest error / Minsker bound
-    over the seeds: at most 1 if the bound holds), ``iterations`` (median Weiszfeld iterations)
-    and ``all_converged``.
+    over the seeds: at most 1 if the bound holds), ``bound_median`` (the bound's median over the
+    seeds), ``iterations`` (median Weiszfeld iterations) and ``converged`` (the fraction of the
+    seeds whose solver met its tolerance within ``gm_max_iter`` iterations).
     """
     records = []
     for m, mode in enumerate(MODES):
@@ -173,7 +174,7 @@ def breakdown_curves(cfg: GMBreakdownConfig, *, device="cpu", dtype=torch.float6
                 "bound_ratio": (gm_err / bound).max().item(),
                 "bound_median": bound.median().item(),
                 "iterations": gm.n_iter.double().median().item(),
-                "all_converged": bool(gm.converged.all()),
+                "converged": gm.converged.double().mean().item(),
             })
     return records
 
