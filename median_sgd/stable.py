@@ -76,13 +76,32 @@ def sample_stable(
 
     u = torch.rand(size, generator=generator, device=device, dtype=work)
     v = math.pi * (u - 0.5)
-    w = torch.empty(size, device=device, dtype=work).exponential_(generator=generator)
-    x = (
-        torch.sin(alpha_t * v)
-        / torch.cos(v) ** (1.0 / alpha_t)
-        * (torch.cos((1.0 - alpha_t) * v) / w) ** ((1.0 - alpha_t) / alpha_t)
-    )
-    return (loc_t + scale_t * x).to(dtype)
+    if device.type == "cpu":
+        # exactly the stream (and generator state) of exponential_, which on the CPU draws the
+        # same uniforms and returns -log1p(-u), three times slower
+        w = torch.rand(size, generator=generator, device=device, dtype=work).neg_().log1p_().neg_()
+    else:
+        w = torch.empty(size, device=device, dtype=work).exponential_(generator=generator)
+    if isinstance(alpha, numbers.Real) and float(alpha) == 1.0:
+        x = torch.tan(v)  # sin(v) / cos(v): Cauchy
+    elif isinstance(alpha, numbers.Real) and float(alpha) == 2.0:
+        x = 2.0 * torch.sin(v) * w.sqrt_()  # sin(2v) / sqrt(cos v) * sqrt(w / cos v): Gaussian
+    else:
+        # the two powers through one exp of a sum of logs (pow is several times slower than
+        # exp and log here, and the sum cannot overflow where a factor alone would)
+        a = float(alpha) if isinstance(alpha, numbers.Real) else alpha_t
+        t = (1.0 - a) / a
+        log_c = torch.cos((1.0 - a) * v).log_()
+        expo = (log_c - w.log_()).mul_(t)
+        if isinstance(a, torch.Tensor):
+            expo = torch.where(t == 0, 0.0, expo)  # alpha = 1: (c / w)^0 = 1, even for w = 0
+        expo -= torch.cos(v).log_() / a
+        x = torch.sin(a * v).mul_(expo.exp_())
+    if not (isinstance(scale, numbers.Real) and float(scale) == 1.0):
+        x = scale_t * x
+    if not (isinstance(loc, numbers.Real) and float(loc) == 0.0):
+        x = loc_t + x
+    return x.to(dtype)
 
 
 def _param(value: Param, name: str, size: torch.Size, device, work) -> torch.Tensor:
