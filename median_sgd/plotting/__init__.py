@@ -23,15 +23,6 @@ from .bgmd import (
     plot_gap_traces,
     plot_gm_scenes,
 )
-from .sample_median_sgd import (
-    plot_gm_passes,
-    plot_sample_size,
-    plot_sgd_curves,
-    plot_sgd_final_error,
-    plot_skew_fixed_points,
-    plot_stationary_spread,
-)
-from .scaling_out import plot_byzantine_training, plot_communication, run_style
 from .transformer import (
     plot_estimation_error,
     plot_noise_kurtosis,
