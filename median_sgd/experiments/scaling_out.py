@@ -36,15 +36,16 @@ from . import SCALES
 
 __all__ = ["ScalingOutConfig", "CONFIGS", "RUNS", "make_data", "make_model", "run", "summary"]
 
-#: (label, rule, options, attacked): the training runs of the chapter.
+#: (label, rule, options, attacked): the training runs of the chapter. The geometric medians run
+#: 4 Weiszfeld rounds per bucket and step (RFA uses 3 to 4; the hook's default is 8).
 RUNS = (
     ("mean, no attack", "mean", (), False),
     ("mean", "mean", (), True),
     ("coordinate median", "coordinate_median", (), True),
     ("trimmed mean", "trimmed_mean", (("trim", 0.25),), True),
-    ("geometric median", "gm", (("max_iter", 8),), True),
-    ("BGmD (median memory)", "bgmd", (("k", 0.1), ("memory", "median")), True),
-    ("BGmD (mean memory)", "bgmd", (("k", 0.1), ("memory", "mean")), True),
+    ("geometric median", "gm", (("max_iter", 4),), True),
+    ("BGmD (median memory)", "bgmd", (("k", 0.1), ("memory", "median"), ("max_iter", 4)), True),
+    ("BGmD (mean memory)", "bgmd", (("k", 0.1), ("memory", "mean"), ("max_iter", 4)), True),
 )
 
 
@@ -56,7 +57,7 @@ class ScalingOutConfig:
     byzantine_ranks: tuple = (0,)
     loss_scale: float = -100.0  # a Byzantine rank's loss is multiplied by this before backward
     runs: tuple = RUNS
-    steps: int = 60
+    steps: int = 30
     batch_size: int = 32  # per rank
     lr: float = 0.2
     n_features: int = 16
@@ -65,7 +66,7 @@ class ScalingOutConfig:
     n_train: int = 2048  # split evenly across the ranks
     n_test: int = 1024
     class_separation: float = 2.0
-    eval_every: int = 5
+    eval_every: int = 3
     bucket_cap_mb: float = 0.002  # small buckets, so the model is spread over several of them
     check_size: int = 1000  # length of the vectors of the aggregation check
     seed: int = 0
