@@ -30,3 +30,4 @@ from .transformer import (
     plot_zipf,
     summarize_curves,
 )
+from .scaling_out import plot_byzantine_training, plot_communication, run_style
