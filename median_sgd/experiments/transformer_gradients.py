@@ -40,6 +40,7 @@ from torch.nn.utils import parameters_to_vector
 from .._checks import value_checks
 from ..data.text import TextCorpus, load_text_corpus, pydoc_corpus, segment_ids
 from ..estimators import spp_step
+from ..medians import coordinate_median, geometric_median
 from ..models.transformer import TransformerLM
 from . import SCALES
 
@@ -80,12 +81,15 @@ class TransformerGradientsConfig:
     #: the tau of the chapter's main figure (the value the paper states for its Fig. 2)
     headline_tau: float = 0.01
     chunk: int = 256  # at most this many segments per forward/backward pass (memory)
+    #: the first ``median_samples`` mini-batch gradients of seed 0 are kept (a ``(K, d)`` matrix)
+    #: and their coordinate-wise median, geometric median and mean compared with ``g_hat``
+    median_samples: int = 64
     #: where ``"ptb"`` and ``"wikitext2"`` are downloaded (``None``: the default cache)
     data_root: Optional[str] = None
 
     def __post_init__(self):
         for name in ("seq_len", "d_model", "nhead", "d_hid", "nlayers", "iterations", "seeds",
-                     "chunk"):
+                     "chunk", "median_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -120,7 +124,7 @@ CONFIGS: Dict[str, TransformerGradientsConfig] = {
     ),
     # Kunstner et al.'s PTB/WikiText-2 encoder transformer and the paper's batch sizes; the paper
     # states neither iterations nor seeds (1000 iterations is its Fig. 2's length).
-    "paper": TransformerGradientsConfig(),
+    "paper": TransformerGradientsConfig(median_samples=32),
 }
 assert set(CONFIGS) == set(SCALES)
 
@@ -219,6 +223,10 @@ class TransformerGradientsResult:
     * ``kurtosis[(corpus, batch_size)]``: the ``(d,)`` per-coordinate kurtosis of the noise over
       all iterations and seeds (NaN where the noise is always 0), and ``groups[corpus]`` the
       coordinate ranges of the embedding, the transformer layers and the decoder;
+    * ``medians``: one record per corpus, batch size and ``estimate`` (``"mean"``,
+      ``"coordinate median"``, ``"geometric median"`` of the first ``median_samples`` mini-batch
+      gradients of seed 0), with ``"distance"`` its relative distance ``||est - g_hat|| / ||g_hat||``:
+      what CClip and VClip converge to when ``tau`` is small, against what momentum converges to;
     * ``corpora[name]``: the :class:`~median_sgd.data.text.TextCorpus` used.
     """
 
@@ -226,6 +234,7 @@ class TransformerGradientsResult:
     curves: List[dict] = field(default_factory=list)
     noise: List[dict] = field(default_factory=list)
     problems: List[dict] = field(default_factory=list)
+    medians: List[dict] = field(default_factory=list)
     kurtosis: Dict[Tuple[str, int], torch.Tensor] = field(default_factory=dict)
     groups: Dict[str, Dict[str, Tuple[int, int]]] = field(default_factory=dict)
     corpora: Dict[str, TextCorpus] = field(default_factory=dict)
@@ -298,10 +307,14 @@ def run(
                 errors = torch.empty(cfg.iterations + 1, len(names), k, dtype=torch.float64, device=device)
                 errors[0] = 1.0  # m_0 = 0
                 noise = torch.empty(cfg.iterations, dtype=torch.float64, device=device)
+                keep = min(cfg.median_samples, cfg.iterations) if seed == 0 else 0
+                kept = torch.empty(keep, d, dtype=g_hat.dtype, device=device) if keep else None
                 with value_checks(False):  # inputs are finite by construction; no host syncs
                     for t in range(cfg.iterations):
                         idx = torch.randperm(n_segments, generator=gen)[:batch_size].to(device)
                         g = minibatch_gradient(model, segments[idx], cfg.chunk)
+                        if t < keep:
+                            kept[t] = g
                         delta = (g - g_hat).double()
                         noise[t] = torch.linalg.vector_norm(delta) / g_norm
                         sq = delta * delta
@@ -323,6 +336,19 @@ def run(
                         })
                 result.noise.append({"corpus": corpus_name, "batch_size": batch_size, "seed": seed,
                                      "noise": noise.tolist()})
+                if keep:
+                    estimates = {
+                        "mean": kept.mean(dim=0),
+                        "coordinate median": coordinate_median(kept),
+                        "geometric median": geometric_median(kept, max_iter=1000, tol=1e-8).median,
+                    }
+                    for est_name, est in estimates.items():
+                        result.medians.append({
+                            "corpus": corpus_name, "batch_size": batch_size, "samples": keep,
+                            "estimate": est_name,
+                            "distance": float(torch.linalg.vector_norm(est - g_hat) / g_norm),
+                        })
+                    del kept
             if bar is not None:
                 bar.close()
             n = cfg.seeds * cfg.iterations
