@@ -142,64 +142,88 @@ def _estimator_update(
     method: str,
     scope: str,
     foreach: bool,
+    weights: Optional[List[torch.Tensor]] = None,
+    lr: float = 0.0,
+    shrink: float = 1.0,
 ) -> None:
     """``m <- step(m, g, tau, div)`` in place for every pair, as spp_step / sgd_step would.
 
     ``scope="global"`` treats the concatenation of all tensors as one vector (it matters only for
-    ``div="l2"``; ``"sq"`` and ``"l1"`` act coordinate by coordinate).
+    ``div="l2"``; ``"sq"`` and ``"l1"`` act coordinate by coordinate). With ``weights``, each
+    weight tensor then takes its step ``w <- shrink * w - lr * m``: in the loop path right after
+    its estimate, while both are still in cache.
     """
     if not ms:
         return
-    if div == "sq":
-        w = tau / (1.0 + tau) if method == "spp" else tau
-        if foreach:
-            for bm, bg in _buckets(ms, gs).values():
-                torch._foreach_lerp_(bm, bg, w)
-        else:
-            for m, g in zip(ms, gs):
-                m.lerp_(g, w)
-        return
-    if div == "l1":
-        if foreach:
-            for bm, bg in _buckets(ms, gs).values():
-                d = torch._foreach_sub(bg, bm)
-                if method == "spp":
-                    torch._foreach_clamp_min_(d, -tau)
-                    torch._foreach_clamp_max_(d, tau)
-                else:
-                    _sign_step_foreach(d, tau)
-                torch._foreach_add_(bm, d)
-        else:
-            for m, g in zip(ms, gs):
-                d = torch.sub(g, m)
-                m.add_(d.clamp_(-tau, tau) if method == "spp" else _sign_step(d, tau))
-        return
-    # div == "l2": m <- m + f (g - m) = lerp(m, g, f) with a data-dependent weight f.
     if foreach:
-        buckets = list(_buckets(ms, gs).values())
-        deltas = [torch._foreach_sub(bg, bm) for bm, bg in buckets]
-        norms = [torch.stack(torch._foreach_norm(d)) for d in deltas]
-        if scope == "global":
-            total = _norm_of_norms([torch.linalg.vector_norm(n) for n in norms], ms[0].device)
-            f = _factor(total, tau, method)
-            for (bm, _), d in zip(buckets, deltas):
-                torch._foreach_mul_(d, f.to(device=d[0].device, dtype=d[0].dtype))
-                torch._foreach_add_(bm, d)
-        else:
-            for (bm, _), d, n in zip(buckets, deltas, norms):
-                torch._foreach_mul_(d, list(_factor(n, tau, method).unbind()))
-                torch._foreach_add_(bm, d)
+        _estimator_update_foreach(ms, gs, tau=tau, div=div, method=method, scope=scope)
+        if weights is not None:
+            for bw, bm in _buckets(weights, ms).values():
+                if shrink != 1.0:
+                    torch._foreach_mul_(bw, shrink)
+                torch._foreach_add_(bw, bm, alpha=-lr)
         return
-    if scope == "global":
+
+    def weight_step(i: int) -> None:
+        if weights is not None:
+            if shrink != 1.0:
+                weights[i].mul_(shrink)
+            weights[i].add_(ms[i], alpha=-lr)
+
+    if div == "l2" and scope == "global":
         # Two passes: the norm of the whole difference first, then one lerp per tensor.
         norms = [torch.linalg.vector_norm(torch.sub(g, m)) for m, g in zip(ms, gs)]
-        total = _norm_of_norms(norms, ms[0].device)
-        f = _factor(total, tau, method)
-        for m, g in zip(ms, gs):
-            m.lerp_(g, f.to(device=m.device, dtype=m.dtype))
-    else:
-        for m, g in zip(ms, gs):
+        f = _factor(_norm_of_norms(norms, ms[0].device), tau, method)
+        factors = {}
+        for i, (m, g) in enumerate(zip(ms, gs)):
+            key = (m.device, m.dtype)
+            if key not in factors:
+                factors[key] = f.to(device=m.device, dtype=m.dtype)
+            m.lerp_(g, factors[key])
+            weight_step(i)
+        return
+    w_sq = (tau / (1.0 + tau) if method == "spp" else tau) if div == "sq" else 0.0
+    for i, (m, g) in enumerate(zip(ms, gs)):
+        if div == "sq":
+            m.lerp_(g, w_sq)
+        elif div == "l1":
+            d = torch.sub(g, m)
+            m.add_(d.clamp_(-tau, tau) if method == "spp" else _sign_step(d, tau))
+        else:  # l2, one vector per tensor: m <- m + f (g - m) = lerp(m, g, f)
             m.lerp_(g, _factor(torch.linalg.vector_norm(torch.sub(g, m)), tau, method))
+        weight_step(i)
+
+
+def _estimator_update_foreach(ms, gs, *, tau, div, method, scope) -> None:
+    """:func:`_estimator_update` with multi-tensor kernels (a few launches for all tensors)."""
+    if div == "sq":
+        w = tau / (1.0 + tau) if method == "spp" else tau
+        for bm, bg in _buckets(ms, gs).values():
+            torch._foreach_lerp_(bm, bg, w)
+        return
+    if div == "l1":
+        for bm, bg in _buckets(ms, gs).values():
+            d = torch._foreach_sub(bg, bm)
+            if method == "spp":
+                torch._foreach_clamp_min_(d, -tau)
+                torch._foreach_clamp_max_(d, tau)
+            else:
+                _sign_step_foreach(d, tau)
+            torch._foreach_add_(bm, d)
+        return
+    buckets = list(_buckets(ms, gs).values())
+    deltas = [torch._foreach_sub(bg, bm) for bm, bg in buckets]
+    norms = [torch.stack(torch._foreach_norm(d)) for d in deltas]
+    if scope == "global":
+        total = _norm_of_norms([torch.linalg.vector_norm(n) for n in norms], ms[0].device)
+        f = _factor(total, tau, method)
+        for (bm, _), d in zip(buckets, deltas):
+            torch._foreach_mul_(d, f.to(device=d[0].device, dtype=d[0].dtype))
+            torch._foreach_add_(bm, d)
+    else:
+        for (bm, _), d, n in zip(buckets, deltas, norms):
+            torch._foreach_mul_(d, list(_factor(n, tau, method).unbind()))
+            torch._foreach_add_(bm, d)
 
 
 def _effective_grads(
@@ -367,25 +391,19 @@ class MedianSGD(Optimizer):
         gs = [grads[i] for i in old]
         if group["nonfinite"] == "mask":
             gs = _mask_nonfinite(gs, ms)
+        shrink = 1.0 - lr * wd if (wd != 0 and decoupled) else 1.0
         _estimator_update(ms, gs, tau=group["tau"], div=group["div"], method=group["method"],
-                          scope=group["scope"], foreach=foreach)
-        for i in fresh:  # m_1 = g_1
+                          scope=group["scope"], foreach=foreach, weights=[params[i] for i in old],
+                          lr=lr, shrink=shrink)
+        for i in fresh:  # m_1 = g_1, and the weights step along it
             g = grads[i]
             if group["nonfinite"] == "mask":
                 g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
-            self.state[params[i]]["estimate"] = g.clone(memory_format=torch.preserve_format)
-
-        estimates = [self.state[p]["estimate"] for p in params]
-        if foreach:
-            for bp, bm in _buckets(params, estimates).values():
-                if wd != 0 and decoupled:
-                    torch._foreach_mul_(bp, 1.0 - lr * wd)
-                torch._foreach_add_(bp, bm, alpha=-lr)
-        else:
-            for p, m in zip(params, estimates):
-                if wd != 0 and decoupled:
-                    p.mul_(1.0 - lr * wd)
-                p.add_(m, alpha=-lr)
+            m = g.clone(memory_format=torch.preserve_format)
+            self.state[params[i]]["estimate"] = m
+            if shrink != 1.0:
+                params[i].mul_(shrink)
+            params[i].add_(m, alpha=-lr)
 
 
 def _validate_median_group(group: dict) -> None:
