@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -52,7 +54,28 @@ def device_name(device: torch.device) -> str:
     """A human-readable name of the device the numbers were measured on."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> Optional[List[float]]:
+    """The 1, 5 and 15 minute load averages (None where the OS has none): timings taken on a
+    busy machine are slower, and the results record how busy it was."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def print_table(title: str, rows: List[dict], columns: Iterable[str]) -> None:
@@ -85,6 +108,10 @@ def write_results(suite: str, rows: List[dict], device: torch.device,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_average": load_average(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "rows": rows,
     }
     path.write_text(json.dumps(payload, indent=1) + "\n")

@@ -102,7 +102,7 @@ def geometric_median(
 
     Speed: every iteration reads ``G`` twice (distances, then the weighted sum), in column blocks
     so that no temporary as large as ``G`` is made. When few samples have many coordinates
-    (``n <= 32`` and ``n d >= 2**16``), the adaptive mode instead iterates on the coefficients
+    (``n <= 64`` and ``n d >= 2**16``), the adaptive mode instead iterates on the coefficients
     ``c`` of ``z = sum_j c_j G_j`` (every Weiszfeld iterate is such a combination) using the
     ``n x n`` Gram matrix of the centred samples (one pass over ``G``; the iteration in float64):
     an iteration then costs ``O(n^2)`` instead of ``O(n d)``. It hands the result to the exact iteration above, which
@@ -210,7 +210,7 @@ def geometric_median(
 
 # The Gram (coefficient) iteration pays off when n is small against d: its set-up costs n^2 d
 # multiply-adds once, an exact iteration about 2 n d memory reads every time.
-_GRAM_MAX_N = 32
+_GRAM_MAX_N = 64
 _GRAM_MIN_SIZE = 1 << 16
 # Column blocks of at most this many elements (1 MiB in float32): temporaries stay in cache and
 # below the allocator's mmap threshold, instead of a fresh G-sized array every iteration.
