@@ -6,7 +6,9 @@ every divergence and step rule, one optimizer step is timed right after one refe
 (same run, same tensors), alternately; ``ratio`` is the ratio of the fastest samples (the least
 disturbed by other processes on a shared machine), ``pair_ratio_median`` the median ratio of
 adjacent samples. The target is a ratio of at most 1.3. Each rule is timed on its default path (``foreach=None``: a per-tensor loop on the
-CPU, multi-tensor kernels on a GPU) and on the other one.
+CPU, multi-tensor kernels on a GPU), which the target is for, and on the other one for
+comparison. (On the CPU the multi-tensor path is slow: its temporaries for all tensors at once are
+fresh memory every step, and each kernel streams the whole model through the cache again.)
 
 ``python -m benchmarks.optim [--quick] [--device cuda]`` runs this suite alone and writes
 ``benchmarks/results/optim-<device>.json``.
@@ -90,7 +92,8 @@ def run(device, *, quick: bool = False) -> List[dict]:
             # the median of the per-pair ratios is reported too.
             ref, ours = min(ref_times), min(times)
             pair_ratio = statistics.median(t / r for t, r in zip(times, ref_times))
-            rows.append({
+            row = {
+                "case": f"{div}/{method}/{scope}/{'foreach' if foreach else 'loop'}",
                 "optimizer": "MedianSGD",
                 "div": div,
                 "method": method,
@@ -102,8 +105,10 @@ def run(device, *, quick: bool = False) -> List[dict]:
                 "step_s": ours,
                 "ratio": ours / ref,
                 "pair_ratio_median": pair_ratio,
-                "within_target": ours / ref <= TARGET_RATIO,
-            })
+            }
+            if foreach == default_foreach:  # the target is for the path a user gets
+                row.update(target=TARGET_RATIO, better="lower", met=ours / ref <= TARGET_RATIO)
+            rows.append(row)
             del opt
     print_table(
         f"MedianSGD.step / SGD(momentum=0.9, foreach=True).step, {n_params / 1e6:.1f}M parameters "
