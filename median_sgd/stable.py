@@ -76,13 +76,16 @@ def sample_stable(
 
     u = torch.rand(size, generator=generator, device=device, dtype=work)
     v = math.pi * (u - 0.5)
+    cauchy = isinstance(alpha, numbers.Real) and float(alpha) == 1.0
     if device.type == "cpu":
         # exactly the stream (and generator state) of exponential_, which on the CPU draws the
         # same uniforms and returns -log1p(-u), three times slower
-        w = torch.rand(size, generator=generator, device=device, dtype=work).neg_().log1p_().neg_()
+        w = torch.rand(size, generator=generator, device=device, dtype=work)
+        if not cauchy:  # alpha = 1 does not use w; it is drawn to leave the generator as usual
+            w = w.neg_().log1p_().neg_()
     else:
         w = torch.empty(size, device=device, dtype=work).exponential_(generator=generator)
-    if isinstance(alpha, numbers.Real) and float(alpha) == 1.0:
+    if cauchy:
         x = torch.tan(v)  # sin(v) / cos(v): Cauchy
     elif isinstance(alpha, numbers.Real) and float(alpha) == 2.0:
         x = 2.0 * torch.sin(v) * w.sqrt_()  # sin(2v) / sqrt(cos v) * sqrt(w / cos v): Gaussian
