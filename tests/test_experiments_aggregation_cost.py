@@ -8,7 +8,8 @@ import torch
 
 from median_sgd.experiments import SCALES, aggregation_cost as ac
 
-TINY = ac.AggregationCostConfig(dims=(256, 1024), ns=(4, 8), n_sweep_dim=256, repeats=2, gm_iters=2)
+TINY = ac.AggregationCostConfig(dims=(256, 1024), ns=(4, 8), n_sweep_dim=256, repeats=2, gm_iters=2,
+                                k_n=6, k_dim=500, k_fractions=(0.01, 0.5, 1.0), k_iters=(2, 20))
 
 
 def test_loglog_slope_recovers_a_power_law():
@@ -53,3 +54,17 @@ def test_scales_differ_only_in_sizes():
     ci, paper = ac.CONFIGS["ci"], ac.CONFIGS["paper"]
     changed = {f.name for f in dataclasses.fields(ci) if getattr(ci, f.name) != getattr(paper, f.name)}
     assert changed and changed <= {"dims", "ns", "n_sweep_dim", "repeats", "k_dim", "k_fractions"}
+
+
+def test_bgmd_cost_study_records():
+    records = ac.bgmd_cost_study(TINY)
+    keys = {(r["method"], r["solver"]) for r in records}
+    assert ("mean", "-") in keys
+    for solver in ("K=2", "K=20", "default"):
+        assert ("GmD", solver) in keys
+        for method in ("BGmD", "block selection", "Gm of the block"):
+            assert {r["k"] for r in records if r["method"] == method and r["solver"] == solver} == {5, 250, 500}
+    assert all(r["seconds"] > 0 for r in records)
+    # more Weiszfeld iterations cost more (a generous check: 10x the iterations, > 2x the time)
+    gmd = {r["solver"]: r["seconds"] for r in records if r["method"] == "GmD"}
+    assert gmd["K=20"] > 2 * gmd["K=2"]

@@ -26,7 +26,15 @@ import torch
 from ..medians import coordinate_median, geometric_median
 from . import SCALES
 
-__all__ = ["AggregationCostConfig", "CONFIGS", "cpu_threads", "time_call", "gm_cost_study", "loglog_slope"]
+__all__ = [
+    "AggregationCostConfig",
+    "CONFIGS",
+    "cpu_threads",
+    "time_call",
+    "gm_cost_study",
+    "bgmd_cost_study",
+    "loglog_slope",
+]
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,11 @@ class AggregationCostConfig:
     repeats: int = 5
     corrupted_fraction: float = 0.2  # for the iteration counts: that many rows moved far away
     threads: int = 1  # CPU threads while timing
+    # BGmD across the block size k = beta d (chapter "Block geometric median descent")
+    k_n: int = 16
+    k_dim: int = 2**18
+    k_fractions: tuple = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+    k_iters: tuple = (5, 50)  # fixed Weiszfeld iterations K: the 1/eps^2 factor of Proposition 1
 
 
 CONFIGS: Dict[str, AggregationCostConfig] = {
@@ -51,6 +64,7 @@ CONFIGS: Dict[str, AggregationCostConfig] = {
         ns=(8, 16, 32, 64, 128, 256, 512),
         n_sweep_dim=2**18,
         repeats=11,
+        k_dim=2**22,
     ),
 }
 assert set(CONFIGS) == set(SCALES)
@@ -145,6 +159,64 @@ def _gm_cost_study(cfg: AggregationCostConfig, *, device, dtype) -> List[dict]:
             res = geometric_median(G)
             records.append({"sweep": "iterations", "n": n, "d": d,
                             "iterations": int(res.n_iter), "converged": bool(res.converged)})
+    return records
+
+
+def bgmd_cost_study(
+    config: Union[str, AggregationCostConfig] = "ci", *, device="cpu", dtype=torch.float32
+) -> List[dict]:
+    """BGmD's cost per aggregation against ``beta = k/d`` (Proposition 1: ``O(k/eps^2 + bd)``).
+
+    On one ``(k_n, k_dim)`` matrix (a fifth of the rows corrupted), records
+    ``{"k", "beta", "method", "solver", "seconds"}`` for
+
+    * ``"BGmD"``: one call of a :class:`median_sgd.BGmD` aggregator (norm sampling, mean memory,
+      in its steady state: the memory is already set);
+    * ``"block selection"``: :func:`median_sgd.select_block` alone (the ``O(bd)`` part);
+    * ``"Gm of the block"``: :func:`median_sgd.geometric_median` of the ``(n, k)`` block alone;
+
+    each with ``solver="K=..."`` (exactly ``K`` Weiszfeld iterations for each ``K`` in
+    ``k_iters``: the ``1/eps^2`` factor of the proposition, held fixed) and ``solver="default"``
+    (the library's default tolerance and adaptive mode). The baselines ``"GmD"`` (the full
+    geometric median, every solver) and ``"mean"`` have ``beta = 1``.
+    """
+    cfg = _config(config)
+    with cpu_threads(cfg.threads):
+        return _bgmd_cost_study(cfg, device=device, dtype=dtype)
+
+
+def _bgmd_cost_study(cfg: AggregationCostConfig, *, device, dtype) -> List[dict]:
+    from ..bgmd import BGmD, resolve_block_size, select_block
+
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    G = _sample(cfg.k_n, cfg.k_dim, cfg, gen, device, dtype)
+    d = cfg.k_dim
+    solvers = {f"K={K}": {"max_iter": K, "fixed_iter": True} for K in cfg.k_iters}
+    solvers["default"] = {}
+
+    def timed(fn):
+        return time_call(fn, repeats=cfg.repeats, device=device)
+
+    records = [{"k": d, "beta": 1.0, "method": "mean", "solver": "-", "seconds": timed(lambda: G.mean(-2))}]
+    for solver, opts in solvers.items():
+        records.append({"k": d, "beta": 1.0, "method": "GmD", "solver": solver,
+                        "seconds": timed(lambda: geometric_median(G, **opts))})
+    for beta in cfg.k_fractions:
+        k = resolve_block_size(float(beta), d)
+        idx = select_block(G, k, generator=gen)
+        block = G[:, idx]
+        select_s = timed(lambda: select_block(G, k, generator=gen))
+        for solver, opts in solvers.items():
+            agg = BGmD(k, mode="norm", memory="mean", generator=gen, **opts)
+            agg(G)  # the memory is set from now on
+            rows = {
+                "BGmD": timed(lambda: agg(G)),
+                "block selection": select_s,
+                "Gm of the block": timed(lambda: geometric_median(block, **opts)),
+            }
+            for method, seconds in rows.items():
+                records.append({"k": k, "beta": k / d, "method": method, "solver": solver,
+                                "seconds": seconds})
     return records
 
 

@@ -16,6 +16,10 @@ __all__ = [
     "plot_breakdown_curves",
     "plot_gap_traces",
     "plot_cost",
+    "plot_contraction",
+    "plot_memory_identity",
+    "plot_bgmd_cost",
+    "plot_residual_training",
 ]
 
 # Aggregators of the BGmD paper; the estimators of part I keep their colours.
@@ -122,3 +126,118 @@ def plot_cost(records: List[dict], sweep: str, ax: Optional[plt.Axes] = None, *,
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
     return ax
+
+
+# ------------------------------------------------------------------ chapter "Block geometric median descent"
+
+_SELECTION_STYLE = {
+    "uniform": {"color": "tab:gray", "marker": "o", "linestyle": ":"},
+    "norm": {"color": "tab:blue", "marker": "o", "linestyle": "-"},
+    "norm (power 1)": {"color": "tab:cyan", "marker": "^", "linestyle": "-"},
+    "topk": {"color": "tab:orange", "marker": "s", "linestyle": "--"},
+}
+
+
+def plot_contraction(records: List[dict], profile: str, ax: Optional[plt.Axes] = None) -> plt.Axes:
+    """Lemma 1: the relative residual ``1 - xi`` against ``beta = k/d`` for every selection rule
+    (mean over the draws, 10-90% band) with the bound ``1 - k/d``, for one column profile."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 4))
+    rows = [r for r in records if r["profile"] == profile]
+    for name in dict.fromkeys(r["selection"] for r in rows):
+        pts = sorted((r for r in rows if r["selection"] == name), key=lambda r: r["beta"])
+        xs = [r["beta"] for r in pts]
+        style = _SELECTION_STYLE.get(name, {"color": "tab:gray", "marker": "o", "linestyle": "-"})
+        ax.plot(xs, [r["mean"] for r in pts], label=name, markersize=4, **style)
+        if name != "topk":
+            ax.fill_between(xs, [r["q10"] for r in pts], [r["q90"] for r in pts],
+                            color=style["color"], alpha=0.12, linewidth=0)
+    bound = sorted({(r["beta"], r["bound"]) for r in rows})
+    ax.plot(*zip(*bound), "k-", linewidth=1.2, alpha=0.6, label=r"bound $1 - k/d$")
+    ax.set_xscale("log")
+    ax.set_xlabel(r"$\beta = k/d$")
+    ax.set_ylabel(r"$1 - \xi = \|G - C_k(G)\|_F^2 / \|G\|_F^2$")
+    ax.set_title(f"column norms: {profile}", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_memory_identity(runs: Dict[str, List[dict]], ax: Optional[plt.Axes] = None, *,
+                         floor: float = 1e-18) -> plt.Axes:
+    """Lemma 5: ``||x_t - x~_t - m_t|| / max ||m||`` along BGmD runs, with the virtual sequence
+    built from averages over all rows (solid) and over the good rows only (dashed)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    for i, (label, rows) in enumerate(runs.items()):
+        color = plt.cm.tab10(i)
+        ts = [r["t"] for r in rows]
+        ax.semilogy(ts, [max(r["all_rows"], floor) for r in rows], color=color, linestyle="-",
+                    label=f"{label}: all rows")
+        ax.semilogy(ts, [max(r["good_rows"], floor) for r in rows], color=color, linestyle="--",
+                    label=f"{label}: good rows only")
+    ax.set_xlabel("step $t$")
+    ax.set_ylabel(r"$\|x_t - \tilde x_t - m_t\| \,/\, \max_s \|m_s\|$")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_bgmd_cost(records: List[dict], solver: str, ax: Optional[plt.Axes] = None) -> plt.Axes:
+    """Proposition 1 measured: seconds per aggregation against ``beta = k/d`` for BGmD and its two
+    parts (block selection, Gm of the block), with GmD and the mean as horizontal lines."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    styles = {"BGmD": method_style("BGmD"),
+              "block selection": {"color": "tab:gray", "marker": "s"},
+              "Gm of the block": {"color": "tab:olive", "marker": "^"}}
+    for name, style in styles.items():
+        pts = sorted((r["beta"], r["seconds"]) for r in records
+                     if r["method"] == name and r["solver"] == solver)
+        ax.loglog(*zip(*pts), label=name, markersize=5, **style)
+    for name, linestyle in (("GmD", "--"), ("mean", ":")):
+        rows = [r for r in records if r["method"] == name and r["solver"] in (solver, "-")]
+        for r in rows:
+            ax.axhline(r["seconds"], color=method_style("GmD" if name == "GmD" else "SGD")["color"],
+                       linestyle=linestyle, linewidth=1.2, label=f"{name} (all d coordinates)")
+    ax.set_xlabel(r"$\beta = k/d$")
+    ax.set_ylabel("seconds per aggregation")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def _beta_color(label: str, betas: Sequence[float]):
+    beta = float(label.split("=")[1])
+    rank = sorted(betas).index(beta)
+    return plt.cm.viridis(0.15 + 0.7 * rank / max(1, len(betas) - 1))
+
+
+def plot_residual_training(records: List[dict], setup: str, axes: Optional[Sequence[plt.Axes]] = None):
+    """Figs. 7-8 of the BGmD paper: (a) the relative residual ``1 - xi`` of BGmD's block (dashed:
+    the bound ``1 - beta``), (b) test accuracy and (c) training loss against the iteration, for
+    BGmD with several ``beta = k/d`` and SGD."""
+    if axes is None:
+        _, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    rows = [r for r in records if r["setup"] == setup]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    betas = [float(m.split("=")[1]) for m in methods if m.startswith("BGmD")]
+    for m in methods:
+        pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["iteration"])
+        it = [r["iteration"] for r in pts]
+        if m.startswith("BGmD"):
+            color, beta = _beta_color(m, betas), float(m.split("=")[1])
+            label = rf"BGmD $\beta$ = {beta:g}"
+            axes[0].plot(it, [r["relative_residual"] for r in pts], color=color, label=label)
+            axes[0].axhline(1 - beta, color=color, linestyle="--", linewidth=0.8)
+        else:
+            color, label = method_style(m)["color"], m
+        axes[1].plot(it, [100 * r["test_accuracy"] for r in pts], color=color, label=label)
+        axes[2].plot(it, [r["train_loss"] for r in pts], color=color, label=label)
+    axes[0].set_ylim(0, 1)
+    for ax, ylabel in zip(axes, (r"relative residual $1 - \xi$", "test accuracy (%)", "training loss")):
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    return axes
