@@ -18,10 +18,14 @@ from .tracking import (
 )
 from .bgmd import (
     method_style,
+    plot_bgmd_cost,
     plot_breakdown_curves,
+    plot_contraction,
     plot_cost,
     plot_gap_traces,
     plot_gm_scenes,
+    plot_memory_identity,
+    plot_residual_training,
 )
 from .transformer import (
     plot_estimation_error,
