@@ -72,16 +72,17 @@ def _check_params(group: dict, name: str) -> None:
             raise TypeError(f"{name} needs real floating-point parameters, got {p.dtype}")
 
 
-def _choose_foreach(foreach: Optional[bool], params: Sequence[torch.Tensor]) -> bool:
-    """``foreach=None``: multi-tensor kernels on accelerators, a per-tensor loop on the CPU.
+def _choose_foreach(foreach: Optional[bool], params: Sequence[torch.Tensor]):
+    """``foreach=None``: multi-tensor kernels on accelerators, ``"auto"`` on the CPU.
 
     As torch.optim does: on a GPU the step is bound by kernel launches (a ``_foreach_`` op is a
     few launches for all tensors), on the CPU by memory traffic, and a loop that finishes each
-    tensor while it is still in cache is faster.
+    tensor while it is still in cache is faster; small tensors still go through the multi-tensor
+    kernels there, where a Python-level loop would cost more than their arithmetic.
     """
     if foreach is not None:
         return bool(foreach)
-    return all(p.device.type != "cpu" for p in params)
+    return True if all(p.device.type != "cpu" for p in params) else "auto"
 
 
 def _buckets(*lists: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[list]]:
@@ -124,6 +125,20 @@ def _factor(norm: torch.Tensor, tau: float, method: str) -> torch.Tensor:
     return torch.where(norm > 0, torch.div(tau, norm), torch.zeros_like(norm))
 
 
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """``||x||_2``, accumulated and returned in at least float32 (no half-precision overflow)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.vector_norm(x, dtype=torch.float32)
+    return torch.linalg.vector_norm(x)
+
+
+def _norms_foreach(xs: List[torch.Tensor]) -> torch.Tensor:
+    """The stacked norms of a (device, dtype)-homogeneous list, in at least float32."""
+    if xs[0].dtype in (torch.float16, torch.bfloat16):
+        return torch.stack(torch._foreach_norm(xs, 2, dtype=torch.float32))
+    return torch.stack(torch._foreach_norm(xs))
+
+
 def _norm_of_norms(norms: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """``sqrt(sum_i n_i^2)`` on ``device``, in at least float32 (no half-precision overflow)."""
     parts = [n.to(device=device, dtype=torch.promote_types(n.dtype, torch.float32)) for n in norms]
@@ -131,6 +146,11 @@ def _norm_of_norms(norms: Sequence[torch.Tensor], device: torch.device) -> torch
     for p in parts[1:]:
         common = torch.promote_types(common, p.dtype)
     return torch.linalg.vector_norm(torch.stack([p.to(common) for p in parts]))
+
+
+#: Below this many elements a tensor's arithmetic costs less than a Python-level op on it, so the
+#: per-tensor loop hands such tensors (biases, norms) to the multi-tensor kernels in one go.
+SMALL_TENSOR = 1 << 16
 
 
 def _estimator_update(
@@ -141,7 +161,7 @@ def _estimator_update(
     div: str,
     method: str,
     scope: str,
-    foreach: bool,
+    foreach,
     weights: Optional[List[torch.Tensor]] = None,
     lr: float = 0.0,
     shrink: float = 1.0,
@@ -150,59 +170,63 @@ def _estimator_update(
 
     ``scope="global"`` treats the concatenation of all tensors as one vector (it matters only for
     ``div="l2"``; ``"sq"`` and ``"l1"`` act coordinate by coordinate). With ``weights``, each
-    weight tensor then takes its step ``w <- shrink * w - lr * m``: in the loop path right after
-    its estimate, while both are still in cache.
+    weight tensor then takes its step ``w <- shrink * w - lr * m``; in the loop, right after its
+    estimate, while both are still in cache. ``foreach``: ``True`` (multi-tensor kernels for all),
+    ``False`` (a loop over all) or ``"auto"`` (the loop for tensors of at least
+    :data:`SMALL_TENSOR` elements, multi-tensor kernels for the rest).
     """
     if not ms:
         return
-    if foreach:
-        _estimator_update_foreach(ms, gs, tau=tau, div=div, method=method, scope=scope)
-        if weights is not None:
-            for bw, bm in _buckets(weights, ms).values():
-                if shrink != 1.0:
-                    torch._foreach_mul_(bw, shrink)
-                torch._foreach_add_(bw, bm, alpha=-lr)
-        return
-
-    def weight_step(i: int) -> None:
-        if weights is not None:
-            if shrink != 1.0:
-                weights[i].mul_(shrink)
-            weights[i].add_(ms[i], alpha=-lr)
+    if foreach == "auto":
+        loop = [i for i, m in enumerate(ms) if m.numel() >= SMALL_TENSOR]
+        multi = [i for i, m in enumerate(ms) if m.numel() < SMALL_TENSOR]
+    elif foreach:
+        loop, multi = [], list(range(len(ms)))
+    else:
+        loop, multi = list(range(len(ms))), []
+    ws = weights if weights is not None else [None] * len(ms)
+    # multi-tensor part, grouped by (device, dtype): [(estimates, samples, weights)]
+    groups = [tuple(b) for b in _buckets([ms[i] for i in multi], [gs[i] for i in multi],
+                                          [ws[i] for i in multi]).values()] if multi else []
 
     if div == "l2" and scope == "global":
-        # Two passes: the norm of the whole difference first, then one lerp per tensor.
-        norms = [torch.linalg.vector_norm(torch.sub(g, m)) for m, g in zip(ms, gs)]
+        # Two passes: the norm of the whole difference first, then the steps.
+        norms = [_norm(torch.sub(gs[i], ms[i])) for i in loop]
+        deltas = []
+        for bm, bg, _ in groups:
+            d = torch._foreach_sub(bg, bm)
+            norms.append(torch.linalg.vector_norm(_norms_foreach(d)))
+            deltas.append(d)
         f = _factor(_norm_of_norms(norms, ms[0].device), tau, method)
-        factors = {}
-        for i, (m, g) in enumerate(zip(ms, gs)):
-            key = (m.device, m.dtype)
-            if key not in factors:
-                factors[key] = f.to(device=m.device, dtype=m.dtype)
-            m.lerp_(g, factors[key])
-            weight_step(i)
+        cast = {}
+        for i in loop:
+            key = (ms[i].device, ms[i].dtype)
+            if key not in cast:
+                cast[key] = f.to(device=key[0], dtype=key[1])
+            ms[i].lerp_(gs[i], cast[key])
+            _weight_step(ws[i], ms[i], lr, shrink)
+        for (bm, _, bw), d in zip(groups, deltas):
+            torch._foreach_mul_(d, f.to(device=d[0].device, dtype=d[0].dtype))
+            torch._foreach_add_(bm, d)
+            _weight_step_foreach(bw, bm, lr, shrink)
         return
+
     w_sq = (tau / (1.0 + tau) if method == "spp" else tau) if div == "sq" else 0.0
-    for i, (m, g) in enumerate(zip(ms, gs)):
+    for i in loop:
+        m, g = ms[i], gs[i]
         if div == "sq":
             m.lerp_(g, w_sq)
         elif div == "l1":
             d = torch.sub(g, m)
             m.add_(d.clamp_(-tau, tau) if method == "spp" else _sign_step(d, tau))
         else:  # l2, one vector per tensor: m <- m + f (g - m) = lerp(m, g, f)
-            m.lerp_(g, _factor(torch.linalg.vector_norm(torch.sub(g, m)), tau, method))
-        weight_step(i)
-
-
-def _estimator_update_foreach(ms, gs, *, tau, div, method, scope) -> None:
-    """:func:`_estimator_update` with multi-tensor kernels (a few launches for all tensors)."""
-    if div == "sq":
-        w = tau / (1.0 + tau) if method == "spp" else tau
-        for bm, bg in _buckets(ms, gs).values():
-            torch._foreach_lerp_(bm, bg, w)
-        return
-    if div == "l1":
-        for bm, bg in _buckets(ms, gs).values():
+            f = _factor(_norm(torch.sub(g, m)), tau, method)
+            m.lerp_(g, f if f.dtype == m.dtype else f.to(m.dtype))
+        _weight_step(ws[i], m, lr, shrink)
+    for bm, bg, bw in groups:
+        if div == "sq":
+            torch._foreach_lerp_(bm, bg, w_sq)
+        elif div == "l1":
             d = torch._foreach_sub(bg, bm)
             if method == "spp":
                 torch._foreach_clamp_min_(d, -tau)
@@ -210,20 +234,27 @@ def _estimator_update_foreach(ms, gs, *, tau, div, method, scope) -> None:
             else:
                 _sign_step_foreach(d, tau)
             torch._foreach_add_(bm, d)
-        return
-    buckets = list(_buckets(ms, gs).values())
-    deltas = [torch._foreach_sub(bg, bm) for bm, bg in buckets]
-    norms = [torch.stack(torch._foreach_norm(d)) for d in deltas]
-    if scope == "global":
-        total = _norm_of_norms([torch.linalg.vector_norm(n) for n in norms], ms[0].device)
-        f = _factor(total, tau, method)
-        for (bm, _), d in zip(buckets, deltas):
-            torch._foreach_mul_(d, f.to(device=d[0].device, dtype=d[0].dtype))
+        else:
+            d = torch._foreach_sub(bg, bm)
+            f = _factor(_norms_foreach(d), tau, method).to(d[0].dtype)
+            torch._foreach_mul_(d, list(f.unbind()))
             torch._foreach_add_(bm, d)
-    else:
-        for (bm, _), d, n in zip(buckets, deltas, norms):
-            torch._foreach_mul_(d, list(_factor(n, tau, method).unbind()))
-            torch._foreach_add_(bm, d)
+        _weight_step_foreach(bw, bm, lr, shrink)
+
+
+def _weight_step(w: Optional[torch.Tensor], m: torch.Tensor, lr: float, shrink: float) -> None:
+    """``w <- shrink * w - lr * m`` (nothing without a weight)."""
+    if w is not None:
+        if shrink != 1.0:
+            w.mul_(shrink)
+        w.add_(m, alpha=-lr)
+
+
+def _weight_step_foreach(ws, ms, lr: float, shrink: float) -> None:
+    if ws and ws[0] is not None:
+        if shrink != 1.0:
+            torch._foreach_mul_(ws, shrink)
+        torch._foreach_add_(ws, ms, alpha=-lr)
 
 
 def _effective_grads(
@@ -308,7 +339,8 @@ class MedianSGD(Optimizer):
             missing data: they are replaced by the current estimate, so their innovation is 0
             (sync-free, two extra elementwise passes).
         foreach: ``True`` for multi-tensor (``torch._foreach_*``) kernels, ``False`` for a loop
-            over tensors, ``None`` (default) for foreach on accelerators and the loop on the CPU.
+            over tensors, ``None`` (default) for foreach on accelerators and, on the CPU, the loop
+            for tensors of at least 65,536 elements and multi-tensor kernels for the smaller ones.
 
     State per parameter: ``"estimate"`` (``m``, the parameter's shape, dtype and device). No step
     synchronises with the host (except ``nonfinite="raise"``).
@@ -376,7 +408,7 @@ class MedianSGD(Optimizer):
         lr, wd = group["lr"], group["weight_decay"]
         decoupled = group["decoupled_weight_decay"]
         grads = _effective_grads(params, grads, maximize=group["maximize"], weight_decay=wd,
-                                 decoupled=decoupled, foreach=foreach)
+                                 decoupled=decoupled, foreach=foreach is True)
 
         fresh, old = [], []  # parameters seen for the first time under init="grad", and the rest
         for i, p in enumerate(params):
@@ -443,12 +475,12 @@ def _clipped_innovations(
             for d in deltas:
                 d.clamp_(-tau, tau)
         return deltas
-    norms = torch._foreach_norm(deltas) if foreach else [torch.linalg.vector_norm(d) for d in deltas]
+    norms = [_norm(d) for d in deltas]
     if scope == "global":
         f = _factor(_norm_of_norms(norms, deltas[0].device), tau, "spp")
         factors = [f.to(device=d.device, dtype=d.dtype) for d in deltas]
     else:
-        factors = [_factor(n, tau, "spp") for n in norms]
+        factors = [_factor(n, tau, "spp").to(d.dtype) for n, d in zip(norms, deltas)]
     if foreach:
         torch._foreach_mul_(deltas, factors)
     else:
@@ -549,7 +581,7 @@ class Clip21(Optimizer):
                 continue
             if any(p.grad.is_sparse for p in params):
                 raise TypeError("Clip21 does not support sparse gradients")
-            foreach = _choose_foreach(group["foreach"], params)
+            foreach = _choose_foreach(group["foreach"], params) is True
             grads = _effective_grads(params, [p.grad for p in params], maximize=False,
                                      weight_decay=group["weight_decay"], decoupled=False,
                                      foreach=foreach)

@@ -396,6 +396,41 @@ def test_dtype_device_kept_and_paths_agree(device, dtype, div, method, scope):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("div,method,scope", RULES)
+def test_default_cpu_path_mixes_loop_and_multi_tensor_kernels(div, method, scope):
+    """foreach=None on the CPU: large tensors in the loop, small ones in multi-tensor kernels."""
+    g = torch.Generator().manual_seed(4)
+    shapes = [(300, 300), (7,), (70_000,), (2, 3)]  # two above SMALL_TENSOR, two below
+    params = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
+    grads = grad_sequence(params, 3)
+    w_ref, m_ref = oracle(params, grads, lr=0.05, tau=0.7, div=div, method=method, scope=scope)
+    opt = MedianSGD(params, lr=0.05, tau=0.7, div=div, method=method, scope=scope)
+    run_optimizer(opt, params, grads)
+    for p, w, m in zip(params, w_ref, m_ref):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(opt.state[p]["estimate"], m, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("div,method,scope", RULES)
+def test_mixed_path_never_reads_tensor_values_on_the_host(div, method, scope):
+    from median_sgd.optim import _estimator_update
+
+    shapes = [(300, 300), (7,), (2, 3)]
+    ms_ = [torch.empty(s, device="meta") for s in shapes]
+    gs = [torch.empty(s, device="meta") for s in shapes]
+    ws = [torch.empty(s, device="meta") for s in shapes]
+    _estimator_update(ms_, gs, tau=0.5, div=div, method=method, scope=scope, foreach="auto",
+                      weights=ws, lr=0.1, shrink=0.9)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
+def test_half_precision_per_tensor_norm_does_not_overflow(foreach):
+    p = torch.zeros(300, dtype=torch.float16, requires_grad=True)
+    p.grad = torch.full_like(p, 30000.0)  # ||g|| = 5.2e5 > float16's 65504
+    MedianSGD([p], lr=1.0, tau=1.0, div="l2", foreach=foreach).step()
+    assert torch.linalg.vector_norm(p.detach().double()).item() == pytest.approx(1.0, rel=1e-2)
+
+
 def test_half_precision_global_norm_does_not_overflow():
     params = [torch.zeros(300, dtype=torch.float16, requires_grad=True) for _ in range(3)]
     for p in params:
