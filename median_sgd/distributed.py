@@ -372,6 +372,10 @@ class RobustHook:
                 residual = ranks.all_reduce(a) / world
             else:
                 residual = self._coordinatewise(a, ranks, "coordinate_median")
+            if key not in self.memory and isinstance(key, tuple):
+                # a rebuilt bucket: forget the memory of the old buckets of its parameters
+                for stale in [k for k in self.memory if isinstance(k, tuple) and set(k) & set(key)]:
+                    del self.memory[stale]
             self.memory[key] = ranks.shared(residual).index_fill(-1, idx, 0.0)
         return out
 

@@ -110,6 +110,11 @@ def test_bgmd_memory_is_per_bucket_and_reset_on_a_new_shape():
     torch.testing.assert_close(hook.simulate(G, key="a"), fresh.simulate(G, key="a"))
     hook.reset()
     assert hook.memory == {}
+    # DDP's buckets are keyed by their parameters: a rebuilt bucket replaces the old ones
+    hook.simulate(rows(4, n=10), key=(1, 2))
+    hook.simulate(rows(4, n=10), key=(3,))
+    hook.simulate(rows(4, n=10), key=(2, 3))
+    assert set(hook.memory) == {(2, 3)}
 
 
 def test_half_precision_buckets_are_aggregated_in_float32():
