@@ -35,3 +35,10 @@ from .transformer import (
     summarize_curves,
 )
 from .scaling_out import plot_byzantine_training, plot_communication, run_style
+from .benchmarks import (
+    benchmark_rows,
+    load_benchmark_results,
+    plot_hardware_floor,
+    plot_solver_times,
+    plot_targets,
+)
