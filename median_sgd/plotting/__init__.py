@@ -27,6 +27,15 @@ from .bgmd import (
     plot_memory_identity,
     plot_residual_training,
 )
+from .sample_median_sgd import (
+    plot_gm_passes,
+    plot_sample_size,
+    plot_sgd_curves,
+    plot_sgd_final_error,
+    plot_skew_fixed_points,
+    plot_stationary_spread,
+)
+from .scaling_out import plot_byzantine_training, plot_communication, run_style
 from .transformer import (
     plot_estimation_error,
     plot_noise_kurtosis,
@@ -34,7 +43,6 @@ from .transformer import (
     plot_zipf,
     summarize_curves,
 )
-from .scaling_out import plot_byzantine_training, plot_communication, run_style
 from .benchmarks import (
     benchmark_rows,
     load_benchmark_results,

@@ -1,0 +1,247 @@
+"""Figures of chapter 5 (the median gradient across samples; ``experiments.sample_median_sgd``)."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, List, Optional, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import NullFormatter
+
+from ._style import estimator_style
+
+__all__ = [
+    "plot_stationary_spread",
+    "plot_sgd_final_error",
+    "plot_sgd_curves",
+    "plot_sample_size",
+    "plot_skew_fixed_points",
+    "plot_gm_passes",
+]
+
+#: errors at or above this are drawn at the top of the axis as "diverged"
+_CEILING = 1e6
+_GM_STYLES = {
+    "Weiszfeld": {"color": "black", "marker": "o", "linestyle": "-"},
+    "SPP, constant tau": {"color": "tab:olive", "marker": "^", "linestyle": "-"},
+    "SPP, tau0/sqrt(p)": {"color": "tab:cyan", "marker": "v", "linestyle": "-"},
+    "SPP, tau0/p": {"color": "tab:green", "marker": "P", "linestyle": "-"},
+    "SGD, tau0/p": {"color": "yellowgreen", "marker": "+", "linestyle": "--"},
+}
+
+
+def _rows(records: List[dict], key: str, **where) -> List[dict]:
+    rows = [r for r in records if all(r.get(k) == v for k, v in where.items())]
+    if not rows:
+        raise ValueError(f"no records with {where}")
+    return sorted(rows, key=lambda r: r[key])
+
+
+def plot_stationary_spread(
+    records: List[dict],
+    *,
+    quantile: Callable[[float], float],
+    axes: Optional[Sequence[plt.Axes]] = None,
+) -> Sequence[plt.Axes]:
+    """One panel per alpha: the spread of constant-step SGD's error against the step ``eta``.
+
+    Markers: the measured median of ``|e_T|`` (flattest coordinate) for mean- and
+    coordinate-median SGD; dashed line: the closed form ``scale * quantile(alpha)`` for the mean
+    (``quantile(alpha)`` is the 3/4-quantile of the standard symmetric alpha-stable law).
+    """
+    alphas = sorted({r["alpha"] for r in records}, reverse=True)
+    if axes is None:
+        _, axes = plt.subplots(1, len(alphas), figsize=(3.2 * len(alphas), 3.3), squeeze=False)
+        axes = axes[0]
+    if len(axes) != len(alphas):
+        raise ValueError(f"got {len(axes)} axes for {len(alphas)} tail indices")
+    for ax, alpha in zip(axes, alphas):
+        for name in ("mean", "coordinate median"):
+            rows = _rows(records, "eta", alpha=alpha, estimator=name)
+            style = estimator_style(name)
+            eta = [r["eta"] for r in rows]
+            ax.plot(eta, [r["spread"] for r in rows], linestyle="none", marker=style["marker"],
+                    color=style["color"], label=f"{name} SGD (measured)")
+            if name == "mean":
+                q = quantile(alpha)
+                ax.plot(eta, [r["scale"] * q for r in rows], "--", color=style["color"],
+                        label="mean SGD (closed form)")
+        # a sqrt(eta) guide through the median-SGD point at the smallest step
+        rows = _rows(records, "eta", alpha=alpha, estimator="coordinate median")
+        eta = np.array([r["eta"] for r in rows])
+        ax.plot(eta, rows[0]["spread"] * np.sqrt(eta / eta[0]), ":", color="gray",
+                label=r"$\propto \sqrt{\eta}$")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(eta)
+        ax.set_xticklabels([f"{e:g}" for e in eta])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(r"step size $\eta$")
+        ax.set_title(rf"$\alpha = {alpha:g}$", fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].set_ylabel(r"median of $|e_T|$ (coordinate $h = h_{\min}$)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[0].figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8,
+                          frameon=False, bbox_to_anchor=(0.5, -0.02))
+    return axes
+
+
+def _clip(values: Iterable[float]) -> List[float]:
+    return [min(v, _CEILING) for v in values]
+
+
+def plot_sgd_final_error(
+    final: List[dict],
+    ax: Optional[plt.Axes] = None,
+    *,
+    estimators: Optional[Iterable[str]] = None,
+) -> plt.Axes:
+    """Final error ``||w_T - w*||`` against ``1/alpha``: median over seeds and the 10-90% band per
+    estimator; values beyond ``1e6`` (blown up or diverged) are drawn at ``1e6``."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 4))
+    names = list(dict.fromkeys(r["estimator"] for r in final)) if estimators is None else list(estimators)
+    for name in names:
+        rows = sorted((r for r in final if r["estimator"] == name), key=lambda r: 1 / r["alpha"])
+        x = [1 / r["alpha"] for r in rows]
+        style = estimator_style(name)
+        ax.plot(x, _clip(r["median"] for r in rows), label=f"{name} SGD", color=style["color"],
+                marker=style["marker"], markersize=5)
+        ax.fill_between(x, _clip(r["q10"] for r in rows), _clip(r["q90"] for r in rows),
+                        color=style["color"], alpha=0.15, linewidth=0)
+    ax.axhline(_CEILING, color="gray", linewidth=0.8, linestyle=":")
+    ax.text(ax.get_xlim()[0], _CEILING, r" $\geq 10^6$ (blown up)", va="bottom", fontsize=7, color="gray")
+    ax.set_yscale("log")
+    ax.set_xlabel(r"$1/\alpha$ (heavier tails to the right)")
+    ax.set_ylabel(r"final $\|w_T - w^\star\|_2$")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_sgd_curves(
+    curves: List[dict],
+    *,
+    alphas: Sequence[float],
+    estimators: Optional[Sequence[str]] = None,
+    axes: Optional[Sequence[plt.Axes]] = None,
+    reference_slope: Optional[float] = -0.5,
+) -> Sequence[plt.Axes]:
+    """One panel per alpha: ``||w_t - w*||`` against ``t`` (log-log), median and 10-90% band per
+    estimator, clipped at ``1e6``; a dotted ``t^reference_slope`` guide."""
+    if estimators is None:
+        estimators = list(dict.fromkeys(r["estimator"] for r in curves))
+    if axes is None:
+        _, axes = plt.subplots(1, len(alphas), figsize=(3.6 * len(alphas), 3.4), sharey=True,
+                               squeeze=False)
+        axes = axes[0]
+    if len(axes) != len(alphas):
+        raise ValueError(f"got {len(axes)} axes for {len(alphas)} tail indices")
+    for ax, alpha in zip(axes, alphas):
+        ends = []
+        for name in estimators:
+            rows = [r for r in _rows(curves, "step", alpha=alpha, estimator=name) if r["step"] > 0]
+            t = [r["step"] for r in rows]
+            style = estimator_style(name)
+            ax.plot(t, _clip(r["median"] for r in rows), color=style["color"], label=f"{name} SGD")
+            ax.fill_between(t, _clip(r["q10"] for r in rows), _clip(r["q90"] for r in rows),
+                            color=style["color"], alpha=0.15, linewidth=0)
+            ends.append(rows[-1]["median"])
+        if reference_slope is not None:
+            # a guide through half the smallest final error, over the last decade of steps
+            t = np.array([t[-1] / 10, t[-1]], dtype=float)
+            ax.plot(t, 0.5 * min(ends) * (t / t[-1]) ** reference_slope, ":", color="gray",
+                    linewidth=2, label=rf"$\propto t^{{{reference_slope:g}}}$")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("step $t$")
+        ax.set_title(rf"$\alpha = {alpha:g}$", fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].set_ylabel(r"$\|w_t - w^\star\|_2$")
+    axes[0].legend(fontsize=7)
+    return axes
+
+
+def plot_sample_size(records: List[dict], ax: Optional[plt.Axes] = None) -> plt.Axes:
+    """Final error of coordinate-median SGD against the sample size ``n`` (one heavy tail), with
+    the sizes where the median has a finite variance (``alpha (k + 1) > 2``) shaded."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 4))
+    rows = sorted(records, key=lambda r: r["n"])
+    n = [r["n"] for r in rows]
+    style = estimator_style("coordinate median")
+    ax.plot(n, _clip(r["median"] for r in rows), marker=style["marker"], color=style["color"],
+            label="coordinate median SGD")
+    ax.fill_between(n, _clip(r["q10"] for r in rows), _clip(r["q90"] for r in rows),
+                    color=style["color"], alpha=0.15, linewidth=0)
+    finite = [r["n"] for r in rows if r["tail_exponent"] > 2]
+    if finite:
+        ax.axvspan(min(finite) - 0.5, max(n) + 0.5, color="tab:green", alpha=0.08,
+                   label=r"finite variance: $\alpha(k+1) > 2$")
+    ax.axhline(_CEILING, color="gray", linewidth=0.8, linestyle=":")
+    ax.set_yscale("log")
+    ax.set_xticks(n)
+    ax.set_xlabel("samples per step $n = 2k + 1$")
+    ax.set_ylabel(r"final $\|w_T - w^\star\|_2$")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_skew_fixed_points(
+    records: List[dict],
+    ax: Optional[plt.Axes] = None,
+    *,
+    prediction: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    limit: Optional[float] = None,
+) -> plt.Axes:
+    """Where SGD settles under skewed noise: ``z = h e / sigma0`` (coordinate average, mean over
+    seeds, +-2 standard errors) against ``n`` for mean- and median-SGD; ``prediction(n)`` drawn as
+    a line (the closed form), ``limit`` as a dotted line (the population median's offset)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 4))
+    for name in ("mean", "coordinate median"):
+        rows = _rows(records, "n", estimator=name)
+        style = estimator_style(name)
+        ax.errorbar([r["n"] for r in rows], [r["z"] for r in rows],
+                    yerr=[2 * r["stderr"] for r in rows], linestyle="none", marker=style["marker"],
+                    color=style["color"], capsize=3, label=f"{name} SGD (measured)")
+    if prediction is not None:
+        grid = np.arange(1, max(r["n"] for r in records) + 1, 2)
+        ax.plot(grid, prediction(grid), "-", color=estimator_style("coordinate median")["color"],
+                alpha=0.6, label=r"closed form $-b_n$")
+    if limit is not None:
+        ax.axhline(limit, linestyle=":", color="gray", label=r"$n\to\infty$: population median")
+    ax.axhline(0.0, color="black", linewidth=0.8, label=r"$w^\star$ (minimiser of $f$)")
+    ax.set_xscale("log")
+    sizes = sorted({r["n"] for r in records})
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(n) for n in sizes])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("samples per step $n$")
+    ax.set_ylabel(r"$h_j (\bar w_j - w^\star_j) / \sigma_0$")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_gm_passes(records: List[dict], ax: Optional[plt.Axes] = None, *, floor: float = 1e-16) -> plt.Axes:
+    """Relative objective gap of the geometric median against passes over the sample (Weiszfeld
+    iterations or online SPP/SGD passes), median and 10-90% band over seeds; gaps below ``floor``
+    (exact to rounding) are drawn at ``floor``."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in records):
+        rows = [r for r in _rows(records, "passes", method=method) if r["passes"] > 0]
+        p = [r["passes"] for r in rows]
+        style = _GM_STYLES.get(method, {"color": "tab:gray", "marker": "o", "linestyle": "-"})
+        ax.plot(p, [max(r["median"], floor) for r in rows], label=method, markersize=3, **style)
+        ax.fill_between(p, [max(r["q10"], floor) for r in rows], [max(r["q90"], floor) for r in rows],
+                        color=style["color"], alpha=0.12, linewidth=0)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("passes over the sample (Weiszfeld: iterations)")
+    ax.set_ylabel(r"$(f(m) - f^\star) / f^\star$")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
