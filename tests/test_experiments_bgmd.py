@@ -102,7 +102,7 @@ def test_train_restores_the_global_random_state(digits):
 
 
 def test_training_learns_and_the_mean_breaks_under_bit_flip(digits):
-    cfg = small(clients=10, batch_size=16, epochs=10, eval_every=1000, lr=0.05)
+    cfg = small(clients=10, batch_size=16, epochs=10, eval_every=1000)
     clean = bt.train(cfg, bt.method("mean"), data=digits)[-1]
     assert clean["test_accuracy"] > 0.6  # far above chance (0.1) after 80 steps
     flipped = bt.train(cfg, bt.method("mean"), "bit_flip", 0.4, data=digits)[-1]
@@ -160,3 +160,87 @@ def test_train_on_cuda(digits):
         pytest.skip("needs CUDA")
     rec = bt.train(small(), bt.method("bgmd", k=0.1), "bit_flip", 0.25, data=digits, device="cuda")
     assert not rec[-1]["diverged"]
+
+
+# ------------------------------------------------------------------------------------------------
+# experiments.bgmd_memory (chapter "What BGmD's memory remembers") and its figures
+# ------------------------------------------------------------------------------------------------
+
+from dataclasses import replace  # noqa: E402
+
+from median_sgd.experiments import bgmd_memory as bm  # noqa: E402
+
+
+def tiny_memory_config(**kw):
+    base = dict(dim=60, rows=10, steps=30, seeds=2, sigmas=(0.1,), psis=(0.0, 0.4), curve_every=10)
+    base.update(kw)
+    return replace(bm.CONFIGS["ci"], **base)
+
+
+@pytest.fixture(scope="module")
+def fixed():
+    return bm.fixed_gradient_check(tiny_memory_config())
+
+
+def test_fixed_gradient_identity_and_prediction(fixed):
+    final = {(r["method"], r["psi"]): r for r in fixed["final"]}
+    for rule in bm.RULES:
+        for psi in (0.0, 0.4):
+            r = final[bm.rule_label(rule), psi]
+            assert r["identity_residual"] < 1e-10, (rule, psi)  # sum u + m_T = sum a, exactly
+    mean40 = final[bm.rule_label("mean"), 0.4]
+    # once the memory is flushed, the mean rule's error is (scale + 1) (b/n) ||f g|| / ||g||
+    assert mean40["flushed"] == pytest.approx(mean40["predicted"], rel=0.1)
+    assert mean40["median"] > 5
+    assert final[bm.rule_label("median"), 0.4]["median"] < 1
+    assert final["SGD", 0.4]["median"] == pytest.approx(40.4, rel=0.05)  # 101 * 0.4 * ||g|| / ||g||
+    # clean: every memory rule agrees
+    clean = [final[bm.rule_label(r), 0.0]["median"] for r in ("mean", "median", "gm")]
+    assert max(clean) - min(clean) < 0.05
+    steps = sorted({r["step"] for r in fixed["curves"]})
+    assert steps == [10, 20, 30]
+
+
+def test_fixed_gradient_is_deterministic_and_rules_share_the_data():
+    cfg = tiny_memory_config(steps=10, psis=(0.4,))
+    a = bm.fixed_gradient_check(cfg)
+    b = bm.fixed_gradient_check(cfg)
+    assert a == b
+    # the three references see the same rows: the mean's error is the same in both runs and
+    # equals the exact value for 4 of 10 rows flipped (noise averaged over 10 steps)
+    sgd = [r for r in a["final"] if r["method"] == "SGD"][0]
+    assert 39 < sgd["median"] < 42
+
+
+def test_memory_configs():
+    assert set(bm.CONFIGS) == set(SCALES)
+    ci = bm.CONFIGS["ci"]
+    assert [m.label for m in ci.training.methods] == [bm.rule_label(r) for r in bm.RULES]
+    assert dict(ci.training.methods[3].options)["memory"] is None
+    assert ci.training.attacks == ("bit_flip",) and ci.training.psis == (0.0, 0.2, 0.4)
+
+
+def test_memory_figures(fixed):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from median_sgd.plotting.bgmd_memory import (memory_style, plot_memory_curves,
+                                                  plot_memory_errors, plot_memory_training)
+
+    axes = plot_memory_errors(fixed["final"])
+    line = axes[0].get_lines()[0]
+    mean_rows = sorted((r for r in fixed["final"] if r["method"] == line.get_label()),
+                       key=lambda r: r["psi"])
+    assert list(line.get_ydata()) == [r["median"] for r in mean_rows]
+    axes = plot_memory_curves(fixed["curves"], 0.1)
+    assert len(axes) == 2 and len(axes[0].get_lines()) == len(bm.RULES) + 3
+    records = [dict(method="A", psi=0.0, iteration=i, test_accuracy=0.5, diverged=False) for i in (1, 2)]
+    records += [dict(method="A", psi=0.4, iteration=1, test_accuracy=0.3, diverged=False),
+                dict(method="A", psi=0.4, iteration=2, test_accuracy=float("nan"), diverged=True)]
+    axes = plot_memory_training(records)
+    assert [len(ax.get_lines()) for ax in axes] == [1, 2]  # the diverged run: line + cross
+    assert memory_style(bm.rule_label("mean"))["color"] != memory_style(bm.rule_label("median"))["color"]
+    assert memory_style("GmD")["color"] == "tab:green"
+    plt.close("all")

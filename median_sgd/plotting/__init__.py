@@ -50,3 +50,4 @@ from .benchmarks import (
     plot_solver_times,
     plot_targets,
 )
+from .bgmd_memory import memory_style, plot_memory_curves, plot_memory_errors, plot_memory_training

@@ -1,0 +1,114 @@
+"""Figures of the chapter "What BGmD's memory remembers" (memory rules of BGmD under corruption)."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .bgmd import method_style
+
+__all__ = ["memory_style", "plot_memory_errors", "plot_memory_curves", "plot_memory_training"]
+
+_RULES = {
+    "BGmD, mean memory (paper)": {"color": "tab:blue", "marker": "o", "linestyle": "-"},
+    "BGmD, median memory": {"color": "tab:olive", "marker": "s", "linestyle": "-"},
+    "BGmD, GM memory": {"color": "tab:pink", "marker": "P", "linestyle": "--"},
+    "BGmD, no memory": {"color": "tab:gray", "marker": "v", "linestyle": ":"},
+}
+_REFERENCES = {"SGD": "SGD", "CmD": "CmD", "GmD": "GmD"}
+
+
+def memory_style(name: str) -> dict:
+    """Colour, marker and line style of a BGmD memory rule or a reference aggregator."""
+    if name in _RULES:
+        return dict(_RULES[name])
+    style = method_style(_REFERENCES.get(name, name))
+    style.setdefault("linestyle", "-")
+    return style
+
+
+def _names(records: List[dict]) -> List[str]:
+    return list(dict.fromkeys(r["method"] for r in records))
+
+
+def plot_memory_errors(final: List[dict], axes: Optional[Sequence[plt.Axes]] = None):
+    """Relative error of the average update after T steps against the corrupted fraction psi,
+    one panel per noise level sigma; the band is the spread over seeds (10%-90%)."""
+    sigmas = sorted({r["sigma"] for r in final})
+    if axes is None:
+        _, axes = plt.subplots(1, len(sigmas), figsize=(4.6 * len(sigmas), 3.8), sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, sigma in zip(axes, sigmas):
+        for name in _names(final):
+            rows = sorted((r for r in final if r["method"] == name and r["sigma"] == sigma),
+                          key=lambda r: r["psi"])
+            style = memory_style(name)
+            psis = [100 * r["psi"] for r in rows]
+            ax.plot(psis, [r["median"] for r in rows], label=name, markersize=5, **style)
+            ax.fill_between(psis, [r["q10"] for r in rows], [r["q90"] for r in rows],
+                            color=style["color"], alpha=0.15, linewidth=0)
+        ax.set_yscale("log")
+        ax.set_xlabel(r"corrupted rows $\psi$ (%)")
+        ax.set_title(rf"noise $\sigma = {sigma:g}$", fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].set_ylabel(r"$\|\frac{1}{T}\sum_t u_t - g\| \,/\, \|g\|$")
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return axes
+
+
+def plot_memory_curves(curves: List[dict], sigma: float, axes: Optional[Sequence[plt.Axes]] = None,
+                       *, psis: Optional[Sequence[float]] = None):
+    """Relative error of the running average of the updates against the step, one panel per
+    corrupted fraction (at noise level ``sigma``)."""
+    rows = [r for r in curves if r["sigma"] == sigma]
+    psis = sorted({r["psi"] for r in rows}) if psis is None else list(psis)
+    if axes is None:
+        _, axes = plt.subplots(1, len(psis), figsize=(3.4 * len(psis), 3.3), sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, psi in zip(axes, psis):
+        for name in _names(rows):
+            pts = sorted((r for r in rows if r["method"] == name and r["psi"] == psi),
+                         key=lambda r: r["step"])
+            style = memory_style(name)
+            style.pop("marker")
+            ax.plot([r["step"] for r in pts], [r["error"] for r in pts], label=name, **style)
+        ax.set_yscale("log")
+        ax.set_xlabel("step $t$")
+        ax.set_title(rf"$\psi = {100 * psi:g}\%$", fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].set_ylabel("relative error of the average update")
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return axes
+
+
+def plot_memory_training(records: List[dict], axes: Optional[Sequence[plt.Axes]] = None):
+    """Test accuracy against the iteration, one panel per corrupted fraction; a run that
+    diverged (stopped by the training loop) is a cross at the iteration it was stopped, drawn at
+    chance level 0.1 (its accuracy is undefined)."""
+    psis = sorted({r["psi"] for r in records})
+    if axes is None:
+        _, axes = plt.subplots(1, len(psis), figsize=(3.4 * len(psis), 3.3), sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, psi in zip(axes, psis):
+        for name in _names(records):
+            rows = sorted((r for r in records if r["method"] == name and r["psi"] == psi),
+                          key=lambda r: r["iteration"])
+            if not rows:
+                continue
+            style = memory_style(name)
+            style.pop("marker")
+            ok = [r for r in rows if not r["diverged"]]
+            ax.plot([r["iteration"] for r in ok], [r["test_accuracy"] for r in ok], label=name,
+                    **style)
+            if rows[-1]["diverged"]:  # stopped: a cross at chance level where it was stopped
+                ax.plot([rows[-1]["iteration"]], [0.1], marker="x", markersize=9,
+                        color=style["color"], linestyle="none")
+        ax.set_xlabel("iteration")
+        ax.set_ylim(0, 1)
+        ax.set_title(rf"scaled bit flip, $\psi = {100 * psi:g}\%$" if psi else "clean", fontsize=10)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("test accuracy")
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return axes
