@@ -1,4 +1,4 @@
-"""``python -m benchmarks [SUITE ...] [--device cpu|cuda] [--quick]``: run the speed benchmarks.
+"""``python -m benchmarks [SUITE ...] [--device cpu|cuda] [--quick] [--threads N]``: speed benchmarks.
 
 Runs the named suites (default: every one present), prints each suite's tables, writes
 ``benchmarks/results/<suite>-<device type>.json`` (``<suite>-quick-<device type>.json`` with
@@ -48,7 +48,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes and few repetitions (a smoke test, not numbers to quote)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice, all cores)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         parser.error(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")

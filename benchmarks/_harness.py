@@ -50,6 +50,28 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
             "repeat": repeat}
 
 
+def measure_pair(reference: Callable[[], object], fn: Callable[[], object], device: torch.device, *,
+                 warmup: int = 2, repeat: int = 7) -> tuple:
+    """:func:`measure` of ``reference`` and ``fn`` with their repetitions interleaved.
+
+    On a shared machine the load drifts; alternating the two timed calls exposes both to the
+    same drift, so their ratio is steadier than that of two separate series.
+    """
+    for _ in range(warmup):
+        reference()
+        fn()
+    synchronize(device)
+    samples = ([], [])
+    for _ in range(repeat):
+        for f, out in ((reference, samples[0]), (fn, samples[1])):
+            start = time.perf_counter()
+            f()
+            synchronize(device)
+            out.append(time.perf_counter() - start)
+    return tuple({"median_s": statistics.median(x), "min_s": min(x), "max_s": max(x), "repeat": repeat}
+                 for x in samples)
+
+
 def device_name(device: torch.device) -> str:
     """A human-readable name of the device the numbers were measured on."""
     if device.type == "cuda":

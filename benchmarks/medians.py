@@ -30,7 +30,7 @@ import torch
 
 import median_sgd as ms
 
-from ._harness import measure, print_table
+from ._harness import measure, measure_pair, print_table
 
 SUITE = "medians"
 
@@ -94,8 +94,8 @@ def vs_geom_median(device: torch.device, sizes, repeat: int) -> List[dict]:
                 f_ours = objective(G, res.median)
                 if f_ours <= f_ref * (1 + SLACK):
                     break
-            t_theirs = measure(theirs, their_device, warmup=1, repeat=repeat)
-            t_ours = measure(lambda: ms.geometric_median(G, tol=tol), device, warmup=2, repeat=repeat)
+            t_theirs, t_ours = measure_pair(theirs, lambda: ms.geometric_median(G, tol=tol), device,
+                                            warmup=1, repeat=repeat)
             speedup = t_theirs["median_s"] / t_ours["median_s"]
             rows.append({
                 "case": "vs geom-median", "n": n, "d": d, "scenario": scenario, "dtype": "float32",
@@ -154,9 +154,8 @@ def batched(device: torch.device, dtypes, repeat: int, problems: int = 256, n: i
         G = torch.randn(problems, n, d, generator=g)
         G[:, : n // 4] += OUTLIER_SHIFT / 2
         G = G.to(device=device, dtype=dtype)
-        t_batch = measure(lambda: ms.geometric_median(G), device, warmup=2, repeat=repeat)
-        t_loop = measure(lambda: [ms.geometric_median(x) for x in G], device, warmup=1,
-                         repeat=max(3, repeat // 2))
+        t_loop, t_batch = measure_pair(lambda: [ms.geometric_median(x) for x in G],
+                                       lambda: ms.geometric_median(G), device, warmup=1, repeat=repeat)
         together = ms.geometric_median(G)
         alone = torch.stack([ms.geometric_median(x).median for x in G])
         ratio = t_loop["median_s"] / t_batch["median_s"]

@@ -15,7 +15,7 @@ import torch
 
 import median_sgd as ms
 
-from ._harness import measure, print_table
+from ._harness import measure_pair, print_table
 
 SUITE = "stable"
 N = 10**6
@@ -33,12 +33,12 @@ def run(device, *, quick: bool = False) -> List[dict]:
     rows = []
     for alpha in alphas:
         rng = np.random.RandomState(0)
-        t_scipy = measure(lambda: scipy.stats.levy_stable.rvs(alpha, 0.0, size=N, random_state=rng),
-                          torch.device("cpu"), warmup=1, repeat=repeat)
         for dtype in (torch.float32, torch.float64):
             gen = torch.Generator(device=device).manual_seed(0)
-            t_ours = measure(lambda: ms.sample_stable(alpha, N, generator=gen, device=device, dtype=dtype),
-                             device, warmup=2, repeat=repeat)
+            t_scipy, t_ours = measure_pair(
+                lambda: scipy.stats.levy_stable.rvs(alpha, 0.0, size=N, random_state=rng),
+                lambda: ms.sample_stable(alpha, N, generator=gen, device=device, dtype=dtype),
+                device, warmup=1, repeat=repeat)
             ratio = t_scipy["median_s"] / t_ours["median_s"]
             rows.append({
                 "case": "sample_stable vs scipy", "alpha": alpha, "samples": N,
