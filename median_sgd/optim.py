@@ -102,19 +102,46 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return bool(torch.stack([f.to(device) for f in flags]).all())
 
 
-def _sign_step(delta: torch.Tensor, tau: float) -> torch.Tensor:
-    """``tau * sign(delta)`` in place, NaN kept (``torch.sign(nan)`` is 0, which would hide it).
+def _sign_scale(dtype: torch.dtype, tau: float) -> Optional[int]:
+    """``k`` such that ``tau * 2**-k`` is a safe clamping threshold for the sign step, or None.
 
-    ``delta * huge`` is +-inf for every difference above the dtype's rounding floor and
-    ``clamp`` maps that to exactly ``+-tau``; 0 stays 0 and NaN stays NaN.
+    ``tau * sign(d) = 2**k * clamp(d, -t, t)`` with ``t = tau * 2**-k`` for every ``|d| >= t``,
+    exactly (scaling by a power of two is exact while nothing under- or overflows). ``k = 60``
+    puts ``t`` far below any difference that matters; a dtype whose range cannot hold that
+    (float16) gets None and the two-pass version.
     """
-    return delta.mul_(torch.finfo(delta.dtype).max).clamp_(-tau, tau)
+    tiny = torch.finfo(dtype).tiny
+    if tau * 2.0**-60 >= 4 * tiny and tau * 2.0**60 <= torch.finfo(dtype).max / 4:
+        return 60
+    return None
 
 
-def _sign_step_foreach(deltas: List[torch.Tensor], tau: float) -> None:
-    torch._foreach_mul_(deltas, torch.finfo(deltas[0].dtype).max)
-    torch._foreach_clamp_min_(deltas, -tau)
-    torch._foreach_clamp_max_(deltas, tau)
+def _sign_step_(m: torch.Tensor, delta: torch.Tensor, tau: float) -> None:
+    """``m += tau * sign(delta)``, NaN kept (``torch.sign(nan)`` is 0, which would hide it).
+
+    Clamping keeps NaN, maps +-Inf and every difference above ``tau * 2**-60`` to ``+-tau``
+    (after the exact power-of-two scaling) and 0 to 0. ``delta`` is overwritten.
+    """
+    k = _sign_scale(delta.dtype, tau)
+    if k is None:  # delta * huge is +-inf above the rounding floor; clamp maps it to +-tau
+        m.add_(delta.mul_(torch.finfo(delta.dtype).max).clamp_(-tau, tau))
+        return
+    t = tau * 2.0**-k
+    m.add_(delta.clamp_(-t, t), alpha=2.0**k)
+
+
+def _sign_step_foreach_(ms: List[torch.Tensor], deltas: List[torch.Tensor], tau: float) -> None:
+    k = _sign_scale(deltas[0].dtype, tau)
+    if k is None:
+        torch._foreach_mul_(deltas, torch.finfo(deltas[0].dtype).max)
+        torch._foreach_clamp_min_(deltas, -tau)
+        torch._foreach_clamp_max_(deltas, tau)
+        torch._foreach_add_(ms, deltas)
+        return
+    t = tau * 2.0**-k
+    torch._foreach_clamp_min_(deltas, -t)
+    torch._foreach_clamp_max_(deltas, t)
+    torch._foreach_add_(ms, deltas, alpha=2.0**k)
 
 
 def _factor(norm: torch.Tensor, tau: float, method: str) -> torch.Tensor:
@@ -165,6 +192,7 @@ def _estimator_update(
     weights: Optional[List[torch.Tensor]] = None,
     lr: float = 0.0,
     shrink: float = 1.0,
+    scratch: Optional[dict] = None,
 ) -> None:
     """``m <- step(m, g, tau, div)`` in place for every pair, as spp_step / sgd_step would.
 
@@ -173,7 +201,9 @@ def _estimator_update(
     weight tensor then takes its step ``w <- shrink * w - lr * m``; in the loop, right after its
     estimate, while both are still in cache. ``foreach``: ``True`` (multi-tensor kernels for all),
     ``False`` (a loop over all) or ``"auto"`` (the loop for tensors of at least
-    :data:`SMALL_TENSOR` elements, multi-tensor kernels for the rest).
+    :data:`SMALL_TENSOR` elements, multi-tensor kernels for the rest). ``scratch`` (a dict kept
+    by the caller) holds one buffer per (device, dtype) for the loop's differences ``g - m``, so
+    that the loop allocates nothing (and its speed does not depend on the memory allocator).
     """
     if not ms:
         return
@@ -189,9 +219,21 @@ def _estimator_update(
     groups = [tuple(b) for b in _buckets([ms[i] for i in multi], [gs[i] for i in multi],
                                           [ws[i] for i in multi]).values()] if multi else []
 
+    def diff(i: int) -> torch.Tensor:
+        """``g - m`` for tensor ``i``, written into the scratch buffer when there is one."""
+        m, g = ms[i], gs[i]
+        if scratch is None or not m.is_contiguous() or not g.is_contiguous():
+            return torch.sub(g, m)
+        key = (m.device, m.dtype)
+        buf = scratch.get(key)
+        if buf is None or buf.numel() < m.numel():
+            need = max(ms[j].numel() for j in loop if (ms[j].device, ms[j].dtype) == key)
+            buf = scratch[key] = torch.empty(need, device=m.device, dtype=m.dtype)
+        return torch.sub(g, m, out=buf[: m.numel()].view(m.shape))
+
     if div == "l2" and scope == "global":
         # Two passes: the norm of the whole difference first, then the steps.
-        norms = [_norm(torch.sub(gs[i], ms[i])) for i in loop]
+        norms = [_norm(diff(i)) for i in loop]
         deltas = []
         for bm, bg, _ in groups:
             d = torch._foreach_sub(bg, bm)
@@ -217,10 +259,13 @@ def _estimator_update(
         if div == "sq":
             m.lerp_(g, w_sq)
         elif div == "l1":
-            d = torch.sub(g, m)
-            m.add_(d.clamp_(-tau, tau) if method == "spp" else _sign_step(d, tau))
+            d = diff(i)
+            if method == "spp":
+                m.add_(d.clamp_(-tau, tau))
+            else:
+                _sign_step_(m, d, tau)
         else:  # l2, one vector per tensor: m <- m + f (g - m) = lerp(m, g, f)
-            f = _factor(_norm(torch.sub(g, m)), tau, method)
+            f = _factor(_norm(diff(i)), tau, method)
             m.lerp_(g, f if f.dtype == m.dtype else f.to(m.dtype))
         _weight_step(ws[i], m, lr, shrink)
     for bm, bg, bw in groups:
@@ -231,9 +276,9 @@ def _estimator_update(
             if method == "spp":
                 torch._foreach_clamp_min_(d, -tau)
                 torch._foreach_clamp_max_(d, tau)
+                torch._foreach_add_(bm, d)
             else:
-                _sign_step_foreach(d, tau)
-            torch._foreach_add_(bm, d)
+                _sign_step_foreach_(bm, d, tau)
         else:
             d = torch._foreach_sub(bg, bm)
             f = _factor(_norms_foreach(d), tau, method).to(d[0].dtype)
@@ -376,6 +421,7 @@ class MedianSGD(Optimizer):
             foreach=foreach,
         )
         _validate_median_group(defaults)
+        self._scratch: dict = {}  # work buffers of the loop path (not state: never saved)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -426,7 +472,8 @@ class MedianSGD(Optimizer):
         shrink = 1.0 - lr * wd if (wd != 0 and decoupled) else 1.0
         _estimator_update(ms, gs, tau=group["tau"], div=group["div"], method=group["method"],
                           scope=group["scope"], foreach=foreach, weights=[params[i] for i in old],
-                          lr=lr, shrink=shrink)
+                          lr=lr, shrink=shrink,
+                          scratch=self.__dict__.setdefault("_scratch", {}))
         for i in fresh:  # m_1 = g_1, and the weights step along it
             g = grads[i]
             if group["nonfinite"] == "mask":

@@ -236,6 +236,18 @@ def test_closure_is_called_with_grad_enabled_and_its_loss_returned():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_pickled_optimizer_keeps_stepping():
+    import pickle
+
+    params = make_params()
+    opt = MedianSGD(params, lr=0.1, tau=0.5, div="l2", foreach=False)
+    run_optimizer(opt, params, grad_sequence(params, 2))
+    clone = pickle.loads(pickle.dumps(opt))
+    for p in clone.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    clone.step()  # the loop's work buffers are rebuilt, not pickled
+
+
 @pytest.mark.parametrize("div,method", [("l1", "spp"), ("l2", "sgd"), ("sq", "spp")])
 def test_state_dict_round_trip_resumes_exactly(div, method):
     params_a = make_params()
@@ -429,6 +441,21 @@ def test_half_precision_per_tensor_norm_does_not_overflow(foreach):
     p.grad = torch.full_like(p, 30000.0)  # ||g|| = 5.2e5 > float16's 65504
     MedianSGD([p], lr=1.0, tau=1.0, div="l2", foreach=foreach).step()
     assert torch.linalg.vector_norm(p.detach().double()).item() == pytest.approx(1.0, rel=1e-2)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+                         ids=str)
+@pytest.mark.parametrize("tau", [1e-3, 0.3, 50.0])
+def test_sign_step_is_exactly_tau_times_the_sign(dtype, tau, foreach):
+    p = torch.zeros(5, dtype=dtype, requires_grad=True)
+    p.grad = torch.tensor([5.0, -3.0, 0.0, 1e-2, float("nan")], dtype=dtype)
+    opt = MedianSGD([p], lr=0.0, tau=tau, div="l1", method="sgd", foreach=foreach)
+    opt.step()
+    m = opt.state[p]["estimate"]
+    t = torch.tensor(tau, dtype=dtype)
+    assert torch.equal(m[:4], torch.stack([t, -t, torch.zeros_like(t), t]))
+    assert torch.isnan(m[4])
 
 
 def test_half_precision_global_norm_does_not_overflow():
