@@ -24,6 +24,8 @@ from .bgmd import (
     plot_cost,
     plot_gap_traces,
     plot_gm_scenes,
+    plot_ablation,
+    plot_accuracy_vs_time,
     plot_memory_identity,
     plot_residual_training,
 )

@@ -20,6 +20,8 @@ __all__ = [
     "plot_memory_identity",
     "plot_bgmd_cost",
     "plot_residual_training",
+    "plot_accuracy_vs_time",
+    "plot_ablation",
 ]
 
 # Aggregators of the BGmD paper; the estimators of part I keep their colours.
@@ -241,3 +243,69 @@ def plot_residual_training(records: List[dict], setup: str, axes: Optional[Seque
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     return axes
+
+
+# ------------------------------------------------------------------ chapter "Robust training experiments"
+
+
+def plot_accuracy_vs_time(records: List[dict], attack: str, axes: Optional[Sequence[plt.Axes]] = None, *,
+                          experiment: str = "table2", methods: Optional[Iterable[str]] = None):
+    """Figs. 1-3 of the BGmD paper: test accuracy against training wall-clock time, one panel per
+    corrupted fraction (the clean runs in the first panel), one line per method (seed 0). A run
+    that diverged ends with a cross."""
+    rows = [r for r in records if r.get("experiment", experiment) == experiment]
+    first_seed = min(r["seed"] for r in rows)
+    rows = [r for r in rows if r["seed"] == first_seed]
+    psis = sorted({r["psi"] for r in rows})
+    if axes is None:
+        _, axes = plt.subplots(1, len(psis), figsize=(3.3 * len(psis), 3.3), sharey=True)
+    axes = np.atleast_1d(axes)
+    names = list(dict.fromkeys(r["method"] for r in rows)) if methods is None else list(methods)
+    for ax, psi in zip(axes, psis):
+        wanted = "none" if psi == 0 else attack
+        for name in names:
+            pts = sorted((r for r in rows if r["psi"] == psi and r["attack"] == wanted and r["method"] == name),
+                         key=lambda r: r["iteration"])
+            if not pts:
+                continue
+            style = method_style(name)
+            good = [r for r in pts if not r["diverged"]]
+            ax.plot([r["time_s"] for r in good], [100 * r["test_accuracy"] for r in good],
+                    color=style["color"], marker=style["marker"], markersize=3, label=name)
+            if pts[-1]["diverged"]:
+                ax.plot([pts[-1]["time_s"]], [0], marker="x", color=style["color"], markersize=8,
+                        linestyle="none")
+        ax.set_title("no corruption" if psi == 0 else f"{psi:.0%} corruption", fontsize=9)
+        ax.set_xlabel("training time (s)")
+        ax.set_ylim(0, 100)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].legend(fontsize=7, loc="lower right")
+    return axes
+
+
+def plot_ablation(records: List[dict], ax: Optional[plt.Axes] = None, *, experiment: str = "fig6") -> plt.Axes:
+    """Fig. 6 of the BGmD paper: test accuracy against the iteration for BGmD with several
+    ``beta = k/d``, with memory (solid, label ending in "M") and without (dashed), and GmD."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    rows = [r for r in records if r.get("experiment", experiment) == experiment]
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    betas = sorted({float(n.split()[1]) for n in names if n.startswith("BGmD")})
+    for name in names:
+        pts = sorted((r for r in rows if r["method"] == name), key=lambda r: r["iteration"])
+        if name.startswith("BGmD"):
+            beta = float(name.split()[1])
+            color = plt.cm.viridis(0.15 + 0.7 * betas.index(beta) / max(1, len(betas) - 1))
+            linestyle = "-" if name.endswith(" M") else "--"
+            label = rf"BGmD $\beta$ = {beta:g}" + (" with memory" if name.endswith(" M") else ", no memory")
+        else:
+            color, linestyle, label = method_style(name)["color"], ":", name
+        ax.plot([r["iteration"] for r in pts], [100 * r["test_accuracy"] for r in pts], color=color,
+                linestyle=linestyle, label=label)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return ax
