@@ -53,3 +53,4 @@ from .benchmarks import (
     plot_targets,
 )
 from .bgmd_memory import memory_style, plot_memory_curves, plot_memory_errors, plot_memory_training
+from .in_the_wild import plot_sweep, plot_training_curves, training_style

@@ -1,0 +1,143 @@
+"""Figures of chapter 6 (gradient estimation in the wild; ``experiments.in_the_wild``)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterable, List, Optional, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import NullFormatter
+
+from ._style import estimator_style
+
+__all__ = ["training_style", "plot_training_curves", "plot_sweep"]
+
+# SGD and practitioners' clipping are not estimators of a median across iterations: grey and
+# brown, dashed; the online estimators keep the book's colours (momentum red, VClip green, ...).
+_EXTRA = {
+    "SGD": {"color": "black", "marker": "o", "linestyle": "--"},
+    "clipped SGD": {"color": "tab:brown", "marker": "v", "linestyle": "--"},
+}
+_LABELS = {
+    "test_accuracy": "test accuracy",
+    "test_loss": "test loss",
+    "train_loss": "training loss (full, clean)",
+    "cosine": r"$\cos(m_t, \nabla L(w_t))$",
+}
+
+
+def training_style(method: str) -> dict:
+    """Colour, marker and line style of a training method, the same in every figure."""
+    if method in _EXTRA:
+        return dict(_EXTRA[method])
+    return {**estimator_style(method), "linestyle": "-"}
+
+
+def _names(records: List[dict], key: str, chosen: Optional[Iterable[str]]) -> List[str]:
+    return list(dict.fromkeys(r[key] for r in records)) if chosen is None else list(chosen)
+
+
+def plot_training_curves(
+    curves: List[dict],
+    metric: str = "test_accuracy",
+    *,
+    settings: Optional[Sequence[str]] = None,
+    methods: Optional[Sequence[str]] = None,
+    axes: Optional[Sequence[plt.Axes]] = None,
+    band: bool = True,
+    ylim: Optional[Sequence[float]] = None,
+    logy: bool = False,
+) -> Sequence[plt.Axes]:
+    """One panel per setting: ``metric`` against the step, the mean over seeds per method (line)
+    and the min-max band over seeds; non-finite values (diverged runs) are left out."""
+    settings = _names(curves, "setting", settings)
+    methods = _names(curves, "method", methods)
+    if axes is None:
+        _, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), sharey=True,
+                               squeeze=False)
+        axes = axes[0]
+    if len(axes) != len(settings):
+        raise ValueError(f"got {len(axes)} axes for {len(settings)} settings")
+    for ax, setting in zip(axes, settings):
+        for method in methods:
+            rows = [r for r in curves if r["setting"] == setting and r["method"] == method]
+            if not rows:
+                raise ValueError(f"no curves for {method!r} in setting {setting!r}")
+            steps = sorted({r["step"] for r in rows})
+            values = np.array([[r[metric] for r in rows if r["step"] == t] for t in steps], dtype=float)
+            values = np.where(np.isfinite(values), values, np.nan)
+            with warnings.catch_warnings():  # a step where every seed diverged: NaN, not drawn
+                warnings.simplefilter("ignore", category=RuntimeWarning)
+                mean, lo, hi = (np.nanmean(values, 1), np.nanmin(values, 1), np.nanmax(values, 1))
+            style = training_style(method)
+            ax.plot(steps, mean, color=style["color"], linestyle=style["linestyle"], label=method)
+            if band:
+                ax.fill_between(steps, lo, hi, color=style["color"], alpha=0.12, linewidth=0)
+        ax.set_title(setting, fontsize=10)
+        ax.set_xlabel("step")
+        if logy:
+            ax.set_yscale("log")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel(_LABELS.get(metric, metric))
+    _figure_legend(axes)
+    return axes
+
+
+def _figure_legend(axes: Sequence[plt.Axes]) -> None:
+    """One legend below the panels, with every label of every panel once (leave room for it with
+    ``fig.tight_layout(rect=(0, 0.07, 1, 1))``)."""
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    axes[0].figure.legend(list(handles.values()), list(handles.keys()), loc="lower center",
+                          ncol=len(handles), fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
+
+
+def plot_sweep(
+    records: List[dict],
+    *,
+    metric: str = "accuracy_mean",
+    settings: Optional[Sequence[str]] = None,
+    axes: Optional[Sequence[plt.Axes]] = None,
+    relative_to: Optional[dict] = None,
+) -> Sequence[plt.Axes]:
+    """One panel per setting: the final ``metric`` against the swept value (log scale), one line
+    per (parameter, method). With ``relative_to`` (``{parameter: default value}``) the x-axis is
+    the value divided by its default, so sweeps of different parameters share an axis."""
+    settings = _names(records, "setting", settings)
+    if axes is None:
+        _, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), sharey=True,
+                               squeeze=False)
+        axes = axes[0]
+    if len(axes) != len(settings):
+        raise ValueError(f"got {len(axes)} axes for {len(settings)} settings")
+    lines = list(dict.fromkeys((r["parameter"], r["method"]) for r in records))
+    for ax, setting in zip(axes, settings):
+        for parameter, method in lines:
+            rows = sorted((r for r in records if r["setting"] == setting and r["method"] == method
+                           and r["parameter"] == parameter), key=lambda r: r["value"])
+            if not rows:
+                continue
+            scale = 1.0 if relative_to is None else relative_to[parameter]
+            style = training_style(method)
+            ax.plot([r["value"] / scale for r in rows],
+                    [r[metric] if math.isfinite(r[metric]) else np.nan for r in rows],
+                    color=style["color"], linestyle=style["linestyle"], marker=style["marker"],
+                    markersize=5, label=f"{method} ({parameter})")
+        ax.set_xscale("log")
+        xs = sorted({round(r["value"] / (1.0 if relative_to is None else relative_to[r["parameter"]]), 9)
+                     for r in records})
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x:.3g}" for x in xs])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(setting, fontsize=10)
+        ax.set_xlabel("value / default" if relative_to is not None else "value")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("final test accuracy" if metric == "accuracy_mean" else metric)
+    _figure_legend(axes)  # some lines are not in every panel
+    return axes
