@@ -66,6 +66,11 @@ def test_run_and_final_accuracy():
     assert math.isnan(table["bit_flip", 0.4, "SGD"]["accuracy"])
     assert 0 <= table["bit_flip", 0.4, "GmD"]["accuracy"] <= 100
     assert table["none", 0.0, "GmD"]["seeds"] == 1 and table["none", 0.0, "GmD"]["time_s"] > 0
+    text = be.comparison_table(records, "table2").splitlines()
+    assert len(text) == 2 + len(be.PAPER_TABLES["table2"])
+    assert "div." in text[2 + list(be.PAPER_TABLES["table2"]).index(("bit_flip", 0.4))]
+    assert "n/a" in text[-1]  # the backdoor was not run in this tiny grid
+    assert text[2].split("|")[1].split() == ["89.4", "83.8", "89.2", "89.0"]
     fig6 = be.final_accuracy(records, "fig6")
     assert {k[2] for k in fig6} == {"BGmD 0.1 M", "BGmD 0.1"}
     with pytest.raises(ValueError, match="unknown experiment"):

@@ -41,6 +41,7 @@ __all__ = [
     "fig6_methods",
     "run",
     "final_accuracy",
+    "comparison_table",
 ]
 
 EXPERIMENTS = ("table2", "table3", "table4", "fig6")
@@ -216,3 +217,27 @@ def final_accuracy(records: List[dict], experiment: str) -> Dict[Tuple[str, floa
         entry["accuracy"] = math.nan if entry["diverged"] else sum(accs) / len(accs)
         entry["time_s"] = sum(times) / len(times)
     return out
+
+
+def comparison_table(records: List[dict], experiment: str, *, paper: Optional[str] = None,
+                     methods: Tuple[str, ...] = ("SGD", "CmD", "BGmD", "GmD")) -> str:
+    """A text table of our final test accuracies (%) next to the paper's (``paper``: a key of
+    :data:`PAPER_TABLES`, default ``experiment``), one row per (attack, psi) of the paper's
+    table. ``div.`` marks a run of ours that diverged, ``-`` the paper's diverged entries, and
+    ``n/a`` a setting we did not run."""
+    ours = final_accuracy(records, experiment)
+    theirs = PAPER_TABLES[paper or experiment]
+    width = 7 * len(methods)
+    lines = [f"{'':28s}{'ours':^{width}s} | {'paper':^{width}s}",
+             f"{'corruption':24s}{'psi':>4s}" + "".join(f"{m:>7s}" for m in methods) + " | "
+             + "".join(f"{m:>7s}" for m in methods)]
+    for (attack, psi), row in theirs.items():
+        cells = []
+        for m in methods:
+            entry = ours.get((attack, psi, m))
+            cells.append("n/a" if entry is None else "div." if entry["diverged"] else f"{entry['accuracy']:.1f}")
+        ref = ["-" if row[m] is None else f"{row[m][0]:.1f}" for m in methods]
+        label = "-" if psi == 0 else f"{psi:.0%}"
+        lines.append(f"{ATTACK_NAMES[attack]:24s}{label:>4s}" + "".join(f"{c:>7s}" for c in cells) + " | "
+                     + "".join(f"{c:>7s}" for c in ref))
+    return "\n".join(lines)
