@@ -171,21 +171,26 @@ def _project_l1_ball(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     return torch.where(inside, v, torch.sign(v) * torch.clamp_min(a - theta, 0.0))
 
 
-def _lq_inner(log_b, log_mu, k, iters):
+def _lq_inner(log_b, log_mu, k, iters, early_exit=False):
     """Solve ``y + mu y^k = b`` for ``t = log y``: Newton on ``G(t) = t + log(1 + mu e^((k-1) t)) - log b``.
 
     ``G`` is convex and increasing (``G' = 1 + (k-1) sigmoid(.)`` lies between ``min(1, k)`` and
     ``max(1, k)``). The start ``min(log b, (log b - log mu)/k)`` lies right of the root (each
     term alone is at most ``b``) by at most ``log 2 max(1, 1/k)`` (the larger term is at least
-    ``b/2``), and from there Newton decreases monotonically to the root.
+    ``b/2``), and from there Newton decreases monotonically to the root. With ``early_exit`` (the
+    CPU path) the loop stops once no step exceeds a few ulps of ``t``.
     """
     t = torch.minimum(log_b, (log_b - log_mu) / k)
     zero = torch.zeros((), device=log_b.device, dtype=log_b.dtype)
+    tol = 8.0 * torch.finfo(log_b.dtype).eps
     for _ in range(iters):
         z = torch.add(log_mu, t, alpha=k - 1.0)
         softplus = torch.logaddexp(z, zero)  # log(1 + e^z)
         slope = torch.exp(z - softplus).mul_(k - 1.0).add_(1.0)  # 1 + (k-1) sigmoid(z)
-        t = t - (t + softplus - log_b) / slope
+        step = (t + softplus - log_b) / slope
+        t = t - step
+        if early_exit and bool((step.abs() <= tol * (1.0 + t.abs())).all()):
+            break
     return t
 
 
@@ -220,7 +225,7 @@ def _project_lq_ball(v: torch.Tensor, tau: Scalar, q: float) -> torch.Tensor:
     # a Newton step below 64 eps: the next one would change mu only at the rounding level
     tol = 64.0 * torch.finfo(v.dtype).eps
     for _ in range(_LP_OUTER):
-        t = torch.where(positive, _lq_inner(log_b, torch.log(mu), k, _LP_INNER), minus_inf)
+        t = torch.where(positive, _lq_inner(log_b, torch.log(mu), k, _LP_INNER, early_exit), minus_inf)
         log_phi = torch.logsumexp(q * t, dim=-1, keepdim=True)  # phi = sum_i y_i^q
         psi = torch.exp(-log_phi / p) - 1.0
         above = psi >= 0
@@ -238,5 +243,5 @@ def _project_lq_ball(v: torch.Tensor, tau: Scalar, q: float) -> torch.Tensor:
         mu = new
         if early_exit and bool(converged.all()):
             break
-    y = torch.where(positive, torch.exp(_lq_inner(log_b, torch.log(mu), k, _LP_INNER)), 0.0)
+    y = torch.where(positive, torch.exp(_lq_inner(log_b, torch.log(mu), k, _LP_INNER, early_exit)), 0.0)
     return torch.where(inside, v, torch.sign(v) * tau * y)
