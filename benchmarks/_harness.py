@@ -9,7 +9,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -50,26 +50,32 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
             "repeat": repeat}
 
 
-def measure_pair(reference: Callable[[], object], fn: Callable[[], object], device: torch.device, *,
-                 warmup: int = 2, repeat: int = 7) -> tuple:
-    """:func:`measure` of ``reference`` and ``fn`` with their repetitions interleaved.
+def measure_interleaved(fns: Sequence[Callable[[], object]], device: torch.device, *, warmup: int = 2,
+                        repeat: int = 7) -> List[dict]:
+    """:func:`measure` of several functions with their repetitions interleaved.
 
-    On a shared machine the load drifts; alternating the two timed calls exposes both to the
-    same drift, so their ratio is steadier than that of two separate series.
+    On a shared machine the load drifts; alternating the timed calls exposes all of them to the
+    same drift, so their ratios are steadier than those of separate series.
     """
     for _ in range(warmup):
-        reference()
-        fn()
+        for f in fns:
+            f()
     synchronize(device)
-    samples = ([], [])
+    samples = [[] for _ in fns]
     for _ in range(repeat):
-        for f, out in ((reference, samples[0]), (fn, samples[1])):
+        for f, out in zip(fns, samples):
             start = time.perf_counter()
             f()
             synchronize(device)
             out.append(time.perf_counter() - start)
-    return tuple({"median_s": statistics.median(x), "min_s": min(x), "max_s": max(x), "repeat": repeat}
-                 for x in samples)
+    return [{"median_s": statistics.median(x), "min_s": min(x), "max_s": max(x), "repeat": repeat}
+            for x in samples]
+
+
+def measure_pair(reference: Callable[[], object], fn: Callable[[], object], device: torch.device, *,
+                 warmup: int = 2, repeat: int = 7) -> tuple:
+    """``(reference, fn)`` timings by :func:`measure_interleaved`."""
+    return tuple(measure_interleaved([reference, fn], device, warmup=warmup, repeat=repeat))
 
 
 def device_name(device: torch.device) -> str:
