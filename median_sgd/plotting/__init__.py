@@ -7,6 +7,14 @@ re-exported here, so chapters write ``from median_sgd.plotting import plot_...``
 from ._style import estimator_style
 from .robust_mean import plot_outlier_scene, plot_quantile_curves
 from .stable_noise import plot_convergence, plot_final_error
+from .beyond import (
+    noise_style,
+    plot_batch_size,
+    plot_centered_clipping,
+    plot_clip21,
+    plot_lp_errors,
+    plot_lp_tradeoff,
+)
 from .prox import plot_operator_2d, plot_operators_1d
 from .tracking import (
     online_style,
