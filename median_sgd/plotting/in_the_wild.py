@@ -55,7 +55,7 @@ def plot_training_curves(
     settings = _names(curves, "setting", settings)
     methods = _names(curves, "method", methods)
     if axes is None:
-        _, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), sharey=True,
+        _, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3.2), sharey=True,
                                squeeze=False)
         axes = axes[0]
     if len(axes) != len(settings):
@@ -111,7 +111,7 @@ def plot_sweep(
     the value divided by its default, so sweeps of different parameters share an axis."""
     settings = _names(records, "setting", settings)
     if axes is None:
-        _, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), sharey=True,
+        _, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3.2), sharey=True,
                                squeeze=False)
         axes = axes[0]
     if len(axes) != len(settings):

@@ -50,9 +50,12 @@ def plot_stationary_spread(
     (``quantile(alpha)`` is the 3/4-quantile of the standard symmetric alpha-stable law).
     """
     alphas = sorted({r["alpha"] for r in records}, reverse=True)
-    if axes is None:
-        _, axes = plt.subplots(1, len(alphas), figsize=(3.2 * len(alphas), 3.3), squeeze=False)
-        axes = axes[0]
+    if axes is None:  # two panels per row
+        rows = (len(alphas) + 1) // 2
+        _, grid = plt.subplots(rows, 2, figsize=(7.5, 3.0 * rows), squeeze=False)
+        for ax in grid.flat[len(alphas):]:
+            ax.set_visible(False)
+        axes = list(grid.flat[:len(alphas)])
     if len(axes) != len(alphas):
         raise ValueError(f"got {len(axes)} axes for {len(alphas)} tail indices")
     for ax, alpha in zip(axes, alphas):
@@ -77,9 +80,9 @@ def plot_stationary_spread(
         ax.set_xticklabels([f"{e:g}" for e in eta])
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(r"step size $\eta$")
+        ax.set_ylabel(r"median of $|e_T|$, $h = h_{\min}$")
         ax.set_title(rf"$\alpha = {alpha:g}$", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
-    axes[0].set_ylabel(r"median of $|e_T|$ (coordinate $h = h_{\min}$)")
     handles, labels = axes[0].get_legend_handles_labels()
     axes[0].figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8,
                           frameon=False, bbox_to_anchor=(0.5, -0.02))
@@ -132,7 +135,7 @@ def plot_sgd_curves(
     if estimators is None:
         estimators = list(dict.fromkeys(r["estimator"] for r in curves))
     if axes is None:
-        _, axes = plt.subplots(1, len(alphas), figsize=(3.6 * len(alphas), 3.4), sharey=True,
+        _, axes = plt.subplots(1, len(alphas), figsize=(3.2 * len(alphas), 3.2), sharey=True,
                                squeeze=False)
         axes = axes[0]
     if len(axes) != len(alphas):
