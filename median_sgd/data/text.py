@@ -25,8 +25,8 @@ frequency rank.
 Checksums. The digests below were collected from public code that downloads the same files, not
 computed here (this machine has no internet): the MD5 digests of the three PTB files are those of
 ``torchtext.datasets.PennTreebank`` (the same in several independent projects); for
-``wikitext-2-v1.zip`` we have its SHA-256 (Julia's ``CorpusLoaders``/``DataDeps`` registration)
-and its MD5 (``torchtext.datasets.WikiText2``). No SHA-256 of the PTB files was found, so PTB is
+``wikitext-2-v1.zip`` we have its SHA-256 (from a public Julia ``DataDeps.jl`` registration of the
+file) and its MD5 (``torchtext.datasets.WikiText2``). No SHA-256 of the PTB files was found, so PTB is
 verified with MD5 only: that detects a truncated or corrupted download or a changed upstream file,
 but it is not a cryptographic guarantee. Pass ``checksums={"ptb.train.txt": {"sha256": ...}}`` to
 :func:`fetch_text_dataset` to require digests you trust instead; the SHA-256 of every file we

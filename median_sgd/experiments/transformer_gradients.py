@@ -303,6 +303,10 @@ def run(
             bar = _progress(cfg.seeds * cfg.iterations, progress, f"{corpus_name} b={batch_size}")
             for seed in range(cfg.seeds):
                 gen = torch.Generator().manual_seed(cfg.data_seed + 1000 * seed + batch_size)
+                # All mini-batches of this seed drawn up front (on the CPU, so every device sees
+                # the same ones) and moved once: no host-device copy inside the loop.
+                batches = torch.stack([torch.randperm(n_segments, generator=gen)[:batch_size]
+                                       for _ in range(cfg.iterations)]).to(device)
                 m = {name: torch.zeros(k, d, dtype=g_hat.dtype, device=device) for name in names}
                 errors = torch.empty(cfg.iterations + 1, len(names), k, dtype=torch.float64, device=device)
                 errors[0] = 1.0  # m_0 = 0
@@ -311,8 +315,7 @@ def run(
                 kept = torch.empty(keep, d, dtype=g_hat.dtype, device=device) if keep else None
                 with value_checks(False):  # inputs are finite by construction; no host syncs
                     for t in range(cfg.iterations):
-                        idx = torch.randperm(n_segments, generator=gen)[:batch_size].to(device)
-                        g = minibatch_gradient(model, segments[idx], cfg.chunk)
+                        g = minibatch_gradient(model, segments[batches[t]], cfg.chunk)
                         if t < keep:
                             kept[t] = g
                         delta = (g - g_hat).double()
