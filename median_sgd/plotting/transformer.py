@@ -113,7 +113,7 @@ def plot_tau_sweep(
         ax.set_xlabel(r"$\tau$")
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel(_ERROR_LABEL)
-    axes[-1].legend(fontsize=7, ncol=1, loc="best")
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return axes
 
 
