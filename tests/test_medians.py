@@ -671,6 +671,15 @@ def test_fast_finiteness_test_on_large_matrices():
         for f in (ms.geometric_median, ms.coordinate_median, lambda X: ms.trimmed_mean(X, 0.25)):
             with pytest.raises(ValueError, match="NaN or Inf"):
                 f(H)
+    # a NaN in a row of weight 0 is still bad input (the weighted mean would not show it)
+    H = G.clone()
+    H[1, 7] = float("nan")
+    w = torch.ones(4)
+    w[1] = 0.0
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ms.geometric_median(H, w)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ms.geometric_median(H[:, :16], w)  # small: no Gram path either
     # finite values whose sum overflows are accepted (the exact test decides)
     H = torch.full((3, 4), 3e38)
     assert torch.isinf(H.sum())
