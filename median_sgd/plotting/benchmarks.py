@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import ticker
 
 __all__ = [
     "load_benchmark_results",
@@ -98,6 +99,13 @@ def _size_label(r: dict) -> str:
     return f"n={r['n']}\nd={r['d']:,}"
 
 
+def _plain_log_ticks(axis) -> None:
+    """Log-scale tick labels as plain numbers (3, not 3 x 10^0)."""
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(ticker.FuncFormatter(
+        lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+
+
 def plot_solver_times(rows: List[dict], axes: Optional[Sequence[plt.Axes]] = None):
     """Time per problem size for each solver (left, log scale) and ours' speed-up (right).
 
@@ -124,10 +132,12 @@ def plot_solver_times(rows: List[dict], axes: Optional[Sequence[plt.Axes]] = Non
                    label=f"{label}, {scenario}")
             k += 1
     ax.set_yscale("log")
+    top = max(max(r[key] for r in rows) for key in _SOLVERS)
+    ax.set_ylim(top=top * 30)  # room for the legend above the bars
     ax.set_xticks(x, [_size_label(dict(n=n, d=d)) for n, d in sizes])
     ax.set_ylabel("seconds per solve (median)")
     ax.set_title("time to the same objective value")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper center", ncol=2)
     ax.grid(True, axis="y", which="major", alpha=0.3)
     for j, scenario in enumerate(scenarios):
         vals = [next(r["ratio"] for r in rows if (r["n"], r["d"]) == s and r["scenario"] == scenario)
@@ -138,6 +148,7 @@ def plot_solver_times(rows: List[dict], axes: Optional[Sequence[plt.Axes]] = Non
     target = rows[0]["target"]
     ax_ratio.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target:g}x")
     ax_ratio.set_yscale("log")
+    _plain_log_ticks(ax_ratio.yaxis)
     ax_ratio.set_xticks(x, [_size_label(dict(n=n, d=d)) for n, d in sizes])
     ax_ratio.set_ylabel("speed-up over geom-median")
     ax_ratio.set_title("ratio (higher is better)")
@@ -176,6 +187,7 @@ def plot_hardware_floor(rows: List[dict], axes: Optional[Sequence[plt.Axes]] = N
     target = rows[0]["target"]
     ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target:g} copies")
     ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
     ax.set_xticks(x, [_size_label(dict(n=n, d=d)) for n, d in sizes])
     ax.set_ylabel("cost in copies of the matrix")
     ax.set_title("iteration and solve vs. clone (lower is better)")
@@ -197,7 +209,7 @@ def plot_targets(results: Dict[str, dict], suites: Sequence[str] = ("medians", "
     """Every ratio of the given suites divided by its target (log scale): right of the line at 1
     the target is met. One horizontal bar per row; ``better="lower"`` ratios are inverted so
     that right is always better."""
-    labels, scores, met = [], [], []
+    labels, scores, met, texts = [], [], [], []
     for suite in suites:
         for r in results.get(suite, {}).get("rows", []):
             if "ratio" not in r or "target" not in r:
@@ -206,12 +218,14 @@ def plot_targets(results: Dict[str, dict], suites: Sequence[str] = ("medians", "
             what = [r.get("case", suite)]
             for key in ("config", "scenario", "alpha", "dtype"):
                 if key in r:
-                    what.append(f"{r[key]}")
+                    what.append(f"alpha={r[key]}" if key == "alpha" else f"{r[key]}")
             if "n" in r and "d" in r and r.get("case") != "batched":
                 what.insert(1, f"({r['n']}, {r['d']:,})")
             labels.append(" ".join(str(w) for w in what))
             scores.append(score)
             met.append(bool(r.get("met")))
+            sign = ">=" if r.get("better", "higher") == "higher" else "<="
+            texts.append(f"{r['ratio']:.3g} (target {sign} {r['target']:g})")
     if not scores:
         raise ValueError("no rows with a ratio and a target")
     if ax is None:
@@ -220,6 +234,11 @@ def plot_targets(results: Dict[str, dict], suites: Sequence[str] = ("medians", "
     ax.barh(y, scores, color=["tab:green" if m else "tab:red" for m in met], height=0.7)
     ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
     ax.set_xscale("log")
+    for yi, score, text in zip(y, scores, texts):
+        ax.annotate(text, (score, yi), xytext=(3, 0), textcoords="offset points", va="center",
+                    fontsize=6)
+    ax.set_xlim(min(min(scores), 0.5) / 1.5, max(max(scores), 2.0) * 6)
+    _plain_log_ticks(ax.xaxis)
     ax.set_yticks(y, labels, fontsize=7)
     ax.set_xlabel("ratio / target (right of the dashed line: target met)")
     ax.grid(True, axis="x", which="major", alpha=0.3)
