@@ -56,6 +56,15 @@ ATTACK_NAMES = {
     "backdoor": "label: backdoor",
 }
 
+_SHORT_NAMES = {
+    "none": "clean",
+    "bit_flip": "grad: bit flip",
+    "gradient_noise": "grad: additive",
+    "feature_noise": "feat: additive",
+    "impulse": "feat: impulse",
+    "backdoor": "label: backdoor",
+}
+
 _Row = Dict[str, Optional[Tuple[float, float]]]
 
 
@@ -228,23 +237,24 @@ def final_accuracy(records: List[dict], experiment: str) -> Dict[Tuple[str, floa
 
 def comparison_table(records: List[dict], experiment: str, *, paper: Optional[str] = None,
                      methods: Tuple[str, ...] = ("SGD", "CmD", "BGmD", "GmD")) -> str:
-    """A text table of our final test accuracies (%) next to the paper's (``paper``: a key of
-    :data:`PAPER_TABLES`, default ``experiment``), one row per (attack, psi) of the paper's
-    table. ``div.`` marks a run of ours that diverged, ``-`` the paper's diverged entries, and
-    ``n/a`` a setting we did not run."""
+    """A text table (71 columns) of our final test accuracies (%) next to the paper's
+    (``paper``: a key of :data:`PAPER_TABLES`, default ``experiment``), one row per (attack,
+    psi) of the paper's table. ``div.`` marks a run of ours that diverged, ``-`` the paper's
+    diverged entries, and ``n/a`` a setting we did not run."""
     ours = final_accuracy(records, experiment)
     theirs = PAPER_TABLES[paper or experiment]
-    width = 7 * len(methods)
-    lines = [f"{'':30s}{'ours':^{width}s} | {'paper':^{width}s}",
-             f"{'corruption':26s}{'psi':>4s}" + "".join(f"{m:>7s}" for m in methods) + " | "
-             + "".join(f"{m:>7s}" for m in methods)]
+    width = 6 * len(methods)
+    header = "".join(f"{m:>6s}" for m in methods)
+    lines = [f"{'':20s}{'ours':^{width}s} | {'paper':^{width}s}",
+             f"{'corruption':16s}{'psi':>4s}{header} | {header}"]
     for (attack, psi), row in theirs.items():
         cells = []
         for m in methods:
             entry = ours.get((attack, psi, m))
-            cells.append("n/a" if entry is None else "div." if entry["diverged"] else f"{entry['accuracy']:.1f}")
+            cells.append("n/a" if entry is None else "div." if entry["diverged"]
+                         else f"{entry['accuracy']:.1f}")
         ref = ["-" if row[m] is None else f"{row[m][0]:.1f}" for m in methods]
         label = "-" if psi == 0 else f"{psi:.0%}"
-        lines.append(f"{ATTACK_NAMES[attack]:26s}{label:>4s}" + "".join(f"{c:>7s}" for c in cells) + " | "
-                     + "".join(f"{c:>7s}" for c in ref))
+        lines.append(f"{_SHORT_NAMES[attack]:16s}{label:>4s}" + "".join(f"{c:>6s}" for c in cells)
+                     + " | " + "".join(f"{c:>6s}" for c in ref))
     return "\n".join(lines)
