@@ -65,16 +65,63 @@ def _exponential(shape, generator: Optional[torch.Generator], device: torch.devi
     ~2**-53 instead of float32's ~2**-24 per column; floored at the smallest normal number.
     """
     where = device if generator is None else generator.device
-    e = torch.empty(shape, device=where, dtype=torch.float64).exponential_(generator=generator)
-    return e.to(device).clamp_min_(torch.finfo(torch.float64).tiny)
+    # -log1p(-U) is what exponential_ computes on the CPU (the same draws up to rounding), at a
+    # third of its cost there.
+    u = torch.rand(shape, device=where, dtype=torch.float64, generator=generator)
+    return u.neg_().log1p_().neg_().to(device).clamp_min_(torch.finfo(torch.float64).tiny)
+
+
+_CHUNK_ELEMENTS = 1 << 19  # CPU column statistics: ~2 MB chunks of G stay in cache
+
+
+def _column_stats(G: torch.Tensor):
+    """Column sums and column sums of squares of ``G`` (..., n, d): two (..., d) tensors.
+
+    On the CPU one pass over ``G`` in column chunks (each chunk is squared while it is in cache,
+    and both reductions run as matrix-vector products), several times faster than ``einsum`` or
+    ``(G * G).sum(-2)``; elsewhere the plain reductions.
+    """
+    n, d = G.shape[-2], G.shape[-1]
+    ones = G.new_ones(n)
+    if G.device.type != "cpu":
+        return torch.matmul(ones, G), torch.einsum("...ij,...ij->...j", G, G)
+    batch = G.shape[:-2]
+    chunk = max(1024, _CHUNK_ELEMENTS // max(1, n * math.prod(batch)))
+    if chunk >= d:
+        return torch.matmul(ones, G), torch.matmul(ones, G * G)
+    sums, squares = [], []
+    buf = G.new_empty(*batch, n, chunk)
+    for start in range(0, d, chunk):
+        part = G[..., start:start + chunk]
+        sq = buf[..., : part.shape[-1]]
+        torch.mul(part, part, out=sq)
+        sums.append(torch.matmul(ones, part))
+        squares.append(torch.matmul(ones, sq))
+    return torch.cat(sums, dim=-1), torch.cat(squares, dim=-1)
+
+
+def _largest(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (..., k) of the ``k`` largest entries of ``keys`` along the last dimension.
+
+    On the CPU, where a host synchronisation costs nothing, the threshold (``kthvalue``) and a
+    mask give the indices in increasing order, which makes the column gather that follows
+    faster; on ties at the threshold it falls back to ``topk`` (unordered), as on other devices.
+    """
+    d = keys.shape[-1]
+    if keys.device.type == "cpu" and k < d:
+        threshold = torch.kthvalue(keys, d - k + 1, dim=-1, keepdim=True).values
+        mask = keys >= threshold
+        if bool((mask.sum(-1) == k).all()):
+            return mask.nonzero()[:, -1].reshape(*keys.shape[:-1], k)
+    return torch.topk(keys, k, dim=-1, sorted=False).indices
 
 
 def _select_from_squares(
     sq: torch.Tensor, k: int, mode: str, generator: Optional[torch.Generator], power: float
 ) -> torch.Tensor:
-    """The block (indices, shape (..., k), in no particular order) from squared column norms ``sq``."""
+    """The block (indices, shape (..., k)) from squared column norms ``sq``."""
     if mode == "topk":
-        idx = torch.topk(sq, k, dim=-1, sorted=False).indices
+        return _largest(sq, k)
     else:
         # Successive sampling without replacement with probabilities proportional to s_j is the
         # order of arrival of independent exponential clocks of rates s_j (Efraimidis-Spirakis):
@@ -84,8 +131,7 @@ def _select_from_squares(
         if power != 2.0:
             scores = scores.pow(0.5 * power)
         keys = scores / _exponential(sq.shape, generator, sq.device)  # 0 for a zero column
-        idx = torch.topk(keys, k, dim=-1, sorted=False).indices
-    return idx
+        return _largest(keys, k)
 
 
 def select_block(
@@ -108,8 +154,8 @@ def select_block(
     released code does. ``k`` is a number of columns (``int``) or a fraction of ``d``
     (``float`` in ``(0, 1]``, see :func:`resolve_block_size`).
 
-    Returns a ``LongTensor`` of shape (..., k) on ``G``'s device, in no particular order (sort it
-    if you need to: sorting costs more than the selection on some inputs). Draws come
+    Returns a ``LongTensor`` of shape (..., k) on ``G``'s device: in increasing order on the CPU
+    (unless there are ties in the scores), in no particular order elsewhere. Draws come
     from ``generator`` (a ``torch.Generator``; one on another device than ``G`` works too, its
     draws are moved). No host synchronisation.
     """
@@ -121,7 +167,7 @@ def select_block(
     ):
         raise ValueError(f"power must be a finite number > 0, got {power!r}")
     k = resolve_block_size(k, G.shape[-1])
-    sq = torch.einsum("...ij,...ij->...j", G, G)  # squared column norms
+    sq = _column_stats(G)[1]  # squared column norms
     return _select_from_squares(sq, k, mode, generator, float(power))
 
 
@@ -224,23 +270,25 @@ class BGmD:
         # Column statistics of A = G + 1 m^T without forming A (an n x d allocation costs as much
         # as a Weiszfeld iteration): sum_i A_ij = s_j + n m_j and
         # sum_i A_ij^2 = q_j + m_j (2 s_j + n m_j), with s, q the column sums and squares of G.
-        colsum = torch.matmul(G.new_ones(n), G)  # (..., d), through BLAS
+        colsum, sq = _column_stats(G)  # (..., d) each
         # A NaN or Inf anywhere in a column makes its sum NaN or Inf: an O(d) finiteness check
         # instead of check_finite's O(n d) (a finite column whose sum overflows is reported too).
         if value_checks_enabled() and not bool(torch.isfinite(colsum).all()):
             raise ValueError("G contains NaN or Inf values (or its column sums overflow)")
         with value_checks(False):  # G is checked; the geometric medians need not re-check blocks
-            return self._step(G, m, k, n, d, colsum)
+            return self._step(G, m, k, n, d, colsum, sq)
 
-    def _step(self, G, m, k, n, d, colsum):
-        sq = torch.einsum("...ij,...ij->...j", G, G)
+    def _step(self, G, m, k, n, d, colsum, sq):
         if m is not None:
             colsum_a = colsum + n * m
             sq = (sq + m * (2 * colsum + n * m)).clamp_min_(0.0)
         else:
             colsum_a = colsum
         idx = _select_from_squares(sq, k, self.mode, self.generator, self.power)  # (..., k)
-        block = torch.gather(G, -1, idx.unsqueeze(-2).expand(*G.shape[:-1], k))  # (..., n, k)
+        if G.dim() == 2:
+            block = G.index_select(-1, idx)  # (n, k); faster than gather on the CPU
+        else:
+            block = torch.gather(G, -1, idx.unsqueeze(-2).expand(*G.shape[:-1], k))  # (..., n, k)
         if m is not None:
             block = block + torch.gather(m, -1, idx).unsqueeze(-2)
         gm = geometric_median(block, **self.gm_options)
