@@ -158,8 +158,8 @@ def fixed_gradient_check(cfg: MemoryConfig, *, device="cpu", dtype=torch.float64
     ``final``, one record per (method, sigma, psi): quantiles over seeds of the relative error of
     the average update after ``steps`` steps (``median``, ``q10``, ``q90``), the memory's norm
     relative to ``||g||`` (``memory_norm``), the median error once the memory is flushed,
-    ``||(sum u + m_T) / T - g|| / ||g||`` (``flushed``: the lag removed), for BGmD the largest relative ``identity_residual``
-    ``||sum u + m_T - sum a|| / ||sum a||`` over seeds, the outside-the-block weight
+    ``||(sum u + m_T) / T - g|| / ||g||`` (``flushed``: the lag removed), for BGmD the largest
+    relative ``identity_residual`` ``||sum u + m_T - sum a|| / ||sum a||`` over seeds, the outside-the-block weight
     ``||f * g|| / ||g||`` (``f_j``: fraction of steps coordinate ``j`` was outside the block;
     ``outside``) and, for the mean rule, the error predicted from it, ``(scale + 1) (b / n)
     ||f * g|| / ||g||`` with ``b = floor(psi n)`` flipped rows (``predicted``).
@@ -206,6 +206,7 @@ def fixed_gradient_check(cfg: MemoryConfig, *, device="cpu", dtype=torch.float64
                     bar.update(1)
             memory = agg.memory if is_bgmd and agg.memory is not None else torch.zeros_like(g)
             flushed = torch.linalg.vector_norm((total_u + memory) / cfg.steps - g, dim=-1) / g_norm
+            memory_rel = torch.linalg.vector_norm(memory, dim=-1) / g_norm
             if is_bgmd:
                 identity = (torch.linalg.vector_norm(total_u + memory - total_a, dim=-1)
                             / torch.linalg.vector_norm(total_a, dim=-1))
@@ -213,18 +214,19 @@ def fixed_gradient_check(cfg: MemoryConfig, *, device="cpu", dtype=torch.float64
                 weight = torch.linalg.vector_norm(f * g, dim=-1) / g_norm
             for sig in cfg.sigmas:
                 for psi in cfg.psis:
-                    sel = torch.tensor([j for j, (a, b, _) in enumerate(labels) if a == sig and b == psi],
-                                       device=device)
-                    base = {"method": label, "memory": rule if is_bgmd else None, "sigma": sig, "psi": psi}
+                    sel = torch.tensor([j for j, (a, b, _) in enumerate(labels)
+                                        if a == sig and b == psi], device=device)
+                    base = {"method": label, "memory": rule if is_bgmd else None, "sigma": sig,
+                            "psi": psi}
                     rec = dict(base, **_quantiles(err_t[-1][1][sel]),
-                               memory_norm=float((torch.linalg.vector_norm(memory, dim=-1) / g_norm)[sel].median()),
+                               memory_norm=float(memory_rel[sel].median()),
                                flushed=float(flushed[sel].median()))
                     if is_bgmd:
                         rec["identity_residual"] = float(identity[sel].max())
                         rec["outside"] = float(weight[sel].median())
                         flipped = n_corrupted(cfg.rows, psi) / cfg.rows
-                        rec["predicted"] = ((cfg.flip_scale + 1) * flipped * float(weight[sel].median())
-                                            if rule == "mean" else None)
+                        rec["predicted"] = ((cfg.flip_scale + 1) * flipped
+                                            * float(weight[sel].median()) if rule == "mean" else None)
                     final.append(rec)
                     for t, err in err_t:
                         curves.append(dict(base, step=t, error=float(err[sel].median())))
