@@ -33,13 +33,25 @@ def _names(records: List[dict]) -> List[str]:
     return list(dict.fromkeys(r["method"] for r in records))
 
 
+def _legend(axes) -> None:
+    """One legend for all panels: below them with a constrained layout, else beside the last."""
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    fig = axes[0].figure
+    handles, labels = axes[0].get_legend_handles_labels()
+    if isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine):
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
+    else:
+        axes[-1].legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+
+
 def plot_memory_errors(final: List[dict], axes: Optional[Sequence[plt.Axes]] = None):
     """Relative error of the average update after T steps against the corrupted fraction psi,
     one panel per noise level sigma; the band is the spread over seeds (10%-90%)."""
     sigmas = sorted({r["sigma"] for r in final})
     if axes is None:
         _, axes = plt.subplots(1, len(sigmas), figsize=(4.6 * len(sigmas), 3.8), sharey=True)
-    axes = np.atleast_1d(axes)
+    axes = np.atleast_1d(axes).ravel()
     for ax, sigma in zip(axes, sigmas):
         for name in _names(final):
             rows = sorted((r for r in final if r["method"] == name and r["sigma"] == sigma),
@@ -53,8 +65,8 @@ def plot_memory_errors(final: List[dict], axes: Optional[Sequence[plt.Axes]] = N
         ax.set_xlabel(r"corrupted rows $\psi$ (%)")
         ax.set_title(rf"noise $\sigma = {sigma:g}$", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
-    axes[0].set_ylabel(r"$\|\frac{1}{T}\sum_t u_t - g\| \,/\, \|g\|$")
-    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    axes[0].set_ylabel("relative error of the average update")
+    _legend(axes)
     return axes
 
 
@@ -66,7 +78,7 @@ def plot_memory_curves(curves: List[dict], sigma: float, axes: Optional[Sequence
     psis = sorted({r["psi"] for r in rows}) if psis is None else list(psis)
     if axes is None:
         _, axes = plt.subplots(1, len(psis), figsize=(3.4 * len(psis), 3.3), sharey=True)
-    axes = np.atleast_1d(axes)
+    axes = np.atleast_1d(axes).ravel()
     for ax, psi in zip(axes, psis):
         for name in _names(rows):
             pts = sorted((r for r in rows if r["method"] == name and r["psi"] == psi),
@@ -78,8 +90,10 @@ def plot_memory_curves(curves: List[dict], sigma: float, axes: Optional[Sequence
         ax.set_xlabel("step $t$")
         ax.set_title(rf"$\psi = {100 * psi:g}\%$", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
-    axes[0].set_ylabel("relative error of the average update")
-    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    for ax in axes:
+        if ax.get_subplotspec() is None or ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("relative error of the average update")
+    _legend(axes)
     return axes
 
 
@@ -90,7 +104,7 @@ def plot_memory_training(records: List[dict], axes: Optional[Sequence[plt.Axes]]
     psis = sorted({r["psi"] for r in records})
     if axes is None:
         _, axes = plt.subplots(1, len(psis), figsize=(3.4 * len(psis), 3.3), sharey=True)
-    axes = np.atleast_1d(axes)
+    axes = np.atleast_1d(axes).ravel()
     for ax, psi in zip(axes, psis):
         for name in _names(records):
             rows = sorted((r for r in records if r["method"] == name and r["psi"] == psi),
@@ -109,6 +123,8 @@ def plot_memory_training(records: List[dict], axes: Optional[Sequence[plt.Axes]]
         ax.set_ylim(0, 1)
         ax.set_title(rf"scaled bit flip, $\psi = {100 * psi:g}\%$" if psi else "clean", fontsize=10)
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("test accuracy")
-    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    for ax in axes:
+        if ax.get_subplotspec() is None or ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("test accuracy")
+    _legend(axes)
     return axes
