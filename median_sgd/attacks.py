@@ -73,6 +73,20 @@ def _check_generator(generator) -> None:
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
+def _check_clip(clip) -> Optional[Tuple[float, float]]:
+    """``None`` or a pair ``(lo, hi)`` of finite numbers with ``lo < hi``, as a tuple of floats."""
+    if clip is None:
+        return None
+    if isinstance(clip, (str, bytes)) or not isinstance(clip, (tuple, list)) or len(clip) != 2:
+        raise TypeError(f"clip must be None or a pair (lo, hi) of numbers, got {clip!r}")
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in clip):
+        raise TypeError(f"clip must be None or a pair (lo, hi) of numbers, got {clip!r}")
+    lo, hi = float(clip[0]), float(clip[1])
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"clip = (lo, hi) must be finite with lo < hi, got {clip!r}")
+    return lo, hi
+
+
 def _draw(kind: str, shape, generator, device, dtype) -> torch.Tensor:
     """``torch.rand``/``torch.randn`` of ``shape`` on ``device`` from ``generator`` (drawn on the
     generator's own device when it differs, then moved)."""
@@ -169,9 +183,10 @@ def gaussian_feature_noise(
     check_float_tensor(x, "x", min_dim=1)
     m = _image_mask(x, mask)
     std = _check_positive(std, "std")
+    clip = _check_clip(clip)
     noisy = x + std * _draw("randn", x.shape, generator, x.device, x.dtype)
     if clip is not None:
-        noisy = noisy.clamp(float(clip[0]), float(clip[1]))
+        noisy = noisy.clamp(*clip)
     return torch.where(m, noisy, x)
 
 
@@ -238,10 +253,18 @@ class Attack:
         target = getattr(self, "target", 0)
         if isinstance(target, bool) or not isinstance(target, numbers.Integral) or target < 0:
             raise ValueError(f"target must be a class index >= 0, got {target!r}")
+        if hasattr(self, "clip"):  # stored as a tuple of floats (hashable; the caller's list is kept)
+            object.__setattr__(self, "clip", _check_clip(self.clip))
 
     def gradients(self, G: torch.Tensor, *, generator=None) -> torch.Tensor:
         """The gradient rows after the attack (unchanged unless ``kind == "gradient"``)."""
-        if self.kind != "gradient" or n_corrupted(G.shape[-2], self.psi) == 0:
+        if self.kind != "gradient":
+            return G
+        check_float_tensor(G, "G")
+        if G.dim() < 2:  # G.shape[-2] below would be an IndexError
+            raise ValueError(f"G must be a gradient matrix of shape (..., n, d), one row per worker, "
+                             f"got shape {tuple(G.shape)}")
+        if n_corrupted(G.shape[-2], self.psi) == 0:
             return G
         mask = corrupted_mask(G.shape[:-1], self.psi, generator=generator, device=G.device)
         return self._gradients(G, mask, generator)

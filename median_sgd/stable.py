@@ -53,6 +53,8 @@ def sample_stable(
         dtype = torch.get_default_dtype()
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
     device = torch.device(device)

@@ -167,3 +167,40 @@ def test_bad_input():
         A.gaussian_gradient_noise(torch.ones(4, 3), torch.ones(4, dtype=torch.bool), generator=3)
     with pytest.raises(ValueError):
         A.salt_and_pepper(torch.ones(4, 1, 2, 2), torch.ones(5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("clip", [(1.0, 0.0), (0.5, 0.5), (0.0, float("nan")), (float("-inf"), 1.0),
+                                  (0.0,), (0.0, 1.0, 2.0), "01", (True, 2.0), 1.0])
+def test_feature_noise_clip_must_be_a_finite_increasing_pair(clip):
+    with pytest.raises((ValueError, TypeError), match="clip"):
+        A.FeatureNoise(0.2, clip=clip)
+    with pytest.raises((ValueError, TypeError), match="clip"):
+        A.make_attack("feature_noise", 0.2, clip=clip)
+    x = torch.rand(4, 1, 2, 2)
+    with pytest.raises((ValueError, TypeError), match="clip"):
+        A.gaussian_feature_noise(x, torch.ones(4, dtype=torch.bool), clip=clip)
+
+
+def test_feature_noise_clip_accepts_a_list_and_none():
+    x = torch.full((40, 1, 4, 4), 0.5)
+    mask = torch.ones(40, dtype=torch.bool)
+    out = A.FeatureNoise(0.5, clip=[-1, 2]).batch(x, torch.arange(40), generator=gen(1))[0]
+    assert out.min() >= -1 and out.max() <= 2 and out.min() < 0  # the clip range is used
+    assert A.gaussian_feature_noise(x, mask, clip=None, generator=gen()).abs().max() > 2
+
+
+@pytest.mark.parametrize("name", ["bit_flip", "gradient_noise"])
+@pytest.mark.parametrize("shape", [(8,), ()])
+def test_gradient_attack_on_a_vector_names_the_expected_shape(name, shape):
+    G = torch.randn(shape)
+    with pytest.raises(ValueError, match=r"\(\.\.\., n, d\)"):
+        A.make_attack(name, 0.4).gradients(G, generator=gen())
+    with pytest.raises(TypeError, match="G must be a torch.Tensor"):
+        A.make_attack(name, 0.4).gradients([[1.0, 2.0]] * 4, generator=gen())
+
+
+def test_gradient_attacks_on_an_empty_matrix_and_non_gradient_kinds():
+    G = torch.empty(0, 3)
+    assert A.make_attack("bit_flip", 0.4).gradients(G, generator=gen()) is G  # floor(0.4 * 0) = 0
+    v = torch.randn(8)  # attacks that do not touch gradients return them as they are
+    assert A.make_attack("backdoor", 0.4).gradients(v) is v

@@ -76,3 +76,23 @@ def test_shard_split_follows_the_paper():
         shard_split(labels, 11)  # 11 x 8 > 80
     with pytest.raises(TypeError):
         shard_split(labels.float(), 10)
+
+
+@pytest.mark.parametrize("option, value", [("n_shards", 0), ("n_shards", -4), ("n_shards", 2.5),
+                                           ("n_shards", True), ("shards_per_client", 0),
+                                           ("shards_per_client", -1), ("shards_per_client", 1.0)])
+def test_shard_split_rejects_bad_shard_counts(option, value):
+    labels = torch.arange(10).repeat_interleave(10)
+    with pytest.raises(ValueError, match=option):
+        shard_split(labels, 2, **{option: value})
+
+
+def test_shard_split_small_counts_and_no_mutation():
+    labels = torch.tensor([3, 1, 2, 0, 1, 3])
+    before = labels.clone()
+    parts = shard_split(labels, 2, n_shards=2, shards_per_client=1,
+                        generator=torch.Generator().manual_seed(0))
+    assert sorted(torch.cat(parts).tolist()) == list(range(6))
+    # sorted by label: [0, 1, 1] and [2, 3, 3] are the two shards
+    assert {frozenset(labels[p].tolist()) for p in parts} == {frozenset({0, 1}), frozenset({2, 3})}
+    assert torch.equal(labels, before)

@@ -164,6 +164,14 @@ def test_other_bad_arguments():
         ms.sample_stable(1.5, 5, generator=torch.Generator(), device="cuda")
 
 
+@pytest.mark.parametrize("generator", ["x", 0, np.random.default_rng(0)])
+def test_generator_that_is_not_a_torch_generator_is_a_type_error(generator):
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        ms.sample_stable(1.5, 5, generator=generator)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        ms.sample_stable(1.5, 5, generator=generator, device="cpu")
+
+
 def _cms_reference(alpha, size, gen, loc=0.0, scale=1.0):
     """The Chambers-Mallows-Stuck formula term by term (exponential_, two powers), in float64."""
     u = torch.rand(size, generator=gen, dtype=torch.float64)

@@ -17,6 +17,7 @@ shards, give each client 8 random shards).
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -129,10 +130,14 @@ def load_images(name: str, *, root: Optional[os.PathLike] = None, download: bool
     return _make(key, *parts, 10)
 
 
+def _check_count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def _check_clients(n_clients) -> int:
-    if isinstance(n_clients, bool) or not isinstance(n_clients, int) or n_clients < 1:
-        raise ValueError(f"n_clients must be an integer >= 1, got {n_clients!r}")
-    return n_clients
+    return _check_count(n_clients, "n_clients")
 
 
 def iid_split(n_samples: int, n_clients: int, *,
@@ -153,7 +158,9 @@ def shard_split(labels: torch.Tensor, n_clients: int, *, n_shards: int = 80,
     contiguous shards (of sizes differing by at most one), and give each client
     ``shards_per_client`` distinct random shards (no shard shared). With the defaults, 10
     clients of 8 shards each; most clients see only some of the classes."""
-    _check_clients(n_clients)
+    n_clients = _check_clients(n_clients)
+    n_shards = _check_count(n_shards, "n_shards")
+    shards_per_client = _check_count(shards_per_client, "shards_per_client")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
         raise TypeError("labels must be a 1-D integer tensor")
     if n_clients * shards_per_client > n_shards:
