@@ -96,3 +96,53 @@ def test_shard_split_small_counts_and_no_mutation():
     # sorted by label: [0, 1, 1] and [2, 3, 3] are the two shards
     assert {frozenset(labels[p].tolist()) for p in parts} == {frozenset({0, 1}), frozenset({2, 3})}
     assert torch.equal(labels, before)
+
+
+@pytest.fixture
+def fake_torchvision(tmp_path, monkeypatch):
+    """Install a fake ``torchvision`` package (files on sys.path) whose import raises, as a
+    torchvision built for another torch does; removed from sys.path and sys.modules afterwards."""
+    before = {k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")}
+    assert not before, "a real torchvision is imported; these tests simulate a broken one"
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def make(init: str = "", datasets: str = ""):
+        pkg = tmp_path / "torchvision"
+        pkg.mkdir(exist_ok=True)
+        (pkg / "__init__.py").write_text(init)
+        (pkg / "datasets.py").write_text(datasets)
+
+    yield make
+    for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+        del sys.modules[k]
+
+
+# What a torchvision that does not match the installed torch raises on import, in the wild.
+BROKEN = [
+    ("RuntimeError", "operator torchvision::nms does not exist"),
+    ("OSError", "libtorchvision.so: undefined symbol: _ZN3c1017RegisterOperators"),
+    ("AttributeError", "partially initialized module 'torchvision' has no attribute 'extension'"),
+    ("ModuleNotFoundError", "No module named 'PIL'", ),
+]
+
+
+@pytest.mark.parametrize("exc, message", BROKEN)
+@pytest.mark.parametrize("where", ["init", "datasets"])
+def test_a_broken_torchvision_gives_our_message_with_the_cause(fake_torchvision, exc, message, where):
+    source = (f"raise ModuleNotFoundError({message!r}, name='PIL')" if exc == "ModuleNotFoundError"
+              else f"raise {exc}({message!r})")
+    fake_torchvision(**{where: source})
+    with pytest.raises(ImportError, match="torchvision is installed but failed to import") as info:
+        load_images("mnist")
+    assert "matches your torch" in str(info.value) and message in str(info.value)
+    expected = {"RuntimeError": RuntimeError, "OSError": OSError, "AttributeError": AttributeError,
+                "ModuleNotFoundError": ModuleNotFoundError}[exc]
+    assert type(info.value.__cause__) is expected
+    assert message in str(info.value.__cause__)
+
+
+def test_a_missing_torchvision_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    with pytest.raises(ImportError, match="not installed: `pip install torchvision`") as info:
+        load_images("cifar10")
+    assert isinstance(info.value.__cause__, ImportError)

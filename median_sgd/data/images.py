@@ -92,13 +92,31 @@ def _torchvision():
     try:
         import torchvision  # noqa: F401
         import torchvision.datasets as datasets
-    except ImportError as err:  # ModuleNotFoundError, or a broken install
+    except ModuleNotFoundError as err:
+        if err.name != "torchvision":  # torchvision is there but one of its own imports is not
+            raise _broken_torchvision(err) from err
         raise ImportError(
             "the paper-scale image datasets (mnist, fashion_mnist, cifar10) are downloaded with "
             "torchvision, which is not installed: `pip install torchvision` (Colab has it), or "
             "use the offline 'digits' dataset (the ci scale)"
         ) from err
+    except Exception as err:
+        # A torchvision built for another torch fails while importing, with whatever its
+        # extension loader hits: RuntimeError (an operator missing), OSError (an undefined
+        # symbol), AttributeError (a partially initialised module), ...
+        raise _broken_torchvision(err) from err
     return datasets
+
+
+def _broken_torchvision(err: BaseException) -> ImportError:
+    return ImportError(
+        f"torchvision is installed but failed to import ({type(err).__name__}: {err}). That "
+        f"usually means it was built for another torch than the installed {torch.__version__}: "
+        "install the torchvision release that matches your torch (the table at "
+        "https://pytorch.org/get-started/previous-versions/; with pip, install both together, "
+        "e.g. `pip install torch==X torchvision==Y`), or use the offline 'digits' dataset "
+        "(the ci scale)"
+    )
 
 
 def default_root() -> Path:
