@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
+import http.server
 import io
+import os
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -276,3 +281,225 @@ def test_default_cache_dir_honours_the_environment(monkeypatch, tmp_path):
     assert text.default_cache_dir() == Path(tmp_path)
     monkeypatch.delenv("MEDIAN_SGD_DATA")
     assert text.default_cache_dir().name == "median_sgd"
+
+
+# ----------------------------------------------------------------------------------------------
+# Every mirror is tried; nothing partial is left behind; extracted files are verified
+# ----------------------------------------------------------------------------------------------
+
+
+class BrokenResponse(io.BytesIO):
+    """A response that delivers ``data[:cut]`` and then fails with ``exc`` (a dropped connection)."""
+
+    def __init__(self, data, cut, exc):
+        super().__init__(data)
+        self.cut, self.exc = cut, exc
+
+    def read(self, n=-1):
+        if self.tell() >= self.cut:
+            raise self.exc
+        return super().read(min(n if n >= 0 else self.cut, self.cut - self.tell()))
+
+
+class ScriptedOpener(FakeOpener):
+    """Serves bytes per URL, or a response that breaks off with the exception given for that URL."""
+
+    def __init__(self, payloads, broken=None):
+        super().__init__(payloads)
+        self.broken = broken or {}
+
+    def __call__(self, request, timeout=None):
+        url = request.full_url
+        if url in self.broken:
+            self.requests.append(request)
+            data, exc = self.broken[url]
+            return BrokenResponse(data, len(data) // 2, exc)
+        return super().__call__(request, timeout)
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in Path(folder).iterdir())
+
+
+@pytest.mark.parametrize("exc", [http.client.IncompleteRead(b"partial", 100),
+                                 ConnectionResetError("connection reset by peer"),
+                                 TimeoutError("timed out")])
+def test_a_dropped_connection_moves_on_to_the_next_mirror_and_leaves_no_part_file(tmp_path, exc):
+    data = b"the whole file\n" * 100
+    opener = ScriptedOpener({"https://b/f.txt": data}, broken={"https://a/f.txt": (data, exc)})
+    dest = tmp_path / "cache" / "f.txt"
+    download_file(["https://a/f.txt", "https://b/f.txt"], dest, _digests(data), opener=opener)
+    assert dest.read_bytes() == data
+    assert [r.full_url for r in opener.requests] == ["https://a/f.txt", "https://b/f.txt"]
+    assert _leftovers(dest.parent) == ["f.txt"]
+
+
+def test_a_checksum_mismatch_on_one_mirror_moves_on_to_the_next(tmp_path):
+    data = b"the real file\n"
+    opener = FakeOpener({"https://a/f.txt": b"an old version\n", "https://b/f.txt": data})
+    dest = tmp_path / "cache" / "f.txt"
+    download_file(["https://a/f.txt", "https://b/f.txt"], dest, _digests(data), opener=opener)
+    assert dest.read_bytes() == data and _leftovers(dest.parent) == ["f.txt"]
+
+
+def test_when_every_mirror_fails_the_error_lists_each_failure(tmp_path):
+    data = b"the real file\n"
+    urls = ["https://a/f.txt", "https://b/f.txt", "https://c/f.txt"]
+    opener = ScriptedOpener({urls[1]: b"tampered\n"},
+                            broken={urls[2]: (data, http.client.IncompleteRead(b"", 10))})
+    dest = tmp_path / "cache" / "f.txt"
+    # one mirror served the wrong bytes: a ChecksumError (a ValueError), listing all three
+    with pytest.raises(ChecksumError) as info:
+        download_file(urls, dest, {"sha256": _digests(data)["sha256"]}, opener=opener)
+    message = str(info.value)
+    assert all(u in message for u in urls)
+    assert "404" in message and "sha256 mismatch" in message and "IncompleteRead" in message
+    assert _leftovers(dest.parent) == []
+    # no mirror answered at all: an OSError
+    with pytest.raises(OSError, match="could not download f.txt from any of its 2 URLs") as info:
+        download_file(urls[:1] + ["https://d/f.txt"], dest, _digests(data), opener=opener)
+    assert "https://d/f.txt" in str(info.value) and not isinstance(info.value, ChecksumError)
+
+
+def test_an_interrupted_download_leaves_no_part_file(tmp_path):
+    data = b"x" * 1000
+    opener = ScriptedOpener({}, broken={"https://a/f.txt": (data, KeyboardInterrupt())})
+    dest = tmp_path / "cache" / "f.txt"
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C in a notebook: stops, does not try the mirror
+        download_file(["https://a/f.txt", "https://b/f.txt"], dest, _digests(data), opener=opener)
+    assert len(opener.requests) == 1
+    assert _leftovers(dest.parent) == []
+
+
+def test_part_files_of_a_killed_download_are_swept_when_stale(tmp_path):
+    data = b"data\n"
+    dest = tmp_path / "f.txt"
+    stale, fresh, other = (tmp_path / "f.txt.abc123.part", tmp_path / "f.txt.def456.part",
+                           tmp_path / "g.txt.abc123.part")
+    for p in (stale, fresh, other):
+        p.write_bytes(b"half")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    os.utime(other, (two_hours_ago, two_hours_ago))
+    download_file("https://a/f.txt", dest, _digests(data), opener=FakeOpener({"https://a/f.txt": data}))
+    # the stale part of this file goes; a recent one may be another process's live download
+    assert _leftovers(tmp_path) == ["f.txt", "f.txt.def456.part", "g.txt.abc123.part"]
+
+
+class _Server(http.server.BaseHTTPRequestHandler):
+    """/good: the file; /short: a Content-Length longer than the body; /chunked: a chunked body
+    cut off mid-stream; anything else: 404. Records each request's User-Agent."""
+
+    protocol_version = "HTTP/1.1"
+    data = b"0123456789abcdef" * 4096
+    agents: list = []
+
+    def do_GET(self):  # noqa: N802 - the name http.server calls
+        self.agents.append(self.headers.get("User-Agent", ""))
+        if self.path == "/good":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.data)))
+            self.end_headers()
+            self.wfile.write(self.data)
+        elif self.path == "/short":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.data)))
+            self.end_headers()
+            self.wfile.write(self.data[:1000])
+        elif self.path == "/chunked":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n" % (1000, self.data[:1000]))
+        else:
+            self.send_error(404)
+            return
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+
+@pytest.fixture
+def local_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Server)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Server.agents.clear()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_download_over_real_http_survives_truncated_mirrors(tmp_path, local_server):
+    urls = [f"{local_server}/{p}" for p in ("missing", "chunked", "short", "good")]
+    dest = tmp_path / "cache" / "f.bin"
+    download_file(urls, dest, _digests(_Server.data), timeout=10)
+    assert dest.read_bytes() == _Server.data
+    assert _leftovers(dest.parent) == ["f.bin"]
+    assert len(_Server.agents) == 4 and all(a.startswith("Mozilla") for a in _Server.agents)
+    with pytest.raises(ChecksumError) as info:
+        download_file(urls[:3], tmp_path / "cache" / "g.bin", _digests(_Server.data), timeout=10)
+    message = str(info.value)
+    assert "404" in message and "IncompleteRead" in message and "mismatch" in message
+    assert _leftovers(dest.parent) == ["f.bin"]
+
+
+def _wiki_zip(words: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for split in ("train", "valid", "test"):
+            z.writestr(f"wikitext-2/wiki.{split}.tokens", f" = {split} = \n\n {words} . \n")
+    return buf.getvalue()
+
+
+def _fetch_wiki(root, data, **kw):
+    remote = text.TEXT_DATASETS["wikitext2"].files[0]
+    opener = FakeOpener({remote.urls[0]: data})
+    return fetch_text_dataset("wikitext2", root=root, checksums={remote.name: _digests(data)},
+                              opener=opener, **kw)
+
+
+def test_extracted_wikitext_files_are_verified_each_time_and_re_extracted(tmp_path):
+    data = _wiki_zip("The Cat <unk>")
+    paths = _fetch_wiki(tmp_path, data)
+    good = {split: p.read_bytes() for split, p in paths.items()}
+    folder = paths["train"].parent
+    # a truncated or edited extracted file is replaced by the archive's copy, without a download
+    paths["train"].write_bytes(good["train"][:5])
+    paths["valid"].write_bytes(good["valid"].replace(b"Cat", b"Dog"))
+    again = _fetch_wiki(tmp_path, data, download=False)
+    assert {split: p.read_bytes() for split, p in again.items()} == good
+    assert not any(p.name.endswith(".part") for p in folder.iterdir())
+    # the digest of each extracted file is recorded next to it
+    assert (folder / "wiki.train.tokens.sha256").read_text().split() == \
+        [hashlib.sha256(good["train"]).hexdigest(), "wiki.train.tokens"]
+
+
+def test_extracted_files_of_an_older_archive_are_replaced(tmp_path):
+    old, new = _wiki_zip("The Cat"), _wiki_zip("The Dog")
+    _fetch_wiki(tmp_path, old)
+    (tmp_path / "wikitext2" / "wikitext-2-v1.zip").unlink()  # a new version of the archive
+    paths = _fetch_wiki(tmp_path, new)
+    assert b"The Dog" in paths["test"].read_bytes()
+    corpus = load_text_corpus("wikitext2", root=tmp_path, download=False,
+                              checksums={"wikitext-2-v1.zip": _digests(new)})
+    assert "Dog" in corpus.vocab and "Cat" not in corpus.vocab
+
+
+def test_a_cached_archive_that_fails_its_checksum_is_not_extracted(tmp_path):
+    data = _wiki_zip("The Cat")
+    paths = _fetch_wiki(tmp_path, data)
+    before = paths["train"].read_bytes()
+    archive = tmp_path / "wikitext2" / "wikitext-2-v1.zip"
+    archive.write_bytes(_wiki_zip("The Dog"))
+    paths["train"].unlink()
+    with pytest.raises(ChecksumError, match="mismatch"):
+        _fetch_wiki(tmp_path, data, download=False)
+    assert not paths["train"].exists()  # nothing came out of the unverified archive
+    archive.unlink()
+    assert _fetch_wiki(tmp_path, data)["train"].read_bytes() == before
