@@ -1,0 +1,116 @@
+"""scripts/gpu-check on a machine without a GPU: it says so and runs nothing; its parts that run
+anywhere (argument checks, the chapter runner's report of the failing cell, the dry run) work.
+
+The GPU path itself runs on a GPU machine only (README.md, "Checking on a GPU").
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "gpu-check"
+EXIT_FAILED, EXIT_USAGE, EXIT_NO_GPU, EXIT_ENV = 1, 2, 3, 4
+
+
+def load_script():
+    loader = importlib.machinery.SourceFileLoader("gpu_check", str(SCRIPT))
+    spec = importlib.util.spec_from_loader("gpu_check", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def gpu_check(*args, env=None, timeout=120):
+    full = {**os.environ, "PYTHON": sys.executable, **(env or {})}
+    full.pop("OUT", None)  # the tarball for the device tool is not wanted here
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], env=full, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_no_gpu_says_so_and_runs_nothing(tmp_path):
+    # CUDA_VISIBLE_DEVICES="" hides every GPU, so this is the CPU machine's path everywhere
+    out = tmp_path / "check"
+    res = gpu_check("--out", out, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert res.returncode == EXIT_NO_GPU, res.stdout + res.stderr
+    assert "no GPU" in res.stdout and "Nothing was run" in res.stdout
+    assert "torch.cuda.is_available() is False" in res.stdout
+    assert "CUDA_VISIBLE_DEVICES is set to ''" in res.stdout  # the reason, where it is this
+    assert not out.exists()
+
+
+def test_a_python_without_torch_is_named(tmp_path):
+    # -I -S: no site-packages, so no torch. Without a GPU that is still "no GPU" (exit 3); with
+    # one, it is a missing package (exit 4). Either way the message names torch.
+    wrapper = tmp_path / "python-without-torch"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S \"$@\"\n")
+    wrapper.chmod(0o755)
+    res = gpu_check(env={"PYTHON": str(wrapper)})
+    expected = EXIT_ENV if load_script().nvidia_smi_gpus() else EXIT_NO_GPU
+    assert res.returncode == expected, res.stdout + res.stderr
+    assert "torch" in res.stdout + res.stderr and str(wrapper) in res.stdout + res.stderr
+
+
+def test_bad_arguments_exit_2():
+    for args in (["--jobs", "0"], ["--budget", "-1"], ["--notebooks", "no_such.ipynb"]):
+        res = gpu_check(*args)
+        assert res.returncode == EXIT_USAGE, (args, res.stderr)
+        assert "error" in res.stderr
+
+
+def write_notebook(path: Path, cells) -> None:
+    nb = {"nbformat": 4, "nbformat_minor": 5, "metadata": {},
+          "cells": [{"cell_type": "markdown", "id": "m0", "metadata": {}, "source": "# title"}]
+          + [{"cell_type": "code", "id": f"c{i}", "metadata": {}, "execution_count": None,
+              "outputs": [], "source": src} for i, src in enumerate(cells)]}
+    path.write_text(json.dumps(nb))
+
+
+EXECUTORS = ["script"] + (
+    ["nbclient"] if all(importlib.util.find_spec(m) for m in ("nbclient", "nbformat", "ipykernel"))
+    else [])
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_chapter_runner_reports_the_failing_cell_and_line(tmp_path, executor):
+    nb = tmp_path / "chapter.ipynb"
+    write_notebook(nb, [
+        "import sys\nif 'google.colab' in sys.modules:\n    %pip install nothing\nx = 1",
+        "print('device=cpu')\ny = x + 1\nassert y == 3, f'y is {y}'\nprint('not reached')",
+        "print('never run')",
+    ])
+    result = tmp_path / "result.json"
+    res = subprocess.run([sys.executable, str(SCRIPT), "--_notebook", nb, "--_json", result,
+                          "--_executor", executor, "--_timeout", "60"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stdout + res.stderr
+    report = json.loads(result.read_text())
+    # cell 2: the notebook's third cell (the markdown title counts), as in the H200 logs
+    assert report["status"] == "failed" and report["cell"] == 2 and report["line"] == 3
+    assert report["code"] == "assert y == 3, f'y is {y}'"
+    assert report["error"] == "AssertionError: y is 2"
+    assert "device=cpu" in res.stdout and "never run" not in res.stdout
+
+
+def test_cpu_dry_run_exercises_every_step(tmp_path):
+    # tests, one chapter and one quick benchmark suite, on the CPU: the same machinery as on a GPU
+    out = tmp_path / "dry"
+    res = gpu_check("--cpu-dry-run", "--out", out, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] and summary["tests"]["passed"] >= 1 and summary["tests"]["failed"] == 0
+    assert [r["status"] for r in summary["chapters"]["results"]] == ["ok"]
+    assert summary["chapters"]["results"][0]["device"] == "cpu"
+    assert [w["file"] for w in summary["benchmarks"]["written"]] == [
+        "alpha_stable_experiment-quick-cpu.json"]
+    assert (out / "benchmarks" / "alpha_stable_experiment-quick-cpu.json").exists()
+    text = (out / "summary.txt").read_text()
+    assert "RESULT: PASSED" in text and text in res.stdout
