@@ -10,6 +10,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,34 @@ def test_cpu_dry_run_exercises_every_step(tmp_path):
     assert (out / "benchmarks" / "alpha_stable_experiment-quick-cpu.json").exists()
     text = (out / "summary.txt").read_text()
     assert "RESULT: PASSED" in text and text in res.stdout
+
+
+def test_on_a_gpu_a_chapter_run_on_the_cpu_fails(tmp_path, monkeypatch, capsys):
+    # The GPU path with the probe told that CUDA is there: a chapter that prints device=cpu
+    # fails, as does a test run that selects nothing and a benchmark run that cannot start.
+    gc = load_script()
+    real = gc.choose_python
+    monkeypatch.setattr(gc, "choose_python", lambda env: {**real(env), "cuda_available": True,
+                                                          "gpu": "a GPU said to be there"})
+    monkeypatch.setenv("PYTHON", sys.executable)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the children see no GPU, even on a GPU machine
+    monkeypatch.delenv("OUT", raising=False)
+    nb = tmp_path / "chapter.ipynb"
+    write_notebook(nb, ["print('scale=ci device=cpu')"])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = gc.main(["--out", str(tmp_path / "out"), "--notebooks", str(nb), "--executor",
+                      "script", "--tests", "tests/test_models_cnn.py", "--suites",
+                      "alpha_stable_experiment", "--quick", "--budget", "300"])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert rc == EXIT_FAILED
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    (chapter,) = summary["chapters"]["results"]
+    assert chapter["status"] == "failed" and chapter["error"] == "ran on cpu, not cuda"
+    assert not summary["tests"]["ok"] and summary["tests"]["returncode"] == 5  # none selected
+    assert not summary["benchmarks"]["ok"] and summary["benchmarks"]["written"] == []
+    text = capsys.readouterr().out
+    assert "ran on cpu, not cuda" in text and "RESULT: FAILED" in text
+    assert "torch.cuda.is_available() is False" in text  # why the benchmarks could not start
