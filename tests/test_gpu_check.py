@@ -146,3 +146,22 @@ def test_on_a_gpu_a_chapter_run_on_the_cpu_fails(tmp_path, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "ran on cpu, not cuda" in text and "RESULT: FAILED" in text
     assert "torch.cuda.is_available() is False" in text  # why the benchmarks could not start
+
+
+@pytest.mark.skipif("nbclient" not in EXECUTORS, reason="needs nbclient, nbformat and ipykernel")
+def test_chapter_runner_without_a_kernel_runs_the_chapter_as_a_script(tmp_path):
+    # A kernel that cannot start (here: an ipykernel_launcher that exits) must not cost the check
+    # its chapters: the runner says so and executes the cells itself.
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "ipykernel_launcher.py").write_text("import sys\nsys.exit(3)\n")
+    nb, result = tmp_path / "chapter.ipynb", tmp_path / "result.json"
+    write_notebook(nb, ["x = 20 + 1", "print('device=cpu', 2 * x)"])
+    res = subprocess.run([sys.executable, str(SCRIPT), "--_notebook", nb, "--_json", result,
+                          "--_executor", "nbclient", "--_timeout", "60"],
+                         env={**os.environ, "PYTHONPATH": str(fake)}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(result.read_text())
+    assert report["status"] == "ok" and report["executor"].startswith("script (no kernel")
+    assert "device=cpu 42" in res.stdout and "could not start a kernel" in res.stdout
