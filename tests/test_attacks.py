@@ -133,6 +133,7 @@ def test_determinism_under_a_generator():
     assert torch.equal(a, b)
 
 
+@pytest.mark.cuda  # so that `pytest -m cuda` (scripts/gpu-check) runs it
 def test_attacks_on_cuda_with_cpu_or_cuda_generator():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")

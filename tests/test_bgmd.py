@@ -382,6 +382,7 @@ def test_bgmd_bad_input():
         agg(torch.ones(3, 12, dtype=torch.int32))
 
 
+@pytest.mark.cuda  # so that `pytest -m cuda` (scripts/gpu-check) runs it
 def test_generator_on_another_device_works():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")

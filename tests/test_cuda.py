@@ -1,12 +1,12 @@
 """GPU tests: the same results on CUDA as on the CPU, dtype/device kept, no host synchronisation.
 
 Skipped when ``torch.cuda.is_available()`` is False. (The tests of the other files also run on
-CUDA through the ``device`` fixture when it is present.)
+CUDA through the ``device`` fixture when it is present.) Devices are compared by ``.type``:
+``torch.device("cuda") != torch.device("cuda:0")``, and tensors report ``cuda:0``.
+``scripts/gpu-check`` runs these (``pytest -m cuda tests``) on a machine with a GPU.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import numpy as np
 import pytest
@@ -32,20 +32,15 @@ def cpu_gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-@contextlib.contextmanager
-def no_host_sync():
-    """Any synchronising CUDA call inside raises RuntimeError (value checks, which sync, are off)."""
-    torch.cuda.synchronize()
-    with ms.value_checks(False):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            yield
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-
-
 def tol(dtype):
     return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+
+
+def test_device_fixture_is_the_device_tensors_report(device):
+    # Every `t.device == device` in the suite relies on this: a tensor made with device="cuda"
+    # reports cuda:<current>, and torch.device("cuda") would compare unequal to it.
+    for t in (torch.zeros(2, device=device.type), torch.zeros(2).to(device.type)):
+        assert t.device == device and (t + 1).device == device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +142,7 @@ def test_geometric_median_gradient_on_cuda():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_sync_debug_mode_detects_a_sync():
+def test_sync_debug_mode_detects_a_sync(no_host_sync):
     # the detector works (so the tests below that pass under it mean something)
     x = torch.ones(3, device=CUDA)
     with pytest.raises(RuntimeError):
@@ -156,7 +151,7 @@ def test_sync_debug_mode_detects_a_sync():
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_geometric_median_fixed_iter_makes_no_host_sync(weighted):
+def test_geometric_median_fixed_iter_makes_no_host_sync(weighted, no_host_sync):
     G = torch.randn(8, 50, 16, generator=cpu_gen()).to(CUDA)
     w = (torch.rand(8, 50, generator=cpu_gen(1)) + 0.1).to(CUDA) if weighted else None
     ms.geometric_median(G, w, fixed_iter=True, max_iter=3)  # warm-up (library/kernel loading)
@@ -173,7 +168,7 @@ def test_geometric_median_fixed_iter_makes_no_host_sync(weighted):
 
 
 @pytest.mark.parametrize("div", ["sq", "l2", "l1"])
-def test_estimator_loop_makes_no_host_sync(div):
+def test_estimator_loop_makes_no_host_sync(div, no_host_sync):
     m = torch.zeros(4, 10, device=CUDA)
     gs = torch.randn(20, 4, 10, generator=cpu_gen()).to(CUDA)
     tau = torch.full((4,), 0.1, device=CUDA)

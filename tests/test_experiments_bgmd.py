@@ -155,6 +155,7 @@ def test_configs():
     assert agg.k == 0.2 and agg.memory_rule is None and agg.gm_options == {"max_iter": 7}
 
 
+@pytest.mark.cuda  # so that `pytest -m cuda` (scripts/gpu-check) runs it
 def test_train_on_cuda(digits):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")

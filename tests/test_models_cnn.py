@@ -39,6 +39,7 @@ def test_resnet18_cifar():
 def test_models_on_device(device):
     torch.manual_seed(0)
     for model, shape in ((TinyCNN(), (2, 1, 8, 8)), (LeNet(), (2, 1, 28, 28))):
-        model = model.to(device)
-        out = model(torch.zeros(shape, device=device))
+        model = model.to(device.type)  # as a user writes it: "cuda", which tensors report as cuda:0
+        assert all(p.device == device for p in model.parameters())
+        out = model(torch.zeros(shape, device=device.type))
         assert out.device == device and out.shape == (2, 10)
