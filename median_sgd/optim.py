@@ -1215,6 +1215,10 @@ class SampleMedianSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_samples()
+        return loss
+
+    def _step_samples(self) -> None:
         work = []
         for index, group in enumerate(self.param_groups):
             _validate_sample_group(group, index)
@@ -1240,7 +1244,6 @@ class SampleMedianSGD(Optimizer):
                 if group["weight_decay"] != 0:
                     u = u.add(p, alpha=sign * group["weight_decay"])
                 _weight_step(p, u, -lr if sign < 0 else lr, 1.0)
-        return loss
 
     @staticmethod
     def _aggregate(group: dict, samples: List[torch.Tensor], n: int) -> List[torch.Tensor]:
