@@ -104,7 +104,8 @@ def l2_norm(x: torch.Tensor, dim: Optional[int] = -1, *, tiny: bool = False):
             lo, hi = (float(t) for t in torch.aminmax(n))
             fine = lo > 0 and not math.isinf(hi)
         else:
-            fine = not math.isinf(float(n.amax()))  # NaN is fine: the norm of NaN data
+            # NaN is fine: the norm of NaN data
+            fine = not math.isinf(float(n if n.dim() == 0 else n.amax()))
         if fine:
             return n, None, x
     a = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)

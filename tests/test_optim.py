@@ -1185,3 +1185,18 @@ def test_clip21_cuda_no_host_sync_after_loading(no_host_sync):
             o.worker_step(0)
             o.worker_step(1)
             o.step()
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e20), (torch.float16, 6e4)], ids=["f32", "f16"])
+def test_clip21_message_with_an_overflowing_norm_has_norm_tau(dtype, scale, scope, foreach):
+    params = [torch.zeros(s, dtype=dtype, requires_grad=True) for s in [(4000,), (3, 5)]]
+    for p in params:
+        p.grad = torch.full_like(p, scale)
+    opt = Clip21(params, lr=1.0, tau=0.5, n_workers=2, scope=scope, foreach=foreach)
+    opt.worker_step(0)
+    norms = [torch.linalg.vector_norm(opt.state[p]["workers"][0].double()) for p in params]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if scope == "global" else None
+    for n in ([total] if scope == "global" else norms):
+        assert n.item() == pytest.approx(0.5, rel=1e-2)
