@@ -90,13 +90,17 @@ def check_same_kind(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) 
         )
 
 
-def check_tau(tau: Scalar, like: torch.Tensor, name: str = "tau") -> Scalar:
+def check_tau(tau: Scalar, like: torch.Tensor, name: str = "tau", *, in_range: bool = False) -> Scalar:
     """Validate a positive finite step size / radius and return it ready to broadcast.
 
-    ``tau`` is a Python number, or a tensor holding one value per problem: its shape must
+    ``tau`` is a Python number, or a real tensor holding one value per problem: its shape must
     broadcast against the batch shape ``like.shape[:-1]``. A tensor is returned with a trailing
     singleton dimension appended (so it broadcasts over the vector dimension), cast to ``like``'s
-    dtype and device.
+    dtype and device (in float16, values above 65504 become inf: no clipping). Bools (Python or tensor) are rejected: ``True`` is not a step size.
+
+    ``in_range=True`` is for steps of length tau (not radii): tau must also be finite in
+    ``like``'s dtype (1e39 is inf in float32, and a step of inf is no step at all). For a tensor
+    that is a value check (skipped when value checks are off).
     """
     if isinstance(tau, bool):
         raise TypeError(f"{name} must be a number or a tensor, got bool")
@@ -104,11 +108,16 @@ def check_tau(tau: Scalar, like: torch.Tensor, name: str = "tau") -> Scalar:
         tau = float(tau)
         if not (math.isfinite(tau) and tau > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {tau}")
+        if in_range and like.is_floating_point() and tau > torch.finfo(like.dtype).max:
+            raise ValueError(
+                f"{name} = {tau:g} is beyond the largest {like.dtype} value "
+                f"({torch.finfo(like.dtype).max:g}): a step that long is inf in that dtype"
+            )
         return tau
     if not isinstance(tau, torch.Tensor):
         raise TypeError(f"{name} must be a number or a tensor, got {type(tau).__name__}")
-    if tau.is_complex():
-        raise TypeError(f"{name} must be real, got {tau.dtype}")
+    if tau.is_complex() or tau.dtype == torch.bool:
+        raise TypeError(f"{name} must be a real number tensor, got {tau.dtype}")
     batch = like.shape[:-1]
     try:
         fits = torch.broadcast_shapes(tau.shape, batch) == batch
@@ -124,7 +133,13 @@ def check_tau(tau: Scalar, like: torch.Tensor, name: str = "tau") -> Scalar:
         (torch.isfinite(tau) & (tau > 0)).all()
     ):
         raise ValueError(f"{name} must be finite and > 0 everywhere")
-    return tau.to(dtype=like.dtype, device=like.device).unsqueeze(-1)
+    out = tau.to(dtype=like.dtype, device=like.device).unsqueeze(-1)
+    if in_range and value_checks_enabled() and out.numel() > 0 and not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            f"{name} has values beyond the largest {like.dtype} value "
+            f"({torch.finfo(like.dtype).max:g}): a step that long is inf in that dtype"
+        )
+    return out
 
 
 def check_choice(value, name: str, choices) -> str:

@@ -26,7 +26,7 @@ import math
 import torch
 
 from ._checks import Scalar, check_choice, check_same_kind, check_tau, check_vector
-from .prox import _check_p, _clip_l1, _clip_l2, _clip_lp
+from .prox import _check_p, _clip_l1, _clip_l2, _clip_lp, l2_norm
 
 __all__ = ["DIVERGENCES", "spp_step", "sgd_step", "spp_step_lp", "sgd_step_lp", "lp_norm_grad"]
 
@@ -76,15 +76,16 @@ def sgd_step(m: torch.Tensor, g: torch.Tensor, tau: Scalar, div: str) -> torch.T
     """
     check_choice(div, "div", DIVERGENCES)
     shape = _check_pair(m, g)
-    tau = check_tau(tau, _like(m, shape), "tau")
+    tau = check_tau(tau, _like(m, shape), "tau", in_range=True)
     delta = g - m
     if div == "sq":
         return m + tau * delta
     if div == "l2":
-        norm = torch.linalg.vector_norm(delta, dim=-1, keepdim=True)
-        # delta / ||delta|| with the subgradient 0 chosen at delta = 0.
-        unit = torch.where(norm > 0, delta / torch.where(norm > 0, norm, 1.0), 0.0)
-        return m + tau * unit
+        # delta / ||delta|| = (delta s) / ||delta s||, scaled where the norm over- or underflows;
+        # the subgradient 0 is chosen at delta = 0.
+        norm, _, scaled = l2_norm(delta, tiny=True)
+        unit = torch.where(norm > 0, scaled / torch.where(norm > 0, norm, 1.0), 0.0)
+        return m + tau * unit.to(delta.dtype)
     return m + tau * torch.sign(delta)
 
 
@@ -138,5 +139,5 @@ def sgd_step_lp(m: torch.Tensor, g: torch.Tensor, tau: Scalar, p: float) -> torc
     """
     p = _check_p(p)
     shape = _check_pair(m, g)
-    tau = check_tau(tau, _like(m, shape), "tau")
+    tau = check_tau(tau, _like(m, shape), "tau", in_range=True)
     return m + tau * _lp_norm_grad(g - m, p)

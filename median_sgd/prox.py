@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional
 
 import torch
 
@@ -29,23 +30,25 @@ __all__ = ["prox_l1", "prox_l2", "prox_sq", "clip_l1", "clip_l2", "prox_lp", "cl
 def prox_l1(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     """Soft thresholding: ``prox_{tau ||.||_1}(v)_i = sign(v_i) max(|v_i| - tau, 0)``."""
     check_vector(v, "v")
-    return torch.sign(v) * torch.clamp_min(v.abs() - check_tau(tau, v), 0.0)
+    tau = check_tau(tau, v)
+    return torch.sign(v) * torch.clamp_min(v.abs() - _in_range(tau, v.dtype), 0.0)
 
 
 def prox_l2(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     """Block soft thresholding: ``prox_{tau ||.||_2}(v) = max(1 - tau / ||v||_2, 0) v``."""
     check_vector(v, "v")
     tau = check_tau(tau, v)
-    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    # tau / 0 = inf, so the zero vector maps to 0 (no epsilon needed).
-    return torch.clamp_min(1.0 - tau / norm, 0.0) * v
+    norm, scale, vs = l2_norm(v)
+    # ||v|| = norm / scale; tau / 0 = inf, so the zero vector maps to 0 (no epsilon needed).
+    ratio = torch.div(tau, norm) if scale is None else torch.div(tau * scale, norm)
+    return _times(vs if scale is None else v, torch.clamp_min(1.0 - ratio, 0.0), v.dtype)
 
 
 def prox_sq(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     """Shrinkage: ``prox_{tau ||.||^2 / 2}(v) = v / (1 + tau)``."""
     check_vector(v, "v")
     tau = check_tau(tau, v)
-    return v / (1.0 + tau)
+    return v / (1.0 + _in_range(tau, v.dtype))
 
 
 def clip_l1(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
@@ -60,20 +63,113 @@ def clip_l2(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     return _clip_l2(v, check_tau(tau, v))
 
 
+# ---------------------------------------------------------------------------------------------
+# Norms that do not overflow
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype arithmetic on ``dtype`` is done in: float32 for the half types, else itself."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def host_reads_are_free(x: torch.Tensor) -> bool:
+    """Whether reading a flag of ``x`` on the host costs nothing: a CPU tensor, eager mode."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def l2_norm(x: torch.Tensor, dim: Optional[int] = -1, *, tiny: bool = False):
+    """``||x||_2 = n / s`` without overflow: returns ``(n, s, xs)`` with ``xs = x s`` and ``n = ||xs||``.
+
+    ``n`` is in the arithmetic dtype (float32 for float16 / bfloat16 data, whose squares
+    overflow their own range); ``s`` is ``None`` (meaning 1, and ``xs`` is ``x`` itself) or a
+    tensor of powers of two, one per vector (``keepdim`` shape; 0-dim for ``dim=None``, the
+    whole tensor). Powers of two scale exactly, so where ``s`` is 1 the result is bit for bit
+    the plain norm. As LAPACK's ``nrm2`` does, a vector is scaled by its largest magnitude
+    (to about ``2**32``) only where its sum of squares would overflow (``tiny=True``: or
+    underflow to 0, which matters for ``x / ||x||``). Float16 data never needs it (float32
+    holds any sum of float16 squares). On the CPU the check is a free host read and the common
+    path costs one flag test; elsewhere (and under ``torch.compile``) every vector is scaled,
+    without reading anything on the host: one max-magnitude reduction and one scaled copy more.
+    """
+    work = opmath_dtype(x.dtype)
+    keepdim = dim is not None
+    plain_dtype = work if work != x.dtype else None
+    if x.numel() == 0 or (x.dtype == torch.float16 and not tiny):
+        return torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim, dtype=plain_dtype), None, x
+    if host_reads_are_free(x):
+        n = torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim, dtype=plain_dtype)
+        if tiny:
+            lo, hi = (float(t) for t in torch.aminmax(n))
+            fine = lo > 0 and not math.isinf(hi)
+        else:
+            # NaN is fine: the norm of NaN data
+            fine = not math.isinf(float(n if n.dim() == 0 else n.amax()))
+        if fine:
+            return n, None, x
+    a = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
+    s = _power_of_two_scale(a.to(work), tiny)
+    xs = x.to(work) * s
+    return torch.linalg.vector_norm(xs, dim=dim, keepdim=keepdim), s, xs
+
+
+def _power_of_two_scale(a: torch.Tensor, tiny: bool) -> torch.Tensor:
+    """``2**-k`` with ``a 2**-k`` in ``[2**32, 2**33)``: sums of up to ``2**60`` squares stay finite.
+
+    Only large vectors are scaled down (``k >= 0``; with ``tiny``, small ones are scaled up,
+    within the dtype's range). ``a`` = 0, Inf or NaN gives 1 (the norm is then 0, Inf or NaN).
+    """
+    top = math.frexp(torch.finfo(a.dtype).max)[1] - 1  # the largest binary exponent
+    k = torch.floor(torch.log2(a)) - 32.0
+    k = k.clamp(min=-(top - 24)) if tiny else k.clamp(min=0.0)
+    k = torch.where(torch.isfinite(k), k, 0.0)
+    return torch.exp2(-k)
+
+
+def _in_range(tau: Scalar, dtype: torch.dtype) -> Scalar:
+    """A Python ``tau`` above the largest value of ``dtype`` becomes what it rounds to there (inf).
+
+    PyTorch refuses to convert such a number into a tensor's dtype (``RuntimeError``); as a
+    clipping radius, tau beyond the range means no clipping, which inf states exactly.
+    """
+    if isinstance(tau, float) and tau > torch.finfo(opmath_dtype(dtype)).max:
+        return math.inf
+    return tau
+
+
+def _times(v: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``factor * v`` in the arithmetic dtype, returned in ``dtype`` (a float32 factor on float16
+    data may be below float16's normal range)."""
+    out = factor * v
+    return out if out.dtype == dtype else out.to(dtype)
+
+
 # Unchecked kernels, for callers that validated ``v`` and shaped ``tau`` with ``check_tau``.
 
 
 def _clip_l1(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     if isinstance(tau, float):
+        tau = _in_range(tau, v.dtype)
         return torch.clamp(v, -tau, tau)
     return torch.minimum(torch.maximum(v, -tau), tau)
 
 
 def _clip_l2(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
-    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    # torch.div, not ``tau / tensor``: for a Python number PyTorch evaluates the latter as
-    # ``tensor.reciprocal() * tau``, which is not exactly 1 when ||v|| <= tau.
-    return torch.div(tau, torch.clamp_min(norm, tau)) * v
+    norm, scale, vs = l2_norm(v)
+    if scale is None:
+        # 1 where ||v|| <= tau (exactly: no rounding inside the ball), tau / ||v|| outside.
+        # torch.div, not ``tau / tensor``: for a Python number PyTorch evaluates the latter as
+        # ``tensor.reciprocal() * tau``, which is not exactly tau / ||v||.
+        if isinstance(tau, float) and tau <= torch.finfo(norm.dtype).max:
+            factor = torch.div(tau, norm.clamp_min(tau))
+        else:  # a tau beyond the dtype's range is inf there, and inf / inf is NaN
+            factor = torch.where(norm <= tau, 1.0, torch.div(tau, norm))
+        return _times(v, factor, v.dtype)
+    # ||v|| = norm / scale: the factor applies to vs = v scale, so it never leaves the range
+    # (tau / ||v|| itself can be below the smallest normal number when ||v|| overflows).
+    factor = torch.where(norm <= tau * scale, 1.0 / scale, torch.div(tau, norm))
+    return _times(vs, factor, v.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,16 +255,25 @@ def _clip_lp(v: torch.Tensor, tau: Scalar, p: float) -> torch.Tensor:
 
 
 def _project_l1_ball(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
-    """Sort-based projection onto ``{||x||_1 <= tau}`` (Duchi et al., 2008), batched."""
+    """Sort-based projection onto ``{||x||_1 <= tau}`` (Duchi et al., 2008), batched.
+
+    With ``u`` the sorted magnitudes (descending), the threshold is ``theta = u_rho - r``,
+    ``r = (tau - D_rho) / rho``, where ``D_j = sum_{i<j} (u_i - u_j)`` and ``rho`` is the number
+    of ``j`` with ``D_j < tau``. ``D`` is accumulated from the gaps ``j (u_j - u_{j+1}) >= 0``
+    (no cancellation), and the result ``|v_i| - theta = (|v_i| - u_rho) + r`` is formed from
+    differences, so tau is not lost next to entries far larger than it (``u_j j`` and the
+    cumulative sums of the textbook form round tau away, and overflow).
+    """
     a = v.abs()
     u = torch.sort(a, dim=-1, descending=True).values
-    css = torch.cumsum(u, dim=-1)
-    j = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
-    # rho = the number of entries above the threshold: the largest j with u_j > (css_j - tau)/j
-    rho = (u * j > css - tau).sum(-1, keepdim=True).clamp_min(1)
-    theta = (css.gather(-1, rho - 1) - tau) / rho.to(v.dtype)
+    j = torch.arange(1, v.shape[-1], device=v.device, dtype=v.dtype)
+    gaps = (u[..., :-1] - u[..., 1:]) * j  # j (u_j - u_{j+1}), j = 1..d-1
+    D = torch.cat([torch.zeros_like(u[..., :1]), torch.cumsum(gaps, dim=-1)], dim=-1)
+    rho = (D < tau).sum(-1, keepdim=True).clamp_min(1)  # D_1 = 0 < tau: rho >= 1
+    shift = (tau - D.gather(-1, rho - 1)) / rho.to(v.dtype)
+    out = torch.sign(v) * torch.clamp_min((a - u.gather(-1, rho - 1)) + shift, 0.0)
     inside = a.sum(-1, keepdim=True) <= tau
-    return torch.where(inside, v, torch.sign(v) * torch.clamp_min(a - theta, 0.0))
+    return torch.where(inside, v, out)
 
 
 def _lq_inner(log_b, log_mu, k, iters, early_exit=False):

@@ -65,7 +65,9 @@ def test_tau_vector_against_a_single_vector_is_an_error(f):
 
 
 @tau_funcs
-@pytest.mark.parametrize("tau", [True, "0.1", None, [0.1], torch.ones(4, dtype=torch.complex64)])
+@pytest.mark.parametrize("tau", [True, "0.1", None, [0.1], torch.ones(4, dtype=torch.complex64),
+                                 torch.tensor(True), torch.ones(4, dtype=torch.bool)],
+                         ids=["bool", "str", "None", "list", "complex", "bool-tensor", "bool-tensor-4"])
 def test_tau_of_wrong_type(f, tau):
     with pytest.raises(TypeError):
         f(X(4, 3), tau)

@@ -273,3 +273,27 @@ def test_online_median_estimators_find_cauchy_centre_momentum_does_not():
     # all 40 coordinates within 2 has probability ~1e-6; the seed is fixed anyway.
     assert err["sq"].max() > 2.0, err["sq"]
     assert err["sq"].median() > 3 * err["l1"].median()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile magnitudes (issue 12, item 3 and the smaller errors)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sgd_l2_steps_tau_along_a_tiny_difference(dtype):
+    """g - m != 0 but ||g - m||^2 underflows: the step is still tau (g - m) / ||g - m||."""
+    m = torch.zeros(2, 4, dtype=dtype)
+    g = torch.tensor([[1.0, -1.0, 0.0, 0.0], [3.0, 4.0, 0.0, 0.0]], dtype=dtype) * torch.finfo(dtype).tiny
+    out = ms.sgd_step(m, g, 0.5, "l2")
+    expected = torch.tensor([[0.5 / 2**0.5, -0.5 / 2**0.5, 0, 0], [0.3, 0.4, 0, 0]], dtype=dtype)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("div", ["sq", "l2", "l1"])
+def test_sgd_step_with_tau_beyond_the_dtype_range_is_a_clear_error(div):
+    m, g = torch.zeros(3), torch.ones(3)
+    for tau in (1e39, torch.tensor(1e39, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="tau"):
+            ms.sgd_step(m, g, tau, div)
+    ms.sgd_step(m.double(), g.double(), 1e39, div)  # fine in float64

@@ -726,3 +726,477 @@ def test_sample_median_sgd_bad_input():
     params[0].grad_sample = torch.zeros(3, 2, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="grad_sample"):
         opt.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile magnitudes (issue 12, items 3 and 10)
+
+FOREACH = [False, True, None]
+FOREACH_IDS = ["loop", "foreach", "default"]
+
+
+@pytest.mark.parametrize("foreach", FOREACH, ids=FOREACH_IDS)
+@pytest.mark.parametrize("method,scope", list(itertools.product(METHODS, SCOPES)))
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e20), (torch.float32, 1e37),
+                                         (torch.bfloat16, 1e37), (torch.float64, 1e200)],
+                         ids=["f32-1e20", "f32-1e37", "bf16-1e37", "f64-1e200"])
+def test_l2_step_with_an_overflowing_norm_moves_tau(dtype, scale, method, scope, foreach):
+    """||g|| overflows the dtype: the estimate still moves by tau towards g (it stayed at 0)."""
+    shapes = [(70_000,), (40,), (3, 5)]  # one tensor for the loop of the default CPU path
+    g = torch.Generator().manual_seed(3)
+    params = [torch.zeros(s, dtype=dtype, requires_grad=True) for s in shapes]
+    for p in params:
+        p.grad = (scale * (0.5 + torch.rand(p.shape, generator=g, dtype=torch.float64))).to(dtype)
+    opt = MedianSGD(params, lr=1.0, tau=0.5, div="l2", method=method, scope=scope, foreach=foreach)
+    opt.step()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    steps = []
+    for p in params:
+        m = opt.state[p]["estimate"].double()
+        assert bool(torch.isfinite(m).all())
+        unit = p.grad.double() / scale
+        if scope == "param":
+            torch.testing.assert_close(m, 0.5 * unit / torch.linalg.vector_norm(unit), rtol=tol, atol=0)
+        steps.append((m, unit))
+        torch.testing.assert_close(p.detach().double(), -m.to(dtype).double(), rtol=0, atol=0)
+    if scope == "global":
+        total = torch.linalg.vector_norm(torch.cat([u.flatten() for _, u in steps]))
+        for m, u in steps:
+            torch.testing.assert_close(m, 0.5 * u / total, rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("foreach", FOREACH, ids=FOREACH_IDS)
+@pytest.mark.parametrize("scope", SCOPES)
+def test_float16_l2_weight_below_float16_range(scope, foreach):
+    """tau / ||g - m|| = 1.7e-7 is subnormal in float16: the step is still tau (it was 40% off)."""
+    params = [torch.zeros(10_000, dtype=torch.float16, requires_grad=True),
+              torch.zeros(70_000, dtype=torch.float16, requires_grad=True)]
+    for p in params:
+        p.grad = torch.full_like(p, 6e4)
+    opt = MedianSGD(params, lr=1.0, tau=1.0, div="l2", scope=scope, foreach=foreach)
+    opt.step()
+    if scope == "param":
+        for p in params:
+            norm = torch.linalg.vector_norm(opt.state[p]["estimate"].double())
+            assert norm.item() == pytest.approx(1.0, rel=1e-2)
+    else:
+        norm = torch.linalg.vector_norm(torch.cat([opt.state[p]["estimate"].double() for p in params]))
+        assert norm.item() == pytest.approx(1.0, rel=1e-2)
+
+
+@pytest.mark.parametrize("foreach", FOREACH, ids=FOREACH_IDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("tau", [1e-6, 0.3, 50.0, 6e4])
+def test_sign_step_is_tau_for_the_tiniest_differences(dtype, tau, foreach):
+    """g - m = the smallest subnormal (or a difference far below tau): the step is still tau."""
+    if tau > torch.finfo(dtype).max:
+        pytest.skip("tau beyond the dtype")
+    fi = torch.finfo(dtype)
+    tiniest = fi.smallest_normal * fi.eps
+    p = torch.zeros(6, dtype=dtype, requires_grad=True)
+    p.grad = torch.tensor([tiniest, -tiniest, fi.smallest_normal, 0.0, fi.max, float("nan")],
+                          dtype=dtype)
+    big = torch.zeros(70_000, dtype=dtype, requires_grad=True)  # the loop of the default path
+    big.grad = torch.full_like(big, tiniest)
+    opt = MedianSGD([p, big], lr=0.0, tau=tau, div="l1", method="sgd", foreach=foreach)
+    opt.step()
+    t = torch.tensor(tau, dtype=dtype)
+    m = opt.state[p]["estimate"]
+    assert torch.equal(m[:5], torch.stack([t, -t, t, torch.zeros_like(t), t]))
+    assert torch.isnan(m[5])
+    assert torch.equal(opt.state[big]["estimate"], torch.full_like(big, tau))
+
+
+@pytest.mark.parametrize("foreach", FOREACH, ids=FOREACH_IDS)
+@pytest.mark.parametrize("div", DIVS)
+def test_tau_beyond_the_dtype_range(div, foreach):
+    """spp: a radius beyond float32 means no clipping (m = g, and momentum weight ~1);
+    sgd: a step of length 1e39 is inf in float32, a clear error before anything moves."""
+    params = make_params(dtype=torch.float32)
+    grads = grad_sequence(params, 1)[0]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    MedianSGD(params, lr=0.0, tau=1e39, div=div, foreach=foreach).step()
+    opt = MedianSGD(params, lr=0.0, tau=1e39, div=div, foreach=foreach)
+    opt.step()
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(opt.state[p]["estimate"], g)
+    opt = MedianSGD(params, lr=0.1, tau=1e39, div=div, method="sgd", foreach=foreach)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="tau"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before)) and not opt.state
+
+
+# ---------------------------------------------------------------------------------------------
+# Checked before anything moves: options at every step, nonfinite="raise" across groups
+# (issue 12, items 8 and 9)
+
+
+def two_groups(**kwargs):
+    params = make_params()
+    opt = MedianSGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.1, tau=0.5, **kwargs)
+    for p, g in zip(params, grad_sequence(params, 1)[0]):
+        p.grad = g
+    return params, opt
+
+
+def assert_untouched(params, before, opt, states=None):
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+    if states is None:
+        assert not opt.state
+    else:
+        for p, m in zip(params, states):
+            assert torch.equal(opt.state[p]["estimate"], m)
+
+
+def test_nonfinite_raise_checks_every_group_before_any_steps():
+    params, opt = two_groups(nonfinite="raise")
+    params[2].grad[0, 0, 0] = float("nan")  # only the second group is broken
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="parameter group 1"):
+        opt.step()
+    assert_untouched(params, before, opt)
+    # and only the groups asking for it are checked: "propagate" in group 1 lets NaN through
+    opt.param_groups[1]["nonfinite"] = "propagate"
+    opt.step()
+    assert bool(torch.isnan(params[2]).any()) and bool(torch.isfinite(params[0]).all())
+
+
+@pytest.mark.parametrize("key,value,error,match", [
+    ("div", "l3", ValueError, "div"),
+    ("method", "adam", ValueError, "method"),
+    ("tau", -3.0, ValueError, "tau"),
+    ("tau", float("nan"), ValueError, "tau"),
+    ("lr", "0.1", TypeError, "lr"),
+    ("scope", "layer", ValueError, "scope"),
+    ("nonfinite", "skip", ValueError, "nonfinite"),
+    ("maximize", 1, TypeError, "maximize"),
+])
+def test_options_edited_in_param_groups_are_checked_at_step(key, value, error, match):
+    params, opt = two_groups()
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    states = [opt.state[p]["estimate"].clone() for p in params]
+    opt.param_groups[1][key] = value
+    with pytest.raises(error, match=f"parameter group 1: .*{match}"):
+        opt.step()
+    assert_untouched(params, before, opt, states)
+
+
+def test_loading_another_optimizers_state_dict_is_a_clear_error():
+    params, opt = two_groups()
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    sgd = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.1, momentum=0.9)
+    sgd.step()
+    with pytest.raises(ValueError, match="not a MedianSGD parameter group"):
+        opt.load_state_dict(sgd.state_dict())
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k]["estimate"], v["estimate"])
+    opt.step()  # still usable
+
+
+@pytest.mark.parametrize("key,value", [("div", "l3"), ("method", "sgdm"), ("tau", -3.0), ("init", 1)])
+def test_loaded_options_are_checked(key, value):
+    params, opt = two_groups()
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0][key] = value
+    fresh = MedianSGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.1, tau=0.5)
+    with pytest.raises((ValueError, TypeError), match=f"parameter group 0: .*{key}"):
+        fresh.load_state_dict(saved)
+    assert not fresh.state and fresh.param_groups[0][key] != value
+
+
+def test_older_state_dicts_without_newer_options_load():
+    params, opt = two_groups(div="l2", scope="global")
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        for key in ("foreach", "nonfinite", "init", "decoupled_weight_decay", "maximize"):
+            del group[key]
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["nonfinite"] == "propagate" and opt.param_groups[1]["foreach"] is None
+    assert opt.param_groups[0]["scope"] == "global"
+    opt.step()
+
+
+def test_state_dict_with_estimates_of_another_shape_is_refused():
+    params, opt = two_groups()
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["estimate"] = torch.zeros(7)
+    with pytest.raises(ValueError, match="shape"):
+        MedianSGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.1, tau=0.5).load_state_dict(saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.optim conventions (issue 12, item 11): tensor lr, required options, add_param_group
+
+
+@pytest.mark.parametrize("foreach", FOREACH, ids=FOREACH_IDS)
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_tensor_lr_matches_float_lr(foreach, decoupled):
+    runs = []
+    for lr in (0.05, torch.tensor(0.05, dtype=torch.float64)):
+        params = make_params()
+        opt = MedianSGD(params, lr=lr, tau=0.5, div="l2", init="grad", weight_decay=0.1,
+                        decoupled_weight_decay=decoupled, foreach=foreach)
+        run_optimizer(opt, params, grad_sequence(params, 3))
+        runs.append([p.detach() for p in params])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        MedianSGD(make_params(), lr=torch.tensor([0.1, 0.1]), tau=0.5)
+    with pytest.raises(ValueError, match="lr"):
+        MedianSGD(make_params(), lr=torch.tensor(-0.1), tau=0.5)
+
+
+@pytest.mark.parametrize("cls,extra", [(MedianSGD, {"tau": 1.0}), (Clip21, {"tau": 1.0}),
+                                       (SampleMedianSGD, {})], ids=lambda x: getattr(x, "__name__", ""))
+def test_options_may_come_from_the_groups_alone(cls, extra):
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    kwargs = {"n_workers": 2} if cls is Clip21 else {}
+    opt = cls([{"params": [w], "lr": 0.1, **extra}], **kwargs)
+    assert opt.param_groups[0]["lr"] == 0.1
+    with pytest.raises(ValueError, match="required optimization parameter lr"):
+        cls([{"params": [w], **extra}], **kwargs)
+
+
+@pytest.mark.parametrize("cls,bad", [(MedianSGD, {"div": "l0"}), (MedianSGD, {"tau": -1.0}),
+                                     (Clip21, {"scope": "layer"}), (Clip21, {"n_workers": 3}),
+                                     (SampleMedianSGD, {"aggregate": "max"})],
+                         ids=["median-div", "median-tau", "clip21-scope", "clip21-workers", "sample"])
+def test_add_param_group_with_a_bad_option_adds_nothing(cls, bad):
+    params = make_params()
+    kwargs = {"lr": 0.1, **({"tau": 0.5} if cls is not SampleMedianSGD else {}),
+              **({"n_workers": 2} if cls is Clip21 else {})}
+    opt = cls(params[:1], **kwargs)
+    with pytest.raises(ValueError):
+        opt.add_param_group({"params": params[1:], **bad})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": params[1:]})  # the parameters are still free to be added
+    assert len(opt.param_groups) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Clip21: n_workers is state, "seen" per parameter and a CPU bool, GradScaler (items 7, 10, 11)
+
+
+def clip21_run(params, opt, rounds):
+    for per_worker in rounds:
+        for i, gs in enumerate(per_worker):
+            if gs is None:
+                continue
+            for p, g in zip(params, gs):
+                p.grad = None if g is None else g.clone()
+            opt.worker_step(i)
+        opt.step()
+
+
+def test_clip21_state_dict_keeps_n_workers_and_refuses_another_count():
+    params = make_params()
+    opt = Clip21(params, lr=0.1, tau=0.5, n_workers=3)
+    clip21_run(params, opt, [grad_sequence(params, 3, seed=s) for s in range(2)])
+    saved = copy.deepcopy(opt.state_dict())
+    assert all(g["n_workers"] == 3 for g in saved["param_groups"])
+    for n in (2, 4):
+        other = Clip21([p.detach().clone().requires_grad_() for p in params], lr=0.1, tau=0.5,
+                       n_workers=n)
+        with pytest.raises(ValueError, match="n_workers|workers"):
+            other.load_state_dict(copy.deepcopy(saved))
+        assert other.n_workers == n and not other.state
+    # a state dict saved before n_workers was part of it: read from the estimates' shape
+    for g in saved["param_groups"]:
+        del g["n_workers"]
+    with pytest.raises(ValueError, match="workers"):
+        Clip21(make_params(), lr=0.1, tau=0.5, n_workers=2).load_state_dict(copy.deepcopy(saved))
+    same = Clip21(make_params(), lr=0.1, tau=0.5, n_workers=3)
+    same.load_state_dict(saved)
+    assert same.param_groups[0]["n_workers"] == 3
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_clip21_copies_keep_n_workers_and_step_identically(how):
+    import pickle
+
+    params = make_params()
+    opt = Clip21(params, lr=0.1, tau=0.5, n_workers=3, init="grad")
+    rounds = [grad_sequence(params, 3, seed=s) for s in range(4)]
+    clip21_run(params, opt, rounds[:2])
+    clone = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    clone_params = clone.param_groups[0]["params"]
+    assert clone.n_workers == 3
+    clip21_run(params, opt, rounds[2:])
+    clip21_run(clone_params, clone, rounds[2:])
+    for a, b in zip(params, clone_params):
+        assert torch.equal(a.detach(), b.detach())
+
+
+def test_clip21_seen_stays_a_cpu_bool_after_loading():
+    params = make_params(dtype=torch.float64)
+    opt = Clip21(params, lr=0.1, tau=0.5, n_workers=2, init="grad")
+    clip21_run(params, opt, [grad_sequence(params, 2)])
+    other = Clip21([p.detach().clone().requires_grad_() for p in params], lr=0.1, tau=0.5,
+                   n_workers=2, init="grad")
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for state in other.state.values():
+        assert state["seen"].dtype == torch.bool and state["seen"].device.type == "cpu"
+        assert state["seen"].tolist() == [True, True]
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_clip21_init_grad_tracks_each_parameter(scope):
+    """A parameter without a gradient in a worker's first round still gets its first gradient
+    sent unclipped later (before: only the group's first parameter was tracked)."""
+    params = make_params()
+    n = 2
+    rounds = [grad_sequence(params, n, seed=20 + r) for r in range(3)]
+    for per_worker in rounds[:1]:
+        for gs in per_worker:
+            gs[1] = None  # parameter 1 has no gradient in round 0
+    opt = Clip21(params, lr=0.1, tau=0.3, n_workers=n, scope=scope, init="grad")
+    clip21_run(params, opt, rounds[:2])
+    # after round 1, parameter 1's worker estimates are its round-1 gradients, unclipped
+    for i in range(n):
+        torch.testing.assert_close(opt.state[params[1]]["workers"][i], rounds[1][i][1])
+        # the others were clipped in round 1: their estimates moved by at most tau from round 0's
+        if scope == "param":
+            moved = opt.state[params[0]]["workers"][i] - rounds[0][i][0]
+            assert torch.linalg.vector_norm(moved).item() <= 0.3 + 1e-12
+
+
+def test_clip21_with_grad_scaler_matches_unscaled_and_skips_nonfinite_workers():
+    """The documented recipe: scaler.step(opt.worker(i)) per worker, opt.step() for the server."""
+    def run(use_scaler, poison):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2).double()
+        opt = Clip21(model.parameters(), lr=0.1, tau=0.5, n_workers=3)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1)
+        g = torch.Generator().manual_seed(1)
+        data = [[(torch.randn(8, 4, generator=g, dtype=torch.float64),
+                  torch.randn(8, 2, generator=g, dtype=torch.float64)) for _ in range(3)]
+                for _ in range(4)]
+        scales = []
+        for r, batches in enumerate(data):
+            for i, (x, y) in enumerate(batches):
+                opt.zero_grad()
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                if (r, i) == poison:
+                    loss = loss * float("inf")
+                if use_scaler:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt.worker(i))
+                    scaler.update()
+                    scales.append(scaler.get_scale())
+                elif (r, i) != poison:  # the reference: that worker skips that round
+                    loss.backward()
+                    opt.worker_step(i)
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], scales
+
+    for poison in (None, (1, 2)):
+        ref, _ = run(False, poison)
+        got, scales = run(True, poison)
+        for a, b in zip(ref, got):
+            torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+        if poison is not None:
+            # the scaler saw the Inf (and only there) and backed off
+            assert [k for k in range(1, len(scales)) if scales[k] < scales[k - 1]] == [1 * 3 + 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: MedianSGD.step makes no host synchronisation and matches the CPU (issue 13)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("foreach", FOREACH, ids=FOREACH_IDS)
+@pytest.mark.parametrize("div,method,scope", RULES)
+def test_median_sgd_step_cuda_no_host_sync_and_matches_cpu(no_host_sync, div, method, scope, foreach):
+    device = torch.device("cuda", torch.cuda.current_device())
+    shapes = [(300, 300), (7,), (70_000,), (2, 3)]
+    g = torch.Generator().manual_seed(5)
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[3 * torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    grads[1][1][0] = float("nan")  # masked below
+    configs = [dict(nonfinite="mask", weight_decay=0.1),
+               dict(init="grad", weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+               dict(lr=torch.tensor(0.05, device=device))]
+    for config in configs:
+        results = []
+        for dev in ("cpu", device):
+            params = [x.to(dev).requires_grad_() for x in start]
+            kwargs = dict(lr=0.05, tau=0.5, div=div, method=method, scope=scope, foreach=foreach)
+            kwargs.update(config)
+            if isinstance(kwargs["lr"], torch.Tensor):
+                kwargs["lr"] = kwargs["lr"].to(dev)
+            opt = MedianSGD(params, **kwargs)
+            for gs in grads:
+                for p, x in zip(params, gs):
+                    p.grad = x.to(dev)
+                if "nonfinite" not in config:
+                    for p in params:
+                        p.grad = torch.nan_to_num(p.grad)
+                if dev == "cpu":
+                    opt.step()
+                else:
+                    with no_host_sync():
+                        opt.step()
+            results.append([p.detach().cpu() for p in params])
+        for a, b in zip(*results):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e20), (torch.float16, 6e4)], ids=["f32", "f16"])
+def test_median_sgd_l2_cuda_overflow_path_no_host_sync(no_host_sync, dtype, scale):
+    """On a GPU every l2 norm takes the scaled path; it must not read anything on the host."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    for method, scope, foreach in itertools.product(METHODS, SCOPES, (False, True)):
+        params = [torch.zeros(s, dtype=dtype, device=device, requires_grad=True) for s in [(4000,), (3, 5)]]
+        for p in params:
+            p.grad = torch.full_like(p, scale)
+        opt = MedianSGD(params, lr=1.0, tau=0.5, div="l2", method=method, scope=scope, foreach=foreach)
+        with no_host_sync():
+            opt.step()
+        norms = [torch.linalg.vector_norm(opt.state[p]["estimate"].double()) for p in params]
+        if scope == "param":
+            assert all(n.item() == pytest.approx(0.5, rel=1e-2) for n in norms)
+        else:
+            assert torch.linalg.vector_norm(torch.stack(norms)).item() == pytest.approx(0.5, rel=1e-2)
+
+
+@pytest.mark.cuda
+def test_clip21_cuda_no_host_sync_after_loading(no_host_sync):
+    device = torch.device("cuda", torch.cuda.current_device())
+    params = [torch.randn(5, 4, device=device, requires_grad=True), torch.randn(3, device=device, requires_grad=True)]
+    opt = Clip21(params, lr=0.1, tau=0.5, n_workers=2, init="grad")
+    other = Clip21(params, lr=0.1, tau=0.5, n_workers=2, init="grad")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.worker_step(0)
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))  # "seen" must come back to the CPU
+    with no_host_sync():
+        for o in (opt, other):
+            o.worker_step(0)
+            o.worker_step(1)
+            o.step()
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e20), (torch.float16, 6e4)], ids=["f32", "f16"])
+def test_clip21_message_with_an_overflowing_norm_has_norm_tau(dtype, scale, scope, foreach):
+    params = [torch.zeros(s, dtype=dtype, requires_grad=True) for s in [(4000,), (3, 5)]]
+    for p in params:
+        p.grad = torch.full_like(p, scale)
+    opt = Clip21(params, lr=1.0, tau=0.5, n_workers=2, scope=scope, foreach=foreach)
+    opt.worker_step(0)
+    norms = [torch.linalg.vector_norm(opt.state[p]["workers"][0].double()) for p in params]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if scope == "global" else None
+    for n in ([total] if scope == "global" else norms):
+        assert n.item() == pytest.approx(0.5, rel=1e-2)

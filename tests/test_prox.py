@@ -287,3 +287,119 @@ def test_dtype_device_kept_and_input_not_mutated(f, dtype, device, gen):
     # float64 input with a float32 tau tensor stays float64 and uses tau's value (0.7 in float32)
     if dtype == torch.float64:
         torch.testing.assert_close(f(v, tau_t), f(v, float(tau_t[0])))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile magnitudes: norms that overflow the dtype (issue 12, item 3)
+# ---------------------------------------------------------------------------------------------
+
+INF = float("inf")
+
+
+def _direction(d: int, seed: int) -> torch.Tensor:
+    """A fixed float64 direction with entries of mixed sign and size in [0.5, 1.5]."""
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.where(torch.rand(d, generator=g) < 0.5, -1.0, 1.0).double()
+    return signs * (0.5 + torch.rand(d, generator=g, dtype=torch.float64))
+
+
+# (dtype, entry magnitude, d): ||v|| overflows the sum of squares of the dtype's arithmetic
+# (float16 data: the float16 result); the last float32/float64 rows have a norm above the
+# largest finite value itself.
+OVERFLOW_CASES = [
+    (torch.float16, 1e3, 10_000),
+    (torch.float16, 4e4, 300),
+    (torch.bfloat16, 1e37, 1000),
+    (torch.float32, 1e20, 100),
+    (torch.float32, 1e37, 1000),
+    (torch.float32, 2e38, 1000),
+    (torch.float64, 1e200, 100),
+    (torch.float64, 1e307, 1000),
+]
+
+
+def _case_id(case):
+    dtype, scale, d = case
+    return f"{str(dtype).replace('torch.', '')}-{scale:g}x{d}"
+
+
+@pytest.mark.parametrize("case", OVERFLOW_CASES, ids=_case_id)
+def test_clip_l2_with_an_overflowing_norm_has_norm_tau(case):
+    dtype, scale, d = case
+    v = (scale * _direction(d, 0)).to(dtype)
+    unit = v.double() / scale
+    unit = unit / torch.linalg.vector_norm(unit)  # v / ||v||, in float64 without overflow
+    c = ms.clip_l2(v, 1.0)
+    assert c.dtype == dtype and bool(torch.isfinite(c).all())
+    # c = v / ||v|| (tau = 1): entries below 2^-14 are subnormal in float16, compare absolutely
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
+    torch.testing.assert_close(c.double(), unit, rtol=tol, atol=tol / d**0.5)
+    # the same through the estimators: m = 0, g = v
+    m = torch.zeros_like(v)
+    torch.testing.assert_close(ms.spp_step(m, v, 1.0, "l2").double(), unit, rtol=tol,
+                               atol=tol / d**0.5)
+    torch.testing.assert_close(ms.sgd_step(m, v, 1.0, "l2").double(), unit, rtol=tol,
+                               atol=tol / d**0.5)
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in OVERFLOW_CASES if 2 * c[1] * c[2] ** 0.5 < float(torch.finfo(c[0]).max)
+             or c[0] == torch.float16], ids=_case_id)
+def test_prox_and_clip_l2_with_an_overflowing_norm_and_a_comparable_tau(case):
+    """tau = 0.3 ||v||: clip is 0.3 v, prox is 0.7 v (before: v unchanged, or 0)."""
+    dtype, scale, d = case
+    v = (scale * _direction(d, 1)).to(dtype)
+    exact = v.double()
+    norm = float(torch.linalg.vector_norm(exact / scale) * scale)
+    tau = 0.3 * norm
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
+    torch.testing.assert_close(ms.clip_l2(v, tau).double(), 0.3 * exact, rtol=tol, atol=0)
+    torch.testing.assert_close(ms.prox_l2(v, tau).double(), 0.7 * exact, rtol=tol, atol=0)
+    if dtype == torch.float16:
+        return  # a tau tensor is cast to float16, where 0.3 ||v|| > 65504 is inf (documented)
+    # a batch: one overflowing row next to an ordinary one, tau per row
+    batch = torch.stack([v, torch.full_like(v, 1e-2)])
+    taus = torch.tensor([tau, 1e-3], dtype=torch.float64)
+    out = ms.clip_l2(batch, taus)
+    torch.testing.assert_close(out[0].double(), 0.3 * exact, rtol=tol, atol=0)
+    torch.testing.assert_close(out[1], ms.clip_l2(batch[1], 1e-3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clip_l2_tiny_and_huge_vectors_are_unchanged_inside_the_ball(dtype):
+    tiny = torch.full((50,), torch.finfo(dtype).tiny * 4, dtype=dtype)
+    assert torch.equal(ms.clip_l2(tiny, 1.0), tiny)
+    assert torch.equal(ms.prox_l2(tiny, 1.0), torch.zeros_like(tiny))
+    big = torch.full((4,), torch.finfo(dtype).max / 4, dtype=dtype)  # ||big|| = max / 2
+    assert torch.equal(ms.clip_l2(big, float(torch.finfo(dtype).max)), big)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_clip_lp_inf_with_huge_entries(dtype):
+    """The l_1-ball projection keeps tau against entries far above it (and sums that overflow)."""
+    d = 100
+    for scale in (1e3 if dtype == torch.float16 else 1e20, float(torch.finfo(dtype).max) / 2):
+        v = torch.full((d,), scale, dtype=dtype)  # all tied: the projection is tau / d each
+        out = ms.clip_lp(v, 1.0, INF)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), torch.full((d,), 1.0 / d, dtype=torch.float64),
+                                   rtol=1e-3 if dtype == torch.float16 else 1e-6, atol=0)
+        # one large entry and ties below it
+        w = v.clone()
+        w[0] = scale * 1.5 if scale * 1.5 < float(torch.finfo(dtype).max) else scale
+        out = ms.clip_lp(w, 2.0, INF)
+        assert bool(torch.isfinite(out).all())
+        assert float(out.double().abs().sum()) == pytest.approx(2.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("f", [ms.clip_l1, ms.clip_l2, ms.prox_l1, ms.prox_l2, ms.prox_sq],
+                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_tau_beyond_the_dtype_range(f, dtype):
+    """tau = 1e39 rounds to inf in float32: clipping is the identity, the prox is 0."""
+    v = torch.tensor([[3.0, -4.0], [0.0, 1e4]], dtype=dtype)
+    expected = v if f in (ms.clip_l1, ms.clip_l2) else torch.zeros_like(v)
+    for tau in (1e39, torch.tensor([1e39, 1e39], dtype=torch.float64)):
+        assert torch.equal(f(v, tau), expected)
+    assert torch.equal(ms.spp_step(torch.zeros_like(v), v, 1e39, "l1"), v)
+    assert torch.equal(ms.spp_step(torch.zeros_like(v), v, 1e39, "l2"), v)
