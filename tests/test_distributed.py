@@ -144,19 +144,22 @@ def test_communication_counts():
         hook = robust_hook(rule)
         hook.simulate(G)
         counts[rule] = hook.stats
-        assert hook.stats["buckets"] == 1
-    assert counts["mean"] == {"buckets": 1, "collectives": 1, "elements_sent": per_allreduce}
-    # sharded medians: one all-to-all and one all-gather, as many elements as one all-reduce
+        assert hook.stats["buckets"] == 1 and hook.stats["dropped"] == 0
+    # the mean: one all-reduce, with the count of finite ranks appended
+    assert counts["mean"] == {"buckets": 1, "collectives": 1, "dropped": 0,
+                              "elements_sent": 2 * (W - 1) / W * (n + 1)}
+    # sharded medians: one all-to-all (each chunk with the sender's flag) and one all-gather, as
+    # many elements as one all-reduce plus the W - 1 flags
     assert counts["coordinate_median"]["collectives"] == 2
-    assert counts["coordinate_median"]["elements_sent"] == pytest.approx(per_allreduce)
+    assert counts["coordinate_median"]["elements_sent"] == pytest.approx(per_allreduce + W - 1)
     # geometric median: the coordinate-wise median, then max_iter rounds of (gather W numbers,
     # all-reduce)
     assert counts["gm"]["collectives"] == 2 + 2 * 8
-    assert counts["gm"]["elements_sent"] == pytest.approx(9 * per_allreduce + 8 * (W - 1))
+    assert counts["gm"]["elements_sent"] == pytest.approx(9 * per_allreduce + 9 * (W - 1))
     hook = robust_hook("gm")
     hook.simulate(G)
     hook.reset_stats()
-    assert hook.stats == {"buckets": 0, "collectives": 0, "elements_sent": 0.0}
+    assert hook.stats == {"buckets": 0, "collectives": 0, "elements_sent": 0.0, "dropped": 0}
 
 
 def test_sync_free_on_meta_tensors():
