@@ -67,8 +67,9 @@ __all__ = [
 
 
 def _finite_rows(G: torch.Tensor) -> torch.Tensor:
-    """``(..., n)`` bool: the rows of ``G`` whose entries are all finite."""
-    return torch.isfinite(G).all(-1)
+    """``(..., n)`` bool: the rows of ``G`` whose entries are all finite (their largest magnitude
+    is: NaN and inf propagate through it; one pass, no mask of ``G``'s size)."""
+    return torch.isfinite(G.abs().amax(-1))
 
 
 def _zero_dropped(G: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -266,7 +267,9 @@ def _check_f(f, n: int) -> int:
 
 
 def _krum_scores(G: torch.Tensor, f: int, ok: torch.Tensor) -> torch.Tensor:
-    """:func:`krum_scores` where the rows outside ``ok`` are infinitely far from every row."""
+    """:func:`krum_scores` of the rows in ``ok``, as if the others had not been sent: the sum over
+    the ``m - f - 2`` nearest other ok rows (``m`` ok rows, at least one neighbour, ``f`` as
+    given); ``inf`` for the rows outside ``ok``."""
     n = G.shape[-2]
     work = G if G.dtype in (torch.float32, torch.float64) else G.float()
     work = _zero_dropped(work, ok)
@@ -276,8 +279,11 @@ def _krum_scores(G: torch.Tensor, f: int, ok: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(n, dtype=torch.bool, device=G.device)
     pair = ok.unsqueeze(-1) & ok.unsqueeze(-2) & ~eye
     sq = torch.where(pair & ~torch.isnan(sq), sq, torch.inf)
-    nearest = torch.topk(sq, n - f - 2, dim=-1, largest=False).values
-    return torch.where(ok, nearest.sum(-1), torch.inf).to(G.dtype)
+    nearest = torch.topk(sq, n - f - 2, dim=-1, largest=False).values  # ascending
+    neighbours = (ok.sum(-1) - f - 2).clamp_min(1)[..., None, None]  # m - f - 2 of the m ok rows
+    pos = torch.arange(n - f - 2, device=G.device)
+    scores = torch.where(pos < neighbours, nearest, 0.0).sum(-1)
+    return torch.where(ok, scores, torch.inf).to(G.dtype)
 
 
 def krum_scores(G: torch.Tensor, f: int) -> torch.Tensor:
@@ -309,9 +315,10 @@ def krum(G: torch.Tensor, f: int, m: int = 1) -> torch.Tensor:
 
 
 class Krum(Aggregator):
-    """Krum / multi-Krum with ``f`` Byzantine rows assumed (:func:`krum`), over the finite rows
-    (a dropped row is infinitely far from all others and never chosen, unless fewer than ``m``
-    rows have a finite score; the update averages the finite rows among the ``m`` chosen)."""
+    """Krum / multi-Krum with ``f`` Byzantine rows assumed (:func:`krum`), over the finite rows:
+    Krum of the ``m`` finite rows as if the others had not been sent, ``f`` unchanged (each score
+    sums ``m - f - 2`` neighbours, at least one). A dropped row is never chosen unless fewer than
+    ``m`` rows have a finite score; the update averages the finite rows among the chosen."""
 
     name = "krum"
 

@@ -367,7 +367,7 @@ class RobustHook:
         if self.rule == "bgmd":
             out, dropped = self._bgmd(y, ranks, key)
         else:
-            good = torch.isfinite(y).all(-1)
+            good = _finite(y)
             if self.rule == "mean":
                 out, dropped = self._mean(y, good, ranks)
             elif self.rule in ("coordinate_median", "trimmed_mean"):
@@ -391,8 +391,8 @@ class RobustHook:
         buf[..., :n].masked_fill_(~good.unsqueeze(-1), 0.0)
         buf[..., n] = good
         total = ranks.all_reduce(buf, inplace=True)
-        count = total[..., n:]  # (..., 1), a whole number
-        mean = torch.where(count > 0, total[..., :n] * (world / count.clamp_min(1.0)), 0.0)
+        count = total[..., n:]  # (..., 1), a whole number; with count 0 the sum is 0 too
+        mean = total[..., :n] * (world / count.clamp_min(1.0))
         return mean, (world - count.squeeze(-1)).round().long()
 
     def _coordinatewise(self, y, good, ranks, rule=None):
@@ -463,7 +463,7 @@ class RobustHook:
         if memory is not None and memory.shape != y.shape[-1:]:
             memory = None  # the bucket changed (DDP rebuilds its buckets after the first step)
         a = y if memory is None else y + ranks.spread(memory)
-        good = torch.isfinite(a).all(-1)
+        good = _finite(a)
         # squared column norms ||A[:, j]||^2 of the finite ranks
         sq = ranks.shared(ranks.all_reduce(torch.where(good.unsqueeze(-1), a * a, 0.0),
                                            inplace=True))
@@ -491,6 +491,12 @@ class RobustHook:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
+
+
+def _finite(y: torch.Tensor) -> torch.Tensor:
+    """Whether all of ``y`` is finite, over the last dimension: ``max |y_j|`` is (NaN and inf
+    propagate through it; one pass, no mask of ``y``'s size)."""
+    return torch.isfinite(y.abs().amax(-1))
 
 
 def _hash56(text: str) -> int:
