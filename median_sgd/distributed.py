@@ -564,6 +564,13 @@ def robust_hook(rule: str, **options) -> RobustHook:
       ranks of the memory-augmented gradients), ``"mean"`` (the paper's rule: their mean, which a
       Byzantine rank controls; see the chapter) or ``None``.
 
+    Every rule drops a rank whose bucket holds a NaN or an Inf (weight 0 in that bucket, the same
+    on every rank, counted in ``hook.stats["dropped"]``; for ``"bgmd"``, a bucket that overflows
+    once the memory is added counts too), and returns 0 when every rank is dropped; the trimmed
+    mean still trims ``floor(trim * world_size)`` values at each end of the ranks that remain
+    (down to their median). Every rank must register the same rule with the same options: the
+    first bucket checks that and raises ``RuntimeError`` on every rank otherwise.
+
     Returns a :class:`RobustHook`.
     """
     return RobustHook(rule, **options)

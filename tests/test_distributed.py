@@ -393,6 +393,13 @@ def test_worker_failure_is_reported_not_hung():
         scaling_out.run(bad)
 
 
+def test_bad_rank_lists_are_rejected_before_starting():
+    with pytest.raises(ValueError, match="both Byzantine and a NaN rank"):
+        scaling_out.run(dataclasses.replace(SMALL, nan_ranks=(0,)))
+    with pytest.raises(ValueError, match="must be ranks"):
+        scaling_out.run(dataclasses.replace(SMALL, nan_ranks=(2,)))
+
+
 def test_a_hang_times_out_and_the_workers_are_stopped():
     with pytest.raises(TimeoutError, match="did not finish"):
         scaling_out.run(dataclasses.replace(SMALL, timeout_s=0.5))

@@ -26,7 +26,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import median_sgd as ms
@@ -165,6 +165,7 @@ def test_aggregators_survive_hostile_rows(case):
 
 @pytest.mark.xfail(strict=False, reason="needs medians.py overflow fix (geometric_median's "
                    "smoothing floor overflows with huge finite rows, issue 12 item 2)")
+@settings(phases=[Phase.explicit, Phase.generate])  # an expected failure is not shrunk
 @given(hostile(kinds=("huge", "-huge", "mixed")))
 def test_geometric_aggregators_with_huge_rows(case):
     G, honest, nonfinite = case
