@@ -27,6 +27,22 @@ all-gathered values, the geometric median runs a fixed number of rounds (``fixed
 stops on a test of such values, and the block sampler's generator is seeded identically. No rule
 synchronises with the host in its default settings, so the hooks also run on NCCL.
 
+**Non-finite contributions are dropped.** A rank whose bucket holds a NaN or an Inf (a broken
+worker, an overflow, an attacker) is maximally outlying: every rule, ``"mean"`` included, gives
+its bucket weight 0 in that round, as if it had not been sent, and counts it in
+``hook.stats["dropped"]``. Each rank knows whether its own bucket is finite; the flag travels
+with the collectives the rule makes anyway (one more element in the all-reduce or per all-to-all
+chunk, a NaN in place of the distance in the Weiszfeld gathers), so every rank drops the same
+ranks. The whole bucket goes, also for the coordinate-wise rules. When every rank is dropped the
+result is 0. Huge but finite values are outliers like any other: distances are computed scaled
+(so they overflow only when the work dtype cannot hold them; such a rank then weighs 0 in the
+Weiszfeld round, the limit of ``1 / distance``), and sums are divided by their count first.
+
+**Ranks must register the same rule.** At its first call on a process group, the hook all-gathers
+a fingerprint of its rule, its options and the tensor's length and dtype (three integers per rank)
+and raises ``RuntimeError`` on every rank if they differ, instead of deadlocking in mismatched
+collectives until the group's timeout. That first call synchronises with the host once.
+
 The same code runs in one process on a ``(world_size, n)`` matrix of simulated ranks
 (:meth:`RobustHook.simulate`): the collectives become sums, stacks and transposes along the rank
 dimension. That is how the tests check the hook against the library's estimators, and how the
@@ -35,17 +51,18 @@ chapter explains it without starting processes.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
-from typing import Dict, Hashable, Optional
+from typing import Dict, Hashable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from ._checks import check_choice, check_float_tensor, value_checks
+from .aggregators import _masked_coordinate_median, _masked_trimmed_mean
 from .bgmd import MODES as BLOCK_MODES
 from .bgmd import _select_from_squares, resolve_block_size
-from .medians import coordinate_median, trimmed_mean
 
 __all__ = ["RULES", "RobustHook", "robust_hook", "SimulatedRanks"]
 
@@ -89,9 +106,9 @@ class _ProcessGroupRanks:
         self.rank = dist.get_rank(group)
         self.counter = counter
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """``sum_r t_r`` on every rank."""
-        out = t.clone()
+    def all_reduce(self, t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``sum_r t_r`` on every rank (into ``t`` itself with ``inplace=True``)."""
+        out = t if inplace else t.clone()
         dist.all_reduce(out, group=self.group)
         self.counter.add(2.0 * (self.world - 1) / self.world * t.numel())
         return out
@@ -142,7 +159,7 @@ class SimulatedRanks:
         self.world = world
         self.counter = counter or _Counter()
 
-    def all_reduce(self, t):
+    def all_reduce(self, t, inplace=False):
         self.counter.add(2.0 * (self.world - 1) / self.world * t[0].numel())
         return t.sum(0, keepdim=True).expand_as(t).clone()
 
@@ -189,9 +206,12 @@ class RobustHook:
     ``hook.simulate(G)`` runs the same code on the rows of ``G`` (world_size, n) in one process.
 
     ``hook.stats`` counts, for this rank, the buckets aggregated (``"buckets"``), the collective
-    calls (``"collectives"``) and the elements it sent (``"elements_sent"``, for ring all-reduce
-    and pairwise all-gather / all-to-all algorithms); ``hook.reset_stats()`` zeroes them. The
-    ``"bgmd"`` memory lives in ``hook.memory`` (one tensor per bucket, identical on every rank).
+    calls (``"collectives"``), the elements it sent (``"elements_sent"``, for ring all-reduce
+    and pairwise all-gather / all-to-all algorithms) and the ranks' contributions dropped because
+    they were not finite (``"dropped"``: one per rank and bucket; the same on every rank). The
+    drops are counted on the device, so that the hook never waits for the host: reading
+    ``stats`` synchronises once. ``hook.reset_stats()`` zeroes them. The ``"bgmd"`` memory lives
+    in ``hook.memory`` (one tensor per bucket, identical on every rank).
     """
 
     def __init__(self, rule: str, **options) -> None:
@@ -233,6 +253,8 @@ class RobustHook:
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._counter = _Counter()
         self._buckets = 0
+        self._dropped: Dict[torch.device, torch.Tensor] = {}
+        self._verified: set = set()  # the process groups whose ranks were checked to match
         # DDP reads the hook's __name__ (its built-in hooks are functions).
         self.__name__ = f"robust_hook_{rule}"
         self.__qualname__ = self.__name__
@@ -243,12 +265,14 @@ class RobustHook:
 
     @property
     def stats(self) -> dict:
+        dropped = sum(int(t) for t in self._dropped.values())  # the one host read
         return {"buckets": self._buckets, "collectives": self._counter.collectives,
-                "elements_sent": self._counter.elements}
+                "elements_sent": self._counter.elements, "dropped": dropped}
 
     def reset_stats(self) -> None:
         self._counter = _Counter()
         self._buckets = 0
+        self._dropped = {}
 
     def reset(self) -> None:
         """Forget the ``"bgmd"`` memory and restart the block sampler (on every rank alike)."""
@@ -272,13 +296,18 @@ class RobustHook:
     def aggregate(self, x: torch.Tensor, group=None, *, key: Hashable = None) -> torch.Tensor:
         """The robust aggregate over the ranks of ``group`` of each rank's ``x`` (a new tensor).
 
-        Every rank of the group must call it, in the same order, with tensors of one shape.
-        ``key`` names the ``"bgmd"`` memory slot (one per bucket).
+        Every rank must call it, in the same order, with tensors of one shape, and with hooks of
+        the same rule and options: the first call on a group checks that (see the module's
+        docstring) and raises ``RuntimeError`` on every rank if not. ``key`` names the
+        ``"bgmd"`` memory slot (one per bucket).
         """
         check_float_tensor(x, "x", min_dim=1)
         if x.dim() != 1:
             raise ValueError(f"x must be a flat (n,) tensor, got shape {tuple(x.shape)}")
         ranks = _ProcessGroupRanks(group, self._counter)
+        if ranks.world > 1 and group not in self._verified:
+            self._check_same_hook(x, ranks)
+            self._verified.add(group)
         self._buckets += 1
         with value_checks(False):
             return self._aggregate(x, ranks, key)
@@ -288,7 +317,8 @@ class RobustHook:
 
         The same aggregation code as :meth:`aggregate`, with the collectives computed along the
         first dimension of ``G`` in this process (and counted in :attr:`stats` as one rank's).
-        All rows are equal; the ``"bgmd"`` memory under ``key`` is the simulated one.
+        All rows are equal; the ``"bgmd"`` memory under ``key`` is the simulated one. A row
+        with a NaN or Inf is a rank whose bucket is dropped.
         """
         check_float_tensor(G, "G", min_dim=2)
         if G.dim() != 2 or G.shape[0] < 1 or G.shape[1] < 1:
@@ -297,61 +327,134 @@ class RobustHook:
         with value_checks(False):
             return self._aggregate(G, SimulatedRanks(G.shape[0], self._counter), key)
 
+    # ----------------------------------------------------------------------------------------
+    # Every rank must run the same rule: a mismatch would pair different collectives and hang.
+
+    def _fingerprint(self) -> int:
+        """A 56-bit hash of the rule and its effective options (the defaults filled in)."""
+        attrs = {"memory": "memory_rule"}
+        values = tuple((name, getattr(self, attrs.get(name, name))) for name in _OPTIONS[self.rule])
+        return _hash56(repr((self.rule, values)))
+
+    def _check_same_hook(self, x: torch.Tensor, ranks: "_ProcessGroupRanks") -> None:
+        """All-gather (rule and options, length, dtype) once; raise on every rank if they differ."""
+        mine = torch.tensor([self._fingerprint(), x.numel(), _hash56(str(x.dtype))],
+                            dtype=torch.int64, device=x.device)
+        table = ranks.gather_shards(mine).view(ranks.world, 3).tolist()  # the one host read
+        me = table[ranks.rank]
+        problems = []
+        for column, what in ((0, "rule or options"), (1, "tensor length"), (2, "tensor dtype")):
+            other = [r for r, row in enumerate(table) if row[column] != me[column]]
+            if other:
+                problems.append(f"{what} differ(s) from rank(s) {other}")
+        if problems:
+            raise RuntimeError(
+                f"robust_hook: the ranks of the process group do not run the same hook: on rank "
+                f"{ranks.rank}, {'; '.join(problems)}. This rank has {self!r} on a tensor of "
+                f"{x.numel()} {x.dtype} elements. Every rank must register the same rule with "
+                f"the same options, and aggregate tensors of one shape and dtype."
+            )
+
+    # ----------------------------------------------------------------------------------------
     # The aggregation, written once for both kinds of ranks: ``x`` is (n,) on a real rank and
     # (world, n) when simulated; reductions act on the last dimension, the rank dimension (if
-    # any) is carried along in front.
+    # any) is carried along in front. ``good`` is each rank's own flag "my bucket is finite":
+    # () on a real rank, (world,) simulated.
 
     def _aggregate(self, x, ranks, key):
         work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         y = x.to(work)
-        if self.rule == "mean":
-            out = ranks.all_reduce(y) / ranks.world
-        elif self.rule in ("coordinate_median", "trimmed_mean"):
-            out = self._coordinatewise(y, ranks)
-        elif self.rule == "gm":
-            out = self._geometric_median(y, ranks)
+        if self.rule == "bgmd":
+            out, dropped = self._bgmd(y, ranks, key)
         else:
-            out = self._bgmd(y, ranks, key)
+            good = _finite(y)
+            if self.rule == "mean":
+                out, dropped = self._mean(y, good, ranks)
+            elif self.rule in ("coordinate_median", "trimmed_mean"):
+                out, dropped = self._coordinatewise(y, good, ranks)
+            else:
+                out, dropped = self._geometric_median(y, good, ranks)
+        self._count_dropped(ranks.shared(dropped))
         return out.to(x.dtype)
 
-    def _coordinatewise(self, y, ranks, rule=None):
+    def _count_dropped(self, dropped: torch.Tensor) -> None:
+        total = self._dropped.get(dropped.device)
+        self._dropped[dropped.device] = dropped if total is None else total + dropped
+
+    def _mean(self, y, good, ranks):
+        """The mean of the finite ranks, by one all-reduce of ``[y / W, 1]`` (``[0, 0]`` from a
+        dropped rank): the sum, and the number of ranks in it. Dividing by ``W`` first (as DDP's
+        own hook does) keeps the sum from overflowing. Returns the mean and the ranks dropped."""
+        world, n = ranks.world, y.shape[-1]
+        buf = y.new_empty(*y.shape[:-1], n + 1)
+        torch.div(y, world, out=buf[..., :n])
+        buf[..., :n].masked_fill_(~good.unsqueeze(-1), 0.0)
+        buf[..., n] = good
+        total = ranks.all_reduce(buf, inplace=True)
+        count = total[..., n:]  # (..., 1), a whole number; with count 0 the sum is 0 too
+        mean = total[..., :n] * (world / count.clamp_min(1.0))
+        return mean, (world - count.squeeze(-1)).round().long()
+
+    def _coordinatewise(self, y, good, ranks, rule=None):
+        """The sharded per-coordinate rule over the finite ranks, and the ranks dropped.
+
+        Chunk ``s`` of the bucket (padded to ``world * c``) goes to rank ``s`` with this rank's
+        flag appended (``c + 1`` elements), so every rank learns which ranks to leave out.
+        """
         world, n = ranks.world, y.shape[-1]
         c = -(-n // world)  # shard length, the bucket padded to world * c
-        padded = torch.nn.functional.pad(y, (0, world * c - n))
-        shards = ranks.all_to_all(padded)  # (..., world, c): every rank's copy of my shard
+        lead = y.shape[:-1]
+        padded = torch.nn.functional.pad(y, (0, world * c - n)).view(*lead, world, c)
+        flag = good.to(y.dtype)[..., None, None].expand(*lead, world, 1)
+        chunks = torch.cat([padded, flag], dim=-1).view(*lead, world * (c + 1))
+        received = ranks.all_to_all(chunks)  # (..., world, c + 1): every rank's copy of my shard
+        ok = received[..., c] > 0.5  # (..., world): which ranks' buckets are finite
+        shards = received[..., :c]
         if (rule or self.rule) == "coordinate_median":
-            mine = coordinate_median(shards)
+            mine = _masked_coordinate_median(shards, ok)
         else:
-            mine = trimmed_mean(shards, self.trim)
-        return ranks.gather_shards(mine)[..., :n]
+            mine = _masked_trimmed_mean(shards, ok, int(math.floor(self.trim * world)))
+        return ranks.gather_shards(mine)[..., :n], (~ok).sum(-1)
 
-    def _geometric_median(self, y, ranks):
-        """Weiszfeld by all-reduce rounds: the iteration of :func:`median_sgd.geometric_median`."""
+    def _geometric_median(self, y, good, ranks):
+        """Weiszfeld by all-reduce rounds: the iteration of :func:`median_sgd.geometric_median`,
+        over the finite ranks. Returns the median and the ranks dropped."""
         world = ranks.world
         if self.init == "mean":
-            z = ranks.all_reduce(y) / world  # as geometric_median starts
+            centre, dropped = self._mean(y, good, ranks)  # as geometric_median starts
         else:
             # the coordinate-wise median: within the honest ranks' range whatever the others send,
             # so a fixed number of rounds suffices however far they are
-            z = self._coordinatewise(y, ranks, "coordinate_median")
-        batch = z.shape[:-1]
-        done = torch.zeros(batch, dtype=torch.bool, device=y.device)
+            centre, dropped = self._coordinatewise(y, good, ranks, "coordinate_median")
+        # Weiszfeld's iteration is translation equivariant: iterate on y - centre from 0, so the
+        # iterates and the rounding floor (~ eps ||z||) have the scale of the ranks' spread, not
+        # of a large component that all gradients share.
+        yc = y - centre
+        z = torch.zeros_like(centre)
+        done = torch.zeros(z.shape[:-1], dtype=torch.bool, device=y.device)
         rounding = 4 * torch.finfo(y.dtype).eps
         for _ in range(self.max_iter):
-            diff = y - z
-            dist_all = ranks.gather_numbers(torch.linalg.vector_norm(diff, dim=-1))  # (..., world)
-            floor = _distance_floor(dist_all, z, self.eps, rounding)
-            beta = 1.0 / torch.maximum(dist_all, floor)  # (..., world), the same on every rank
-            resultant = ranks.all_reduce(ranks.mine(beta).unsqueeze(-1) * diff)
-            step = resultant / beta.sum(-1, keepdim=True)
+            diff = yc - z
+            # a dropped rank sends NaN for its distance: all ranks then give it weight 0
+            dist = torch.where(good, _norm(diff), torch.nan)
+            dist_all = ranks.gather_numbers(dist)  # (..., world), the same on every rank
+            # weight 0 also for a distance too large for the dtype (the limit of 1 / distance)
+            ok = torch.isfinite(dist_all)
+            floor = _distance_floor(dist_all, ok, z, self.eps, rounding)
+            beta = torch.where(ok, 1.0 / torch.maximum(dist_all, floor), 0.0)
+            pull = torch.where(ranks.mine(ok).unsqueeze(-1), ranks.mine(beta).unsqueeze(-1) * diff,
+                               0.0)
+            resultant = ranks.all_reduce(pull, inplace=True)
+            beta_sum = beta.sum(-1, keepdim=True)
+            step = torch.where(beta_sum > 0, resultant / beta_sum, 0.0)
             active = ~done
             z = torch.where(active.unsqueeze(-1), z + step, z)
-            absorbed = torch.clamp_min(1.0 - dist_all / floor, 0.0).sum(-1)
-            stationarity = torch.linalg.vector_norm(resultant, dim=-1) - absorbed
-            done = done | (stationarity <= self.tol * world)
+            absorbed = torch.where(ok, torch.clamp_min(1.0 - dist_all / floor, 0.0), 0.0).sum(-1)
+            stationarity = _norm(resultant) - absorbed
+            done = done | (stationarity <= self.tol * ok.sum(-1))
             if not self.fixed_iter and bool(done.all()):  # identical on every rank
                 break
-        return z
+        return centre + z, dropped
 
     def _bgmd(self, y, ranks, key):
         world, n = ranks.world, y.shape[-1]
@@ -360,24 +463,27 @@ class RobustHook:
         if memory is not None and memory.shape != y.shape[-1:]:
             memory = None  # the bucket changed (DDP rebuilds its buckets after the first step)
         a = y if memory is None else y + ranks.spread(memory)
-        sq = ranks.shared(ranks.all_reduce(a * a))  # squared column norms ||A[:, j]||^2
+        good = _finite(a)
+        # squared column norms ||A[:, j]||^2 of the finite ranks
+        sq = ranks.shared(ranks.all_reduce(torch.where(good.unsqueeze(-1), a * a, 0.0),
+                                           inplace=True))
         idx = _select_from_squares(sq, k, self.mode, self._generator(sq.device), self.power)
         block = a[..., idx]
-        u_block = self._geometric_median(block, ranks)  # (..., k), the same on every rank
+        u_block, dropped = self._geometric_median(block, good, ranks)  # the same on every rank
         out = torch.zeros_like(a).index_copy_(-1, idx, u_block)
         if self.memory_rule is None:
             self.memory.pop(key, None)
         else:
             if self.memory_rule == "mean":
-                residual = ranks.all_reduce(a) / world
+                residual, _ = self._mean(a, good, ranks)
             else:
-                residual = self._coordinatewise(a, ranks, "coordinate_median")
+                residual, _ = self._coordinatewise(a, good, ranks, "coordinate_median")
             if key not in self.memory and isinstance(key, tuple):
                 # a rebuilt bucket: forget the memory of the old buckets of its parameters
                 for stale in [k for k in self.memory if isinstance(k, tuple) and set(k) & set(key)]:
                     del self.memory[stale]
             self.memory[key] = ranks.shared(residual).index_fill(-1, idx, 0.0)
-        return out
+        return out, dropped
 
     def _generator(self, device: torch.device) -> Optional[torch.Generator]:
         if self.mode != "norm":
@@ -387,18 +493,48 @@ class RobustHook:
         return self._generators[device]
 
 
-def _distance_floor(dist, z, eps, rounding):
+def _finite(y: torch.Tensor) -> torch.Tensor:
+    """Whether all of ``y`` is finite, over the last dimension: ``max |y_j|`` is (NaN and inf
+    propagate through it; one pass, no mask of ``y``'s size)."""
+    return torch.isfinite(y.abs().amax(-1))
+
+
+def _hash56(text: str) -> int:
+    """A 56-bit integer hash of ``text`` (fits an int64 exactly; the same in every process)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
+
+
+def _norm(v: torch.Tensor) -> torch.Tensor:
+    """``||v||_2`` over the last dimension, as ``s ||v / s||`` with ``s`` a power of two near ``max_j |v_j|``.
+
+    The squares then neither overflow nor underflow (as LAPACK's ``nrm2`` scales), and dividing
+    by a power of two is exact, so the result is the plain norm's wherever that one is right.
+    ``inf`` only if the norm exceeds the dtype or ``v`` holds an inf, NaN if ``v`` holds a NaN.
+    """
+    top = v.abs().amax(-1)
+    _, exponent = torch.frexp(top)
+    scale = torch.ldexp(torch.ones_like(top), exponent - 1)  # <= top < 2 scale
+    norm = torch.linalg.vector_norm(v / scale.unsqueeze(-1), dim=-1) * scale
+    return torch.where(torch.isfinite(top), norm, top)
+
+
+def _distance_floor(dist, ok, z, eps, rounding):
     """Weiszfeld's smoothing floor, as :func:`median_sgd.geometric_median` sets it (shape (..., 1)).
 
-    ``eps`` times the median distance of the ranks to ``z`` (a scale that a minority of far
-    ranks cannot inflate; the mean distance if the median is 0, else 1), and at least the
-    rounding noise ``~ machine epsilon * ||z||``. Computed from all-gathered distances and the
-    shared ``z``, so every rank gets the same floor.
+    ``eps`` times the median distance to ``z`` of the ranks that count (``ok``: a scale that a
+    minority of far ranks cannot inflate; their mean distance if the median is 0, else 1), and
+    at least the rounding noise ``~ machine epsilon * ||z||``. Computed from all-gathered
+    distances and the shared ``z``, so every rank gets the same floor.
     """
-    med = dist.median(dim=-1).values
-    mean = dist.mean(-1)
-    scale = torch.where(med > 0, med, torch.where(mean > 0, mean, torch.ones_like(mean)))
-    noise = rounding * torch.linalg.vector_norm(z, dim=-1)
+    count = ok.sum(-1)
+    ordered = torch.where(ok, dist, torch.inf).sort(dim=-1).values
+    lower = torch.div(count - 1, 2, rounding_mode="floor").clamp_min(0)  # Tensor.median's
+    med = ordered.gather(-1, lower.unsqueeze(-1)).squeeze(-1)
+    # each distance divided by the count first: the sum of finite distances cannot overflow
+    mean = torch.where(ok, dist / count.clamp_min(1).unsqueeze(-1), 0.0).sum(-1)
+    scale = torch.where(torch.isfinite(med) & (med > 0), med,
+                        torch.where(mean > 0, mean, torch.ones_like(mean)))
+    noise = rounding * _norm(z)
     return torch.maximum(eps * scale, noise).unsqueeze(-1)
 
 
@@ -427,6 +563,13 @@ def robust_hook(rule: str, **options) -> RobustHook:
       the others go to a memory: ``memory="median"`` (default: the coordinate-wise median over
       ranks of the memory-augmented gradients), ``"mean"`` (the paper's rule: their mean, which a
       Byzantine rank controls; see the chapter) or ``None``.
+
+    Every rule drops a rank whose bucket holds a NaN or an Inf (weight 0 in that bucket, the same
+    on every rank, counted in ``hook.stats["dropped"]``; for ``"bgmd"``, a bucket that overflows
+    once the memory is added counts too), and returns 0 when every rank is dropped; the trimmed
+    mean still trims ``floor(trim * world_size)`` values at each end of the ranks that remain
+    (down to their median). Every rank must register the same rule with the same options: the
+    first bucket checks that and raises ``RuntimeError`` on every rank otherwise.
 
     Returns a :class:`RobustHook`.
     """

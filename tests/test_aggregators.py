@@ -144,3 +144,120 @@ def test_make_aggregator_names_and_errors():
         krum(rows(6, 2), 1, m=7)
     with pytest.raises(TypeError, match="geometric_median option"):
         make_aggregator("gmd", iters=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers' data: rows with NaN or Inf are dropped; huge rows do not overflow; finite data gives
+# exactly the plain functions' numbers (the training chapters' outputs depend on that)
+
+NAN_OPTIONS = {"krum": {"f": 2}, "multi_krum": {"f": 2, "m": 4},
+               "bgmd": {"k": 0.5, "mode": "topk", "memory": "median"},
+               "trimmed_mean": {"trim": 0.25}}
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_rows_are_dropped(name, value, dtype):
+    G = rows(10, 6, seed=3, dtype=dtype)
+    G[7] *= 50.0  # a finite outlier stays in
+    bad = G.clone()
+    bad[2] = value
+    bad[5, 1] = value  # one coordinate is enough to drop the row
+    finite = G[[0, 1, 3, 4, 6, 7, 8, 9]]
+    agg = make_aggregator(name, **NAN_OPTIONS.get(name, {}))
+    u = agg(bad)
+    assert torch.isfinite(u).all() and int(agg.last_dropped) == 2
+    # the rows that remain, aggregated (the trimmed mean still trims floor(0.25 * 10) = 2 values
+    # at each end: of the 8 that remain, as floor(0.25 * 8) does)
+    ref = make_aggregator(name, **NAN_OPTIONS.get(name, {}))(finite)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(u, ref, rtol=tol, atol=tol)
+
+
+def test_every_row_dropped_gives_no_step():
+    G = torch.full((5, 3), float("nan"))
+    for name in sorted(AGGREGATORS):
+        agg = make_aggregator(name, **NAN_OPTIONS.get(name, {"f": 1} if "krum" in name else {}))
+        assert torch.equal(agg(G), torch.zeros(3)), name
+
+
+def test_the_plain_functions_still_raise_on_nan():
+    G = rows(7, 3)
+    G[0, 0] = float("nan")
+    for f in (ms.coordinate_median, lambda G: ms.trimmed_mean(G, 0.2), ms.geometric_median,
+              lambda G: krum(G, 1), lambda G: krum_scores(G, 1)):
+        with pytest.raises(ValueError, match="NaN"):
+            f(G)
+
+
+def test_bgmd_memory_is_not_poisoned_by_a_nan_row():
+    """make_aggregator("bgmd") (the paper's mean memory) after a round with a NaN row: the memory
+    is that of the finite rows, and later clean rounds are BGmD's own."""
+    agg = make_aggregator("bgmd", k=0.25, mode="topk", fixed_iter=True, max_iter=20)
+    ref = ms.BGmD(0.25, mode="topk", fixed_iter=True, max_iter=20)
+    for step in range(3):
+        G = rows(8, 12, seed=step)
+        finite = G
+        if step == 1:
+            G = G.clone()
+            G[4, 7] = float("nan")
+            finite = G[[0, 1, 2, 3, 5, 6, 7]]
+        torch.testing.assert_close(agg(G), ref(finite), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(agg.memory, ref.memory, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_sums_do_not_overflow(dtype):
+    """The mean and the trimmed mean of values near the dtype's largest summed in the dtype."""
+    big = torch.finfo(dtype).max * 0.75  # two of them overflow
+    G = torch.full((6, 4), big, dtype=dtype)
+    G[0] = -big
+    expected = {"mean": big / 6 * 4, "trimmed_mean": big, "cmd": big}
+    for name, value in expected.items():
+        opts = {"trim": 0.2} if name == "trimmed_mean" else {}
+        u = make_aggregator(name, **opts)(G)
+        assert u.dtype == dtype
+        torch.testing.assert_close(u.double(), torch.full((4,), value, dtype=torch.float64),
+                                   rtol=4 * torch.finfo(dtype).eps, atol=0)
+
+
+def test_finite_data_gives_the_plain_functions_numbers_bit_for_bit():
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        for shape in [(4, 7), (9, 30), (2, 10, 40)]:
+            G = (2 * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
+            assert torch.equal(make_aggregator("mean")(G), G.mean(-2))
+            assert torch.equal(make_aggregator("cmd")(G), ms.coordinate_median(G))
+            assert torch.equal(make_aggregator("krum", f=1)(G), krum(G, 1))
+            assert torch.equal(make_aggregator("multi_krum", f=1, m=2)(G), krum(G, 1, 2))
+            if dtype == torch.float16:
+                continue
+            for fixed in (False, True):
+                assert torch.equal(make_aggregator("gmd", fixed_iter=fixed, max_iter=30)(G),
+                                   ms.geometric_median(G, fixed_iter=fixed, max_iter=30).median)
+            for memory in ("mean", "median", "gm", None):
+                agg = make_aggregator("bgmd", k=0.3, memory=memory, max_iter=20,
+                                      generator=torch.Generator().manual_seed(2))
+                ref = ms.BGmD(0.3, memory=memory, max_iter=20,
+                              generator=torch.Generator().manual_seed(2))
+                for _ in range(2):
+                    H = (torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
+                    assert torch.equal(agg(H), ref(H))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_dropping_rows_on_cuda_has_no_host_sync(name, no_host_sync):
+    options = {"krum": {"f": 2}, "multi_krum": {"f": 2, "m": 4}, "gmd": {"fixed_iter": True},
+               "gm": {"fixed_iter": True}, "geometric_median": {"fixed_iter": True},
+               "bgmd": {"k": 0.3, "fixed_iter": True, "max_iter": 20, "memory": "median",
+                        "generator": torch.Generator(device="cuda").manual_seed(0)}}
+    G = rows(9, 50, dtype=torch.float32, device="cuda")
+    G[3, 7] = float("nan")
+    G[5] = float("inf")
+    agg = make_aggregator(name, **options.get(name, {}))
+    with no_host_sync():
+        outs = [agg(G) for _ in range(2)]
+    for u in outs:
+        assert u.device == G.device and torch.isfinite(u).all()
+    assert int(agg.last_dropped) == 2

@@ -4,15 +4,17 @@
 ``gloo`` on the CPU or ``nccl`` with one GPU per rank), and in them:
 
 1. **checks** every rule of :func:`median_sgd.distributed.robust_hook`: each rank holds one row of
-   a known matrix (one row Byzantine), calls ``hook.aggregate`` through real collectives, and
-   compares with ``hook.simulate`` (the same code on all rows in one process) and with the
-   library's estimator of the rows (``coordinate_median``, ``trimmed_mean``,
-   ``geometric_median``, :class:`median_sgd.BGmD`);
+   known matrices (one row Byzantine; in the second matrix the ``nan_ranks`` rows are NaN), calls
+   ``hook.aggregate`` through real collectives, and compares with ``hook.simulate`` (the same
+   code on all rows in one process) and with the library's estimator of the finite rows
+   (``coordinate_median``, a trimmed mean, ``geometric_median``, :class:`median_sgd.BGmD`);
 2. **trains** a small classifier with ``DistributedDataParallel`` once per run of
-   ``config.runs``: the Byzantine ranks multiply their loss by ``loss_scale`` (``-100``: the
-   "scaled bit flip" of Acharya et al.), the hook decides what the update is. Every rank records
-   the test loss and accuracy, the hook's communication counters, and a fingerprint of its
-   parameters (all ranks must hold the same model).
+   ``config.runs``: in the attacked runs the Byzantine ranks multiply their loss by
+   ``loss_scale`` (``-100``: the "scaled bit flip" of Acharya et al.) and the ``nan_ranks``
+   multiply it by NaN (a broken worker: its gradient is NaN at every step); the hook decides what
+   the update is. Every rank records the test loss and accuracy, the hook's communication
+   counters and dropped contributions, and a fingerprint of its parameters (all ranks must hold
+   the same model).
 
 Everything is seeded; with one thread per process the records are identical from run to run.
 Nothing is printed (the worker processes write to a log file that the error message quotes if
@@ -56,6 +58,7 @@ class ScalingOutConfig:
     world_size: int = 4
     byzantine_ranks: tuple = (0,)
     loss_scale: float = -100.0  # a Byzantine rank's loss is multiplied by this before backward
+    nan_ranks: tuple = (1,)  # in the attacked runs these ranks' gradients are NaN at every step
     runs: tuple = RUNS
     steps: int = 30
     batch_size: int = 32  # per rank
@@ -76,7 +79,8 @@ class ScalingOutConfig:
 
 CONFIGS: Dict[str, ScalingOutConfig] = {
     "ci": ScalingOutConfig(),
-    "paper": ScalingOutConfig(world_size=8, byzantine_ranks=(0, 1), steps=300, hidden=128,
+    "paper": ScalingOutConfig(world_size=8, byzantine_ranks=(0, 1), nan_ranks=(2,), steps=300,
+                              hidden=128,
                               n_train=16384, n_test=4096, bucket_cap_mb=0.05),
 }
 assert set(CONFIGS) == set(SCALES)
@@ -121,12 +125,15 @@ def run(config: ScalingOutConfig, *, device: Optional[str] = None) -> Dict[str, 
 
     * ``checks``: one record per rule: ``max_diff_simulated`` (real collectives against
       :meth:`RobustHook.simulate`, over all ranks) and ``max_diff_library`` (against the
-      library's estimator of all rows), ``ranks_identical`` (every rank got the same vector);
+      library's estimator of the finite rows), ``finite`` (every result was finite),
+      ``dropped`` (the contributions the hook dropped), ``ranks_identical`` (every rank got the
+      same vectors and dropped the same);
     * ``curves``: per run and evaluation step: ``test_loss`` and ``test_accuracy`` (the same on
       every rank);
     * ``runs``: per run: final loss and accuracy, ``ranks_identical`` (every rank ends with the
-      same parameters), ``buckets``, and per step and rank ``collectives`` and ``elements_sent``
-      (also relative to the mean rule, ``traffic_vs_mean``).
+      same parameters and counted the same drops), ``buckets``, and per step and rank
+      ``collectives``, ``elements_sent`` (also relative to the mean rule, ``traffic_vs_mean``)
+      and ``dropped`` (contributions dropped as non-finite, over all buckets).
 
     ``device`` (``"cpu"`` or ``"cuda"``) defaults to the backend's: gloo on the CPU, nccl on
     the GPUs (rank ``r`` on ``cuda:r``).
@@ -137,8 +144,11 @@ def run(config: ScalingOutConfig, *, device: Optional[str] = None) -> Dict[str, 
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {config.backend!r}")
     if device is None:
         device = "cuda" if config.backend == "nccl" else "cpu"
-    if config.world_size < 2 or any(not 0 <= r < config.world_size for r in config.byzantine_ranks):
-        raise ValueError("world_size must be >= 2 and the Byzantine ranks must be ranks")
+    bad = tuple(config.byzantine_ranks) + tuple(config.nan_ranks)
+    if config.world_size < 2 or any(not 0 <= r < config.world_size for r in bad):
+        raise ValueError("world_size must be >= 2 and the Byzantine and NaN ranks must be ranks")
+    if len(set(bad)) != len(bad):
+        raise ValueError("a rank cannot be both Byzantine and a NaN rank (nor listed twice)")
     with tempfile.TemporaryDirectory(prefix="median_sgd_scaling_out_") as tmp:
         store = os.path.join(tmp, "store")
         log = os.path.join(tmp, "workers.log")
@@ -167,8 +177,9 @@ def run(config: ScalingOutConfig, *, device: Optional[str] = None) -> Dict[str, 
 
 
 def summary(records: Dict[str, List[dict]]) -> List[dict]:
-    """One row per run: its label, whether it was attacked, final test loss and accuracy."""
-    return [{k: r[k] for k in ("run", "rule", "attacked", "final_loss", "final_accuracy")}
+    """One row per run: its label, whether it was attacked, final test loss and accuracy, and the
+    contributions dropped per step."""
+    return [{k: r[k] for k in ("run", "rule", "attacked", "final_loss", "final_accuracy", "dropped")}
             for r in records["runs"]]
 
 
@@ -205,21 +216,35 @@ def _worker(rank: int, config: ScalingOutConfig, device: str, store: str, out_di
 
 
 def _check_rules(config: ScalingOutConfig, rank: int, dev: torch.device) -> List[dict]:
-    """Real collectives against the one-process simulation and the library, for every rule."""
-    from .. import BGmD, coordinate_median, geometric_median, trimmed_mean
+    """Real collectives against the one-process simulation and the library, for every rule.
+
+    Three matrices in turn (the ``"bgmd"`` memory carries over): the Byzantine rows scaled by
+    ``loss_scale``; the same with the ``nan_ranks`` rows NaN; the first kind again (a memory that a
+    NaN had poisoned would show). The library gets the finite rows only, which is what the hook
+    must aggregate.
+    """
+    from .. import BGmD, coordinate_median, geometric_median
     from ..distributed import robust_hook
 
     W, n = config.world_size, config.check_size
     gen = torch.Generator().manual_seed(config.seed + 7)
-    mats = [torch.randn(W, n, generator=gen, dtype=torch.float64) for _ in range(2)]
+    mats = [torch.randn(W, n, generator=gen, dtype=torch.float64) for _ in range(3)]
     for G in mats:
         for r in config.byzantine_ranks:
             G[r] *= config.loss_scale
+    for r in config.nan_ranks:
+        mats[1][r] = float("nan")
     mats = [G.to(dev) for G in mats]
+
+    def trimmed(G):  # the hook's rule: floor(trim W) values off each end of the m finite ones
+        m = G.shape[0]
+        t = min(int(0.25 * W), (m - 1) // 2)
+        return torch.sort(G, dim=0).values[t:m - t].mean(0)
+
     library = {
         "mean": lambda G: G.mean(0),
         "coordinate_median": coordinate_median,
-        "trimmed_mean": lambda G: trimmed_mean(G, 0.25),
+        "trimmed_mean": trimmed,
         "gm": lambda G: geometric_median(G, max_iter=8, fixed_iter=True).median,
     }
     records = []
@@ -229,16 +254,20 @@ def _check_rules(config: ScalingOutConfig, rank: int, dev: torch.device) -> List
         real, simulated = robust_hook(rule, **options), robust_hook(rule, **options)
         reference = BGmD(0.1, mode="topk", memory="median", max_iter=8, fixed_iter=True)
         diff_sim = diff_lib = 0.0
+        finite = True
         mine = []
-        for G in mats:  # two calls: the second one uses the BGmD memory of the first
+        for G in mats:  # in turn: the "bgmd" memory carries over
             ours = real.aggregate(G[rank].clone())
             sim = simulated.simulate(G)[rank]
-            lib = reference(G) if rule == "bgmd" else library[rule](G)
+            rows = G[torch.isfinite(G).all(1)]
+            lib = reference(rows) if rule == "bgmd" else library[rule](rows)
             diff_sim = max(diff_sim, float((ours - sim).abs().max()))
             diff_lib = max(diff_lib, float((ours - lib).abs().max()))
+            finite = finite and bool(torch.isfinite(ours).all())
             mine.append(ours)
         records.append({"rule": rule, "max_diff_simulated": diff_sim, "max_diff_library": diff_lib,
-                        "fingerprint": _fingerprint(mine)})
+                        "finite": finite, "dropped": real.stats["dropped"],
+                        "fingerprint": _fingerprint(mine) + [real.stats["dropped"]]})
     return records
 
 
@@ -262,6 +291,7 @@ def _train(config: ScalingOutConfig, rank: int, dev: torch.device, run_spec) -> 
     loss_fn = torch.nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(config.seed + 1000 * (rank + 1))  # the same batches in every run
     byzantine = attacked and rank in config.byzantine_ranks
+    broken = attacked and rank in config.nan_ranks
     curves = []
 
     def evaluate(step):
@@ -280,6 +310,8 @@ def _train(config: ScalingOutConfig, rank: int, dev: torch.device, run_spec) -> 
         loss = loss_fn(ddp(X[idx]), y[idx])
         if byzantine:
             loss = config.loss_scale * loss
+        if broken:
+            loss = loss * float("nan")  # every gradient of this rank is NaN
         loss.backward()
         opt.step()
         if step % config.eval_every == 0 or step == config.steps:
@@ -299,8 +331,9 @@ def _train(config: ScalingOutConfig, rank: int, dev: torch.device, run_spec) -> 
         "buckets": stats["buckets"] // max(steady, 1),
         "collectives": stats["collectives"] / max(steady, 1),
         "elements_sent": stats["elements_sent"] / max(steady, 1),
+        "dropped": stats["dropped"] / max(steady, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "fingerprint": _fingerprint(list(model.parameters())),
+        "fingerprint": _fingerprint(list(model.parameters())) + [stats["dropped"]],
     }
     del ddp
     return curves, row
@@ -321,6 +354,7 @@ def _merge(results: List[dict]) -> Dict[str, List[dict]]:
         rec = dict(rec)
         rec["max_diff_simulated"] = max(r["checks"][i]["max_diff_simulated"] for r in results)
         rec["max_diff_library"] = max(r["checks"][i]["max_diff_library"] for r in results)
+        rec["finite"] = all(r["checks"][i]["finite"] for r in results)
         rec["ranks_identical"] = all(r["checks"][i]["fingerprint"] == rec["fingerprint"]
                                      for r in results)
         del rec["fingerprint"]
