@@ -62,8 +62,10 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------
 # Masked rules: the rows of a (..., n, d) matrix with a (..., n) mask of the rows that count.
-# Shapes never depend on the mask (no boolean indexing, no host synchronisation); on clean data
-# every rule computes, operation for operation, what the plain function computes.
+# Shapes never depend on the mask (no boolean indexing, no host synchronisation). On finite data
+# the mean, the medians, Krum and BGmD compute, operation for operation, what the plain functions
+# compute (bit for bit: the training chapters' outputs depend on it); the trimmed mean sums the
+# same values in another order.
 
 
 def _finite_rows(G: torch.Tensor) -> torch.Tensor:
