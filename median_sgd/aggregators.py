@@ -28,9 +28,9 @@ collectives). The rules then act on the rows that remain; when none remains the 
 step). Huge but finite rows are data, not faults: they are outliers like any other, and the sums
 of the mean and the trimmed mean cannot overflow (half precision is summed in float32; a sum that
 overflows is redone from terms divided by their count first). No check synchronises with the host:
-the dropping is done with masks and weights. The plain functions (:func:`median_sgd.coordinate_median`,
-:func:`median_sgd.geometric_median`, :func:`krum`, ...) still raise ``ValueError`` on NaN or Inf:
-there a non-finite value is a bug in the caller's code.
+the dropping is done with masks and weights. The plain functions
+(:func:`median_sgd.coordinate_median`, :func:`median_sgd.geometric_median`, :func:`krum`, ...)
+still raise ``ValueError`` on NaN or Inf: there a non-finite value is a bug in the caller's code.
 """
 
 from __future__ import annotations
@@ -62,8 +62,10 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------
 # Masked rules: the rows of a (..., n, d) matrix with a (..., n) mask of the rows that count.
-# Shapes never depend on the mask (no boolean indexing, no host synchronisation); on clean data
-# every rule computes, operation for operation, what the plain function computes.
+# Shapes never depend on the mask (no boolean indexing, no host synchronisation). On finite data
+# the mean, the medians, Krum and BGmD compute, operation for operation, what the plain functions
+# compute (bit for bit: the training chapters' outputs depend on it); the trimmed mean sums the
+# same values in another order.
 
 
 def _finite_rows(G: torch.Tensor) -> torch.Tensor:
@@ -206,8 +208,8 @@ class CoordinateMedian(Aggregator):
 
 
 class GeometricMedian(Aggregator):
-    """``argmin_z sum_i ||z - G_i||`` over the finite rows (GmD): :func:`median_sgd.geometric_median`
-    with weight 1 on the finite rows and 0 on the others.
+    """``argmin_z sum_i ||z - G_i||`` over the finite rows (GmD):
+    :func:`median_sgd.geometric_median` with weight 1 on the finite rows and 0 on the others.
 
     ``gm_options`` (``eps``, ``tol``, ``max_iter``, ``fixed_iter``) go to the solver; the result
     of the last call is ``agg.last_gm`` (iterations, convergence).

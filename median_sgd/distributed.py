@@ -54,7 +54,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
-from typing import Dict, Hashable, Optional, Tuple
+from typing import Dict, Hashable, Optional
 
 import torch
 import torch.distributed as dist
@@ -505,7 +505,7 @@ def _hash56(text: str) -> int:
 
 
 def _norm(v: torch.Tensor) -> torch.Tensor:
-    """``||v||_2`` over the last dimension, as ``s ||v / s||`` with ``s`` a power of two near ``max_j |v_j|``.
+    """``||v||_2`` over the last dimension, as ``s ||v / s||``, ``s`` a power of two near ``max_j |v_j|``.
 
     The squares then neither overflow nor underflow (as LAPACK's ``nrm2`` scales), and dividing
     by a power of two is exact, so the result is the plain norm's wherever that one is right.

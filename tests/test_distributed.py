@@ -464,7 +464,8 @@ def test_ranks_with_different_hooks_raise_on_every_rank(tmp_path):
             if p.poll() is None:
                 p.kill()
     for rank, out in enumerate(outs):
-        lines = {line.split(":")[0]: line for line in out.splitlines() if line.startswith(("case", "ddp"))}
+        lines = {line.split(":")[0]: line for line in out.splitlines()
+                 if line.startswith(("case", "ddp"))}
         assert procs[rank].returncode == 0, out
         for case, what in [(0, "rule or options"), (1, "rule or options"),
                            (2, "rule or options"), (3, "tensor length")]:

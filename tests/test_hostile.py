@@ -129,7 +129,8 @@ def _aggregators(n, n_bad):
         ("bgmd", {"k": 0.3, "memory": "gm", "mode": "topk"}, "finite"),
     ]
     if n >= n_bad + 3:
-        out += [("krum", {"f": n_bad}, "row"), ("multi_krum", {"f": n_bad, "m": n - n_bad}, "finite")]
+        out += [("krum", {"f": n_bad}, "row"),
+                ("multi_krum", {"f": n_bad, "m": n - n_bad}, "finite")]
     return out
 
 

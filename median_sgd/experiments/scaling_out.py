@@ -179,8 +179,8 @@ def run(config: ScalingOutConfig, *, device: Optional[str] = None) -> Dict[str, 
 def summary(records: Dict[str, List[dict]]) -> List[dict]:
     """One row per run: its label, whether it was attacked, final test loss and accuracy, and the
     contributions dropped per step."""
-    return [{k: r[k] for k in ("run", "rule", "attacked", "final_loss", "final_accuracy", "dropped")}
-            for r in records["runs"]]
+    keys = ("run", "rule", "attacked", "final_loss", "final_accuracy", "dropped")
+    return [{k: r[k] for k in keys} for r in records["runs"]]
 
 
 # --------------------------------------------------------------------------------------------
