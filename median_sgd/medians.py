@@ -44,8 +44,9 @@ def _syncs_are_free(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _pow2_scale(amax: torch.Tensor) -> torch.Tensor:
-    """``2**-e`` with ``amax * 2**-e`` in ``[0.5, 1)``: the power of two that brings ``amax`` to 1.
+def _pow2_scale(amax: torch.Tensor, top: int = 0) -> torch.Tensor:
+    """``2**-e`` with ``amax * 2**-e`` in ``[2**(top-1), 2**top)``: the power of two that brings
+    ``amax`` to ``2**top`` (to 1 by default).
 
     1 where ``amax`` is 0 or not finite; the exponent is clipped so that the scale and its
     reciprocal are normal numbers of ``amax``'s dtype (float32 or float64). Multiplying by a power
@@ -57,13 +58,22 @@ def _pow2_scale(amax: torch.Tensor) -> torch.Tensor:
     max_exp = int(math.log2(finfo.max)) + 1  # 128 for float32
     min_exp = int(math.log2(finfo.tiny))  # -126 for float32
     _, e = torch.frexp(amax)
-    e = torch.where(torch.isfinite(amax), e, 0).clamp(min_exp + 2, max_exp - 2)
+    e = torch.where(torch.isfinite(amax), e - top, 0).clamp(min_exp + 2, max_exp - 2)
     # the bits of 2**-e (exact; torch.ldexp goes through pow, in the default dtype)
     if dtype == torch.float32:
         return ((127 - e).to(torch.int32) << 23).view(torch.float32)
     if dtype == torch.float64:
         return ((1023 - e).to(torch.int64) << 52).view(torch.float64)
     raise TypeError(f"_pow2_scale needs float32 or float64, got {dtype}")
+
+
+def _scaled_top(dtype: torch.dtype, d: int) -> int:
+    """The exponent ``t`` to which sums of ``d`` squares scale the largest entry: ``2**t`` in size,
+    the largest sum of squares (of differences) is below the dtype's largest value, and values
+    ``2**(2 t)`` times smaller still square to nonzero numbers: float32 data holding both ~1 and
+    ~3e38 (2**128 apart) keep the ~1-sized distances (a scale to 1 would lose them to underflow)."""
+    max_exp = int(math.log2(torch.finfo(dtype).max)) + 1  # 128 for float32
+    return (max_exp - 4 - (d - 1).bit_length()) // 2
 
 
 def _max_abs(X: torch.Tensor, dims) -> torch.Tensor:
@@ -101,7 +111,7 @@ def _mean_rows(X: torch.Tensor, *, owned: bool = False) -> torch.Tensor:
         return _mean_rows(X.float(), owned=True).to(X.dtype)
     m = X.shape[-2]
     p = 2.0 ** -((m - 1).bit_length())  # m p in (1/2, 1]
-    if _syncs_are_free(X.device):
+    if X.device.type == "cpu":
         # on the CPU a matrix-vector product (BLAS) is the fastest sum over rows
         total = torch.matmul(X.new_full((m,), p), X)
     else:
@@ -276,7 +286,7 @@ def geometric_median(
         # Everything below works on X s - centre: s (a power of two, exact) brings max |X| to 1,
         # so no sum of squares over- or underflows; the centre is the previous iterate, rounded,
         # and the iterate is carried as centre + offset. (The centre is kept negated: X s + neg.)
-        s = _pow2_scale(_max_abs_matrix(X0))  # (...,)
+        s = _pow2_scale(_max_abs_matrix(X0), _scaled_top(work_dtype, d))  # (...,)
         s_rows = s[..., None, None]
         neg = z * -s[..., None]
         done = torch.zeros(batch, dtype=torch.bool, device=G.device)
@@ -302,15 +312,19 @@ def geometric_median(
         for it in range(budget):
             # noise: the distances were computed relative to the centre, with a rounding relative
             # to the offset; resolution: the rounding of the iterate itself (of the answer)
-            floor = _distance_floor(dist, w0, w_sum, rounding * torch.linalg.vector_norm(offset, dim=-1),
-                                    resolution * torch.linalg.vector_norm(rounded, dim=-1), eps,
-                                    uniform=uniform)  # (..., 1)
+            noise = rounding * torch.linalg.vector_norm(offset, dim=-1)
+            floor = _distance_floor(dist, w0, w_sum, noise, resolution * torch.linalg.vector_norm(rounded, dim=-1),
+                                    eps, uniform=uniform)  # (..., 1)
             beta = w0 / torch.maximum(dist, floor)
             beta_sum = beta.sum(-1, keepdim=True)
             # First-order optimality of sum_i w_i ||z - G_i||: the resultant of the unit vectors
             # must vanish, except that points within the floor of z (z on a data point) may
             # absorb up to their weight of it (the subdifferential of ||.|| at 0 is the unit ball).
             absorbed = (w0 * torch.clamp_min(1.0 - dist / floor, 0.0)).sum(-1)
+            # Right after a long move (the first steps from a far start), points that differ by
+            # less than the rounding of that move look coincident with z: then no conclusion
+            # from the points the rounding noise (not the smoothing) puts within the floor.
+            reliable = (noise < floor.squeeze(-1)) | (absorbed == 0)
             active = ~done if budget == max_iter else ~done & (n_iter < max_iter)
             # Re-centre on the iterate rounded: z = -rounded + rest, exactly when the offset is
             # smaller than the centre (when it moves a lot, precision does not matter yet).
@@ -324,7 +338,7 @@ def geometric_median(
             # does not depend on how long the others take, so fixed_iter gives the same bits.
             result = torch.where(active.unsqueeze(-1), rounded, result)
             n_iter = n_iter + active
-            done = done | ((res_norm - absorbed <= tol_w) & active)
+            done = done | ((res_norm - absorbed <= tol_w) & active & reliable)
             if not fixed_iter and check(it) and bool(
                 (done if budget == max_iter else done | (n_iter >= max_iter)).all()
             ):
