@@ -191,8 +191,9 @@ def geometric_median(
     weighted average of the unit vectors pointing from ``z`` to the points has norm at most
     ``tol`` (it is 0 at the geometric median, by first-order optimality, and at most 1), except
     that points within the floor of ``z`` may absorb up to their weight of it, which is the
-    optimality condition when the median is a data point. Converged problems are frozen while the
-    others go on.
+    optimality condition when the median is a data point (the floor is at least the distances'
+    rounding noise, but only the smoothing floor ``eps s`` absorbs). Converged problems keep their
+    result while the others go on.
 
     Precision: the iteration is translation- and scale-equivariant in floating point too. It
     works on the data scaled by a power of two (``max |G| -> 1``, exact), so that no norm
@@ -286,7 +287,8 @@ def geometric_median(
         # Everything below works on X s - centre: s (a power of two, exact) brings max |X| to 1,
         # so no sum of squares over- or underflows; the centre is the previous iterate, rounded,
         # and the iterate is carried as centre + offset. (The centre is kept negated: X s + neg.)
-        s = _pow2_scale(_max_abs_matrix(X0), _scaled_top(work_dtype, d))  # (...,)
+        amax = _max_abs_matrix(X0)
+        s = _pow2_scale(amax, _scaled_top(work_dtype, d))  # (...,)
         s_rows = s[..., None, None]
         neg = z * -s[..., None]
         done = torch.zeros(batch, dtype=torch.bool, device=G.device)
@@ -297,7 +299,7 @@ def geometric_median(
         budget = max_iter
         beta = w0  # the iterate is sum_i beta_i X_i / sum_i beta_i
         if not fixed_iter and max_iter > 1 and n <= _GRAM_MAX_N and n * d >= _GRAM_MIN_SIZE:
-            c, n_iter = _weiszfeld_gram(X0, s_rows, neg, w0, w_sum, eps, tol, max_iter - 1,
+            c, n_iter = _weiszfeld_gram(X0, s_rows, neg, amax, w0, w_sum, eps, tol, max_iter - 1,
                                         rounding, uniform)
             beta = c.to(work_dtype)
             budget = max_iter - int(n_iter.min()) if n_iter.numel() else 1
@@ -310,21 +312,21 @@ def geometric_median(
         result = rounded
         floor = None
         for it in range(budget):
-            # noise: the distances were computed relative to the centre, with a rounding relative
-            # to the offset; resolution: the rounding of the iterate itself (of the answer)
-            noise = rounding * torch.linalg.vector_norm(offset, dim=-1)
-            floor = _distance_floor(dist, w0, w_sum, noise, resolution * torch.linalg.vector_norm(rounded, dim=-1),
-                                    eps, uniform=uniform)  # (..., 1)
+            # The smoothing floor, raised to the distances' rounding noise (they were computed
+            # relative to the centre, with a rounding relative to the offset); resolution: the
+            # rounding of the iterate itself (of the answer).
+            smooth = _distance_floor(dist, w0, w_sum, resolution * torch.linalg.vector_norm(rounded, dim=-1),
+                                     eps, uniform=uniform)  # (..., 1)
+            floor = torch.maximum(smooth, rounding * torch.linalg.vector_norm(offset, dim=-1, keepdim=True))
             beta = w0 / torch.maximum(dist, floor)
             beta_sum = beta.sum(-1, keepdim=True)
             # First-order optimality of sum_i w_i ||z - G_i||: the resultant of the unit vectors
-            # must vanish, except that points within the floor of z (z on a data point) may
-            # absorb up to their weight of it (the subdifferential of ||.|| at 0 is the unit ball).
-            absorbed = (w0 * torch.clamp_min(1.0 - dist / floor, 0.0)).sum(-1)
-            # Right after a long move (the first steps from a far start), points that differ by
-            # less than the rounding of that move look coincident with z: then no conclusion
-            # from the points the rounding noise (not the smoothing) puts within the floor.
-            reliable = (noise < floor.squeeze(-1)) | (absorbed == 0)
+            # must vanish, except that points within the smoothing floor of z (z on a data point)
+            # may absorb up to their weight of it (the subdifferential of ||.|| at 0 is the unit
+            # ball). Not within the noise: right after a long move (the first steps from a far
+            # start), points that differ by less than its rounding only look coincident with z.
+            near = torch.clamp_min(1.0 - dist / smooth, 0.0)
+            absorbed = (near if uniform else w0 * near).sum(-1)
             active = ~done if budget == max_iter else ~done & (n_iter < max_iter)
             # Re-centre on the iterate rounded: z = -rounded + rest, exactly when the offset is
             # smaller than the centre (when it moves a lot, precision does not matter yet).
@@ -338,7 +340,7 @@ def geometric_median(
             # does not depend on how long the others take, so fixed_iter gives the same bits.
             result = torch.where(active.unsqueeze(-1), rounded, result)
             n_iter = n_iter + active
-            done = done | ((res_norm - absorbed <= tol_w) & active & reliable)
+            done = done | ((res_norm - absorbed <= tol_w) & active)
             if not fixed_iter and check(it) and bool(
                 (done if budget == max_iter else done | (n_iter >= max_iter)).all()
             ):
@@ -436,12 +438,12 @@ def _distances(X, s, neg, cols):
     return sq.sqrt()
 
 
-def _weiszfeld_gram(X, s, neg, w, w_sum, eps, tol, max_iter, rounding, uniform):
+def _weiszfeld_gram(X, s, neg, amax, w, w_sum, eps, tol, max_iter, rounding, uniform):
     """Weiszfeld on the coefficients ``c`` of ``z = sum_j c_j X_j`` (``sum_j c_j = 1``).
 
-    With the Gram matrix ``K = Y Y^T`` of the centred, scaled rows ``Y = X s + neg`` (products
-    in the work dtype, summed in float64 over column blocks; centred, so that a component common
-    to all rows does not cancel), ``||Y_i - y||^2 = K_ii - 2 (K c)_i + c^T K c`` and
+    With the Gram matrix ``K = Y Y^T`` of the scaled rows ``Y = X s`` (:func:`_gram_matrix`:
+    centred, ``Y = X s + neg``, when a component common to all rows would cancel),
+    ``||Y_i - y||^2 = K_ii - 2 (K c)_i + c^T K c`` and
     ``||y||^2 = c^T K c`` for ``y = sum_j c_j Y_j``; the Weiszfeld update is ``c <- b / sum b``
     and the resultant's norm is ``sqrt(u^T K u)``, ``u = b - (sum b) c``. A distance computed so
     carries K's rounding, a relative error of about
@@ -455,13 +457,8 @@ def _weiszfeld_gram(X, s, neg, w, w_sum, eps, tol, max_iter, rounding, uniform):
     n, d = X.shape[-2], X.shape[-1]
     batch = X.shape[:-2]
     resolution = torch.finfo(X.dtype).eps * torch.linalg.vector_norm(neg, dim=-1).to(f64)
-    neg = neg.unsqueeze(-2)  # the centre, negated
-    K = torch.zeros(*batch, n, n, dtype=f64, device=X.device)
-    cols = min(_GRAM_BLOCK_COLUMNS, _block_columns(X))  # the centred block is a temporary
-    for start in range(0, d, cols):
-        block = torch.addcmul(neg[..., start : start + cols], X[..., start : start + cols], s)
-        K = K + torch.matmul(block, block.mT).to(f64)
     w64, w_sum64 = w.to(f64), w_sum.to(f64)
+    K = _gram_matrix(X, s, neg, amax, w64 / w_sum64.unsqueeze(-1))
     K_diag = K.diagonal(dim1=-2, dim2=-1)
     rel_err = _GRAM_ERR * torch.finfo(X.dtype).eps
     c = w64 / w_sum64.unsqueeze(-1)
@@ -474,7 +471,8 @@ def _weiszfeld_gram(X, s, neg, w, w_sum, eps, tol, max_iter, rounding, uniform):
         dist_sq = (K_diag - 2 * Kc + cKc).clamp_min(0.0)
         dist = dist_sq.sqrt()
         z_norm = cKc.squeeze(-1).clamp_min(0.0).sqrt()
-        floor = _distance_floor(dist, w64, w_sum64, rounding * z_norm, resolution, eps, uniform=uniform)
+        floor = torch.maximum(_distance_floor(dist, w64, w_sum64, resolution, eps, uniform=uniform),
+                              (rounding * z_norm).unsqueeze(-1))
         beta = w64 / torch.maximum(dist, floor)
         beta_sum = beta.sum(-1)
         u = beta - beta_sum.unsqueeze(-1) * c
@@ -490,13 +488,48 @@ def _weiszfeld_gram(X, s, neg, w, w_sum, eps, tol, max_iter, rounding, uniform):
     return c, n_iter
 
 
-def _distance_floor(dist, w, w_sum, noise, resolution, eps, *, uniform):
-    """The smoothing floor of Weiszfeld's weights, shape (..., 1).
+def _gram_matrix(X, s, neg, amax, c0):
+    """``K = Y Y^T`` (..., n, n) in float64 for :func:`_weiszfeld_gram`, ``Y`` the scaled rows.
+
+    First the plain products ``X X^T`` (no temporaries: the matrix product reads ``X`` in place),
+    scaled by ``s^2`` afterwards. They are used unless the entries could over- or underflow in
+    the work dtype (``max |X|`` far from 1) or the rows share a component much larger than their
+    spread (the trace of the centred matrix, ``tr K - 2 1^T K c0 + n c0^T K c0`` with ``c0`` the
+    mean's coefficients, below 2**-8 of ``tr K``): then ``Y = X s + neg``, centred on the start
+    and scaled, block by block (a temporary per block). The choice reads values on the host: this
+    route is taken by the adaptive mode only.
+    """
+    f64 = torch.float64
+    n, d = X.shape[-2], X.shape[-1]
+    batch = X.shape[:-2]
+    finfo = torch.finfo(X.dtype)
+    bound = 2.0 ** ((int(math.log2(finfo.max)) - 8 - (d - 1).bit_length()) // 2)
+    if bool(((amax < bound) & (amax > 1.0 / bound)).all()):
+        K = torch.zeros(*batch, n, n, dtype=f64, device=X.device)
+        for start in range(0, d, _GRAM_BLOCK_COLUMNS):
+            block = X[..., start : start + _GRAM_BLOCK_COLUMNS]
+            K = K + torch.matmul(block, block.mT).to(f64)
+        K = K * s.to(f64).square()
+        trace = K.diagonal(dim1=-2, dim2=-1).sum(-1)
+        Kc0 = torch.matmul(K, c0.unsqueeze(-1)).squeeze(-1)
+        centred = trace - 2 * Kc0.sum(-1) + n * (c0 * Kc0).sum(-1)
+        if bool((centred >= trace * 2.0**-8).all()):
+            return K
+    neg = neg.unsqueeze(-2)  # the centre, negated
+    K = torch.zeros(*batch, n, n, dtype=f64, device=X.device)
+    cols = min(_GRAM_BLOCK_COLUMNS, _block_columns(X))  # the centred block is a temporary
+    for start in range(0, d, cols):
+        block = torch.addcmul(neg[..., start : start + cols], X[..., start : start + cols], s)
+        K = K + torch.matmul(block, block.mT).to(f64)
+    return K
+
+
+def _distance_floor(dist, w, w_sum, resolution, eps, *, uniform):
+    """The smoothing floor of Weiszfeld's weights, shape (..., 1) (callers raise it to the
+    rounding noise of their distances, below which a point is indistinguishable from ``z``).
 
     ``eps`` times the weighted median distance from ``z``: a robust scale, which outliers (less
-    than half of the weight), however far, cannot inflate; and at least ``noise`` (...,), the
-    rounding noise of the computed distances, below which a point is indistinguishable from
-    ``z``. Falls back to the mean distance when at least half of the weight sits on ``z`` (the
+    than half of the weight), however far, cannot inflate. Falls back to the mean distance when at least half of the weight sits on ``z`` (the
     median distance is at most ``resolution`` (...,), the rounding of ``z`` itself: then ``z`` is
     optimal, and the points there must fall within the floor, which would otherwise shrink with
     them and leave Weiszfeld creeping towards the point), and to 1 when every point coincides
@@ -511,7 +544,7 @@ def _distance_floor(dist, w, w_sum, noise, resolution, eps, *, uniform):
         med = sorted_dist.gather(-1, k).squeeze(-1)
     mean = dist.mean(-1) if uniform else (w * dist).sum(-1) / w_sum
     scale = torch.where(med > resolution, med, torch.where(mean > 0, mean, 1.0))
-    return torch.maximum(eps * scale, noise).unsqueeze(-1)
+    return (eps * scale).unsqueeze(-1)
 
 
 def _check_sample_matrix_fast(G, values: bool = True) -> None:

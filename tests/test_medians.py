@@ -611,7 +611,12 @@ def test_gm_gram_path_far_outliers(far):
     fast, plain = _gm_pair(G, max_iter=1000)
     assert bool(fast.converged) and bool(plain.converged)
     radius = float(torch.linalg.vector_norm(clean - clean.mean(0), dim=-1).max())
-    assert float(torch.linalg.vector_norm(fast.median - plain.median)) < 1e-6 * radius
+    # Both stop where the stopping rule (tol = 1e-6) holds, possibly at different points of that
+    # (flat, 7 of 16 rows far away) neighbourhood of the optimum: equally close to it.
+    ref = gm(G, tol=1e-12, max_iter=5000).median
+    err_fast = float(torch.linalg.vector_norm(fast.median - ref))
+    err_plain = float(torch.linalg.vector_norm(plain.median - ref))
+    assert err_fast <= 1.5 * err_plain + 1e-9 * radius and err_fast < 1e-5 * radius
     assert float(torch.linalg.vector_norm(fast.median - clean.mean(0))) < 3 * radius
 
 
