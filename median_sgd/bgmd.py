@@ -195,7 +195,9 @@ def select_block(
     Returns a ``LongTensor`` of shape (..., k) on ``G``'s device: in increasing order on the CPU
     (unless there are ties in the scores), in no particular order elsewhere. Draws come
     from ``generator`` (a ``torch.Generator``; one on another device than ``G`` works too, its
-    draws are moved). No host synchronisation.
+    draws are moved: from the CPU to a GPU through pinned memory, without waiting). No host
+    synchronisation. The column norms are computed on ``G`` scaled by a power of two (in float32
+    for half precision): no square overflows, and the scores keep their order and ratios.
     """
     check_sample_matrix(G)
     check_choice(mode, "mode", MODES)
