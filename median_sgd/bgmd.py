@@ -28,7 +28,15 @@ from typing import Optional, Union
 import torch
 
 from ._checks import check_choice, check_sample_matrix, value_checks, value_checks_enabled
-from .medians import GeometricMedianResult, coordinate_median, geometric_median
+from .medians import (
+    GeometricMedianResult,
+    _max_abs,
+    _max_abs_matrix,
+    _pow2_scale,
+    _syncs_are_free,
+    coordinate_median,
+    geometric_median,
+)
 
 __all__ = ["select_block", "resolve_block_size", "BGmD", "MODES", "MEMORY_RULES"]
 
@@ -68,36 +76,66 @@ def _exponential(shape, generator: Optional[torch.Generator], device: torch.devi
     # -log1p(-U) is what exponential_ computes on the CPU (the same draws up to rounding), at a
     # third of its cost there.
     u = torch.rand(shape, device=where, dtype=torch.float64, generator=generator)
-    return u.neg_().log1p_().neg_().to(device).clamp_min_(torch.finfo(torch.float64).tiny)
+    u = u.neg_().log1p_().neg_()
+    if where.type == "cpu" and device.type == "cuda":
+        # a copy from pageable host memory synchronises; from pinned memory it need not
+        u = u.pin_memory().to(device, non_blocking=True)
+    else:
+        u = u.to(device)
+    return u.clamp_min_(torch.finfo(torch.float64).tiny)
 
 
 _CHUNK_ELEMENTS = 1 << 19  # CPU column statistics: ~2 MB chunks of G stay in cache
 
 
-def _column_stats(G: torch.Tensor):
-    """Column sums and column sums of squares of ``G`` (..., n, d): two (..., d) tensors.
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Column statistics of half-precision data are taken in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
-    On the CPU one pass over ``G`` in column chunks (each chunk is squared while it is in cache,
-    and both reductions run as matrix-vector products), several times faster than ``einsum`` or
-    ``(G * G).sum(-2)``; elsewhere the plain reductions.
+
+def _column_stats(G: torch.Tensor, m: Optional[torch.Tensor] = None):
+    """Scaled column statistics of ``A = G + 1 m^T`` (``G`` (..., n, d), ``m`` (..., d) or None).
+
+    Returns ``(s, sums, squares)``: ``s`` (...,) a power of two bringing ``max(|G|, |m|)`` to 1,
+    ``sums = s sum_i A_ij`` and ``squares = s^2 sum_i A_ij^2`` (..., d), in float32 for half
+    precision, else in ``G``'s dtype. Scaled, no sum overflows whatever the (finite) values
+    (a square of 1e20 overflows float32, of 256 float16); the scaling is exact, so ratios and
+    orderings (the block's scores) are those of the unscaled statistics. A's statistics come
+    from G's without forming A: ``sum_i A_ij = s_j + n m_j``, ``sum_i A_ij^2 = q_j + m_j (2 s_j + n m_j)``.
+
+    On the CPU one pass over ``G`` in column chunks (each chunk is scaled and squared while it is
+    in cache, and both reductions run as matrix-vector products), several times faster than
+    ``einsum`` or ``(G * G).sum(-2)``; elsewhere the plain reductions.
     """
     n, d = G.shape[-2], G.shape[-1]
-    ones = G.new_ones(n)
-    if G.device.type != "cpu":
-        return torch.matmul(ones, G), torch.einsum("...ij,...ij->...j", G, G)
     batch = G.shape[:-2]
+    dtype = _stats_dtype(G.dtype)
+    amax = _max_abs_matrix(G).to(dtype)
+    if m is not None:
+        amax = torch.maximum(amax, _max_abs(m, -1).to(dtype))
+    s = _pow2_scale(amax)  # (...,)
+    s_rows = s[..., None, None]
+    ones = torch.ones(n, dtype=dtype, device=G.device)
     chunk = max(1024, _CHUNK_ELEMENTS // max(1, n * math.prod(batch)))
-    if chunk >= d:
-        return torch.matmul(ones, G), torch.matmul(ones, G * G)
-    sums, squares = [], []
-    buf = G.new_empty(*batch, n, chunk)
-    for start in range(0, d, chunk):
-        part = G[..., start:start + chunk]
-        sq = buf[..., : part.shape[-1]]
-        torch.mul(part, part, out=sq)
-        sums.append(torch.matmul(ones, part))
-        squares.append(torch.matmul(ones, sq))
-    return torch.cat(sums, dim=-1), torch.cat(squares, dim=-1)
+    if G.device.type != "cpu" or chunk >= d:
+        scaled = torch.mul(G, s_rows)  # in dtype (float32 for half precision)
+        sums = scaled.sum(-2)
+        squares = scaled.square_().sum(-2)
+    else:
+        sum_parts, square_parts = [], []
+        buf = torch.empty(*batch, n, chunk, dtype=dtype, device=G.device)
+        for start in range(0, d, chunk):
+            part = G[..., start:start + chunk]
+            scaled = buf[..., : part.shape[-1]]
+            torch.mul(part, s_rows, out=scaled)
+            sum_parts.append(torch.matmul(ones, scaled))
+            square_parts.append(torch.matmul(ones, scaled.square_()))
+        sums, squares = torch.cat(sum_parts, dim=-1), torch.cat(square_parts, dim=-1)
+    if m is not None:
+        ms_ = m.to(dtype) * s[..., None]
+        squares = (squares + ms_ * (2 * sums + n * ms_)).clamp_min_(0.0)
+        sums = sums + n * ms_
+    return s, sums, squares
 
 
 def _largest(keys: torch.Tensor, k: int) -> torch.Tensor:
@@ -108,7 +146,7 @@ def _largest(keys: torch.Tensor, k: int) -> torch.Tensor:
     faster; on ties at the threshold it falls back to ``topk`` (unordered), as on other devices.
     """
     d = keys.shape[-1]
-    if keys.device.type == "cpu" and k < d:
+    if _syncs_are_free(keys.device) and k < d:
         threshold = torch.kthvalue(keys, d - k + 1, dim=-1, keepdim=True).values
         mask = keys >= threshold
         if bool((mask.sum(-1) == k).all()):
@@ -157,7 +195,9 @@ def select_block(
     Returns a ``LongTensor`` of shape (..., k) on ``G``'s device: in increasing order on the CPU
     (unless there are ties in the scores), in no particular order elsewhere. Draws come
     from ``generator`` (a ``torch.Generator``; one on another device than ``G`` works too, its
-    draws are moved). No host synchronisation.
+    draws are moved: from the CPU to a GPU through pinned memory, without waiting). No host
+    synchronisation. The column norms are computed on ``G`` scaled by a power of two (in float32
+    for half precision): no square overflows, and the scores keep their order and ratios.
     """
     check_sample_matrix(G)
     check_choice(mode, "mode", MODES)
@@ -167,7 +207,7 @@ def select_block(
     ):
         raise ValueError(f"power must be a finite number > 0, got {power!r}")
     k = resolve_block_size(k, G.shape[-1])
-    sq = _column_stats(G)[1]  # squared column norms
+    sq = _column_stats(G)[2]  # squared column norms (scaled: the same order, the same draws)
     return _select_from_squares(sq, k, mode, generator, float(power))
 
 
@@ -268,38 +308,37 @@ class BGmD:
                     f"memory of shape {tuple(m.shape)}, {m.dtype} on {m.device}; call reset() first"
                 )
         # Column statistics of A = G + 1 m^T without forming A (an n x d allocation costs as much
-        # as a Weiszfeld iteration): sum_i A_ij = s_j + n m_j and
-        # sum_i A_ij^2 = q_j + m_j (2 s_j + n m_j), with s, q the column sums and squares of G.
-        colsum, sq = _column_stats(G)  # (..., d) each
+        # as a Weiszfeld iteration), scaled so that they cannot overflow.
+        s, colsum, sq = _column_stats(G, m)  # (...,), (..., d) each
         # A NaN or Inf anywhere in a column makes its sum NaN or Inf: an O(d) finiteness check
-        # instead of check_finite's O(n d) (a finite column whose sum overflows is reported too).
+        # instead of check_finite's O(n d) (scaled, a finite column's sum cannot overflow).
         if value_checks_enabled() and not bool(torch.isfinite(colsum).all()):
-            raise ValueError("G contains NaN or Inf values (or its column sums overflow)")
+            raise ValueError("G contains NaN or Inf values")
         with value_checks(False):  # G is checked; the geometric medians need not re-check blocks
-            return self._step(G, m, k, n, d, colsum, sq)
+            return self._step(G, m, k, n, d, s, colsum, sq)
 
-    def _step(self, G, m, k, n, d, colsum, sq):
-        if m is not None:
-            colsum_a = colsum + n * m
-            sq = (sq + m * (2 * colsum + n * m)).clamp_min_(0.0)
-        else:
-            colsum_a = colsum
+    def _step(self, G, m, k, n, d, s, colsum, sq):
+        # colsum, sq: scaled by s, s^2 (in float32 for half-precision G), the sums of A's columns
         idx = _select_from_squares(sq, k, self.mode, self.generator, self.power)  # (..., k)
         if G.dim() == 2:
             block = G.index_select(-1, idx)  # (n, k); faster than gather on the CPU
         else:
             block = torch.gather(G, -1, idx.unsqueeze(-2).expand(*G.shape[:-1], k))  # (..., n, k)
+        work = colsum.dtype  # half precision: G + m and the medians in float32
         if m is not None:
-            block = block + torch.gather(m, -1, idx).unsqueeze(-2)
+            # A's block; finite values whose sum overflows saturate (a NaN stays)
+            block = _saturate(block.to(work) + torch.gather(m, -1, idx).to(work).unsqueeze(-2))
         gm = geometric_median(block, **self.gm_options)
-        update = torch.zeros_like(sq).scatter_(-1, idx, gm.median)
+        median = _saturate(gm.median, G.dtype)
+        gm = GeometricMedianResult(median=median, n_iter=gm.n_iter, converged=gm.converged)
+        update = G.new_zeros(*G.shape[:-2], d).scatter_(-1, idx, median)
 
         total = sq.sum(-1)
         kept = torch.gather(sq, -1, idx).sum(-1)
         tiny = torch.finfo(total.dtype).tiny
         self.last_residual = torch.where(
             total > 0, (total - kept).clamp_min(0.0) / total.clamp_min(tiny), torch.zeros_like(total)
-        )
+        ).to(G.dtype)
         self.last_block = idx
         self.last_gm = gm
 
@@ -308,13 +347,22 @@ class BGmD:
             self.memory = None
             return update
         if rule == "mean":
-            new = colsum_a / n
+            new = colsum / (n * s.unsqueeze(-1))  # exact unscaling: n s is n times a power of two
         elif rule == "median":
             # The coordinate-wise median commutes with adding m_j to a whole column.
-            new = coordinate_median(G) if m is None else coordinate_median(G) + m
+            new = coordinate_median(G) if m is None else coordinate_median(G).to(work) + m.to(work)
         else:  # "gm": the residual rows A - C_k(A), which are zero on the block
-            A = G.clone() if m is None else G + m.unsqueeze(-2)
+            A = G.to(work, copy=True) if m is None else _saturate(G.to(work) + m.to(work).unsqueeze(-2))
             A.scatter_(-1, idx.unsqueeze(-2).expand(*A.shape[:-1], k), 0.0)
             new = geometric_median(A, **self.gm_options).median
-        self.memory = new.scatter_(-1, idx, 0.0)
+        # stored in G's dtype, finite (a memory beyond the dtype's range saturates)
+        self.memory = _saturate(new, G.dtype).scatter_(-1, idx, 0.0)
         return update
+
+
+def _saturate(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``x`` in ``dtype`` (default: its own), values beyond its range (+-Inf included) replaced by
+    its largest finite ones; NaN stays NaN."""
+    dtype = x.dtype if dtype is None else dtype
+    big = torch.finfo(dtype).max
+    return x.clamp(-big, big).to(dtype)
