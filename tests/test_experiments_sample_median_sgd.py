@@ -172,6 +172,9 @@ def test_the_chapters_claims_hold_at_a_tiny_size(tiny_result):
     # Stationary law of mean-SGD: the pooled |e_T| / scale is the stable 3/4-quantile (1 for Cauchy).
     cauchy = [x for x in r.stationary if x["estimator"] == "mean" and x["alpha"] == 1.0]
     assert all(abs(x["pooled"] - 1.0) < 0.25 for x in cauchy)
+    # ... and 1 lies in the distribution-free interval around the pooled median
+    assert all(x["pooled_low"] < 1.0 < x["pooled_high"] for x in cauchy)
+    assert all(x["pooled_low"] <= x["pooled"] <= x["pooled_high"] for x in r.stationary)
     # alpha = 1/2: n = 3 (no finite mean) blows up, n = 9 (finite variance) converges.
     size = {x["n"]: x for x in r.sample_size}
     assert size[3]["median"] > 1e3 and size[9]["median"] < 0.5
@@ -236,3 +239,26 @@ def test_cpu_runs_are_single_threaded_and_restore_the_thread_count():
         sm.aggregate = real
     assert seen == [1, 1]
     assert torch.get_num_threads() == before
+
+
+def test_median_interval_is_the_binomial_rank_interval():
+    # N = 100, z = 4: ranks ceil(50 - 20) = 30 and floor(50 + 20) + 1 = 71 (1-based)
+    values = torch.randperm(100, generator=torch.Generator().manual_seed(0)).double() + 1
+    low, high = sm.median_interval(values, 4.0)
+    assert (low.item(), high.item()) == (30.0, 71.0)
+    # batched over leading dimensions, clamped to the sample for a large z
+    low, high = sm.median_interval(values.expand(3, 100), 50.0)
+    assert torch.equal(low, torch.ones(3, dtype=torch.float64)) and torch.equal(high, 100 * torch.ones(3, dtype=torch.float64))
+    for bad in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="z"):
+            sm.median_interval(values, bad)
+
+
+def test_median_interval_covers_the_median_as_the_binomial_law_says():
+    """Coverage P(|B - N/2| <= z sqrt(N)/2), B ~ Bin(N, 1/2): about 0.95 for z = 2, ~1 for z = 4."""
+    gen = torch.Generator().manual_seed(1)
+    x = ms.sample_stable(0.75, (4000, 201), generator=gen, dtype=torch.float64)  # median 0
+    for z, (lo, hi) in ((2.0, (0.93, 0.97)), (4.0, (0.999, 1.0))):
+        low, high = sm.median_interval(x, z)
+        covered = ((low < 0) & (0 < high)).double().mean().item()
+        assert lo <= covered <= hi, (z, covered)

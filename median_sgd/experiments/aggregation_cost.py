@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Union
 import torch
 
 from ..medians import coordinate_median, geometric_median
-from . import SCALES
+from . import SCALES, _random
 
 __all__ = [
     "AggregationCostConfig",
@@ -119,7 +119,8 @@ def time_call(fn: Callable[[], object], *, repeats: int = 5, device="cpu") -> fl
 
 
 def _sample(n: int, d: int, cfg: AggregationCostConfig, gen, device, dtype) -> torch.Tensor:
-    G = torch.randn(n, d, generator=gen, device=device, dtype=dtype)
+    # drawn on the generator's device (the CPU: the same matrix on every device), then moved
+    G = _random.randn((n, d), generator=gen, device=device, dtype=dtype)
     n_bad = round(cfg.corrupted_fraction * n)
     G[:n_bad] += 10.0  # corrupted rows: far away in every coordinate
     return G
@@ -145,7 +146,7 @@ def gm_cost_study(
 
 
 def _gm_cost_study(cfg: AggregationCostConfig, *, device, dtype) -> List[dict]:
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = _random.generator(cfg.seed)
     records = []
     sizes = [("d", cfg.n, d) for d in cfg.dims] + [("n", n, cfg.n_sweep_dim) for n in cfg.ns]
     for sweep, n, d in sizes:
@@ -190,8 +191,10 @@ def _bgmd_cost_study(cfg: AggregationCostConfig, *, device, dtype) -> List[dict]
     from .._checks import value_checks
     from ..bgmd import BGmD, resolve_block_size, select_block
 
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    G = _sample(cfg.k_n, cfg.k_dim, cfg, gen, device, dtype)
+    G = _sample(cfg.k_n, cfg.k_dim, cfg, _random.generator(cfg.seed), device, dtype)
+    # The block selection's random keys come from a generator on the device, as in training: a
+    # CPU generator would add a draw on the host and a copy to every timed call.
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     d = cfg.k_dim
     solvers = {f"K={K}": {"max_iter": K, "fixed_iter": True} for K in cfg.k_iters}
     solvers["default"] = {}

@@ -34,8 +34,7 @@ from .._checks import value_checks
 from ..estimators import spp_step, spp_step_lp
 from ..medians import coordinate_median, geometric_median
 from ..prox import clip_l2, dual_exponent
-from ..stable import sample_stable
-from . import SCALES
+from . import SCALES, _random
 
 __all__ = [
     "NOISE_MODELS",
@@ -173,7 +172,7 @@ def draw_noise(models, size, *, contamination: float = 0.1, outlier_scale: float
     A stable model draws i.i.d. symmetric alpha-stable coordinates (scale 1); ``"contaminated"``
     draws ``N(0, I)`` vectors of which a fraction ``contamination`` is replaced by
     ``outlier_scale * N(0, I)``. Every law is symmetric about 0, so 0 is its (coordinate-wise and
-    geometric) median.
+    geometric) median. The noise is drawn on ``generator``'s device and returned on ``device``.
     """
     k, rest = size[0], tuple(size[1:])
     unknown = [m for m in models if m not in NOISE_MODELS]
@@ -183,14 +182,14 @@ def draw_noise(models, size, *, contamination: float = 0.1, outlier_scale: float
     stable = [m for m in models if NOISE_MODELS[m] is not None]
     drawn = {}
     if stable:
-        alpha = torch.tensor([NOISE_MODELS[m] for m in stable], device=device, dtype=torch.float64)
-        X = sample_stable(alpha.view(1, -1, *([1] * len(rest))), (k, len(stable), *rest),
-                          generator=generator, device=device, dtype=dtype)
+        alpha = torch.tensor([NOISE_MODELS[m] for m in stable], dtype=torch.float64)
+        X = _random.stable(alpha.view(1, -1, *([1] * len(rest))), (k, len(stable), *rest),
+                           generator=generator, device=device, dtype=dtype)
         drawn.update({m: X[:, i] for i, m in enumerate(stable)})
     if "contaminated" in models:
-        base = torch.randn((k, *rest), generator=generator, device=device, dtype=dtype)
-        far = outlier_scale * torch.randn((k, *rest), generator=generator, device=device, dtype=dtype)
-        bad = torch.rand((k, *rest[:-1], 1), generator=generator, device=device) < contamination
+        base = _random.randn((k, *rest), generator=generator, device=device, dtype=dtype)
+        far = outlier_scale * _random.randn((k, *rest), generator=generator, device=device, dtype=dtype)
+        bad = _random.rand((k, *rest[:-1], 1), generator=generator, device=device) < contamination
         drawn["contaminated"] = torch.where(bad, far, base)
     for m in models:
         parts.append(drawn[m])
@@ -220,9 +219,9 @@ def lp_study(config: Union[str, BeyondConfig] = "ci", *, device="cpu", dtype=tor
     """
     cfg = _config(config)
     device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = _random.generator(cfg.seed)
     S, d, M = cfg.seeds, cfg.dim, len(cfg.lp_noise)
-    target = torch.randn(S, d, generator=gen, device=device, dtype=dtype)
+    target = _random.randn((S, d), generator=gen, device=device, dtype=dtype)
     target_norm = torch.linalg.vector_norm(target, dim=-1)
     noise_state = gen.get_state()
     rules = ("fixed", "matched")
@@ -267,9 +266,9 @@ def lp_step_seconds(p: float, *, batch: Tuple[int, ...] = (2, 4, 20), dim: int =
     """Wall-clock seconds of one batched :func:`~median_sgd.spp_step_lp` call (the best of
     ``repeat`` timings of ``number`` calls), on the l_p study's batch shape."""
     device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = _random.generator(0)
     m = torch.zeros(*batch, dim, device=device, dtype=dtype)
-    g = sample_stable(1.0, (*batch, dim), generator=gen, device=device, dtype=dtype)
+    g = _random.stable(1.0, (*batch, dim), generator=gen, device=device, dtype=dtype)
     best = math.inf
     with value_checks(False):
         spp_step_lp(m, g, 0.01, p)  # warm-up
@@ -305,11 +304,12 @@ def batch_size_study(config: Union[str, BeyondConfig] = "ci", *, device="cpu",
     """
     cfg = _config(config)
     device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    gen = _random.generator(cfg.seed + 1)
     S, d, A = cfg.seeds, cfg.dim, len(cfg.batch_inv_alphas)
-    target = torch.randn(S, d, generator=gen, device=device, dtype=dtype)
+    target_cpu = torch.randn((S, d), generator=gen, dtype=dtype)  # also the noise's location
+    target = _random.to_device(target_cpu, device)
     target_norm = torch.linalg.vector_norm(target, dim=-1)
-    alpha = (1.0 / torch.tensor(cfg.batch_inv_alphas, device=device, dtype=torch.float64))
+    alpha = (1.0 / torch.tensor(cfg.batch_inv_alphas, dtype=torch.float64))
     alpha = alpha.view(1, A, 1, 1, 1)  # over (chunk, alphas, seeds, n, d)
     combos = [(a, e) for a in _AGGREGATORS for e in _BATCH_ESTIMATORS]
     record_steps = list(range(0, cfg.batch_steps + 1, cfg.curve_every))
@@ -323,8 +323,8 @@ def batch_size_study(config: Union[str, BeyondConfig] = "ci", *, device="cpu",
         with value_checks(False):
             for start in range(0, cfg.batch_steps, cfg.chunk):
                 k = min(cfg.chunk, cfg.batch_steps - start)
-                samples = sample_stable(alpha, (k, A, S, n, d), loc=target.unsqueeze(-2),
-                                        generator=gen, device=device, dtype=dtype)
+                samples = _random.stable(alpha, (k, A, S, n, d), loc=target_cpu.unsqueeze(-2),
+                                         generator=gen, device=device, dtype=dtype)
                 aggregated = {how: _aggregate(samples, how) for how in _AGGREGATORS}
                 for c, (how, est) in enumerate(combos):
                     trajectory, estimate = [], m[c]
@@ -369,12 +369,12 @@ def clip21_study(config: Union[str, BeyondConfig] = "ci", *, device="cpu",
     """
     cfg = _config(config)
     device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+    gen = _random.generator(cfg.seed + 2)
     W, d, r = cfg.clip21_workers, cfg.clip21_dim, cfg.clip21_rows
-    A = torch.randn(W, r, d, generator=gen, device=device, dtype=dtype)
+    A = _random.randn((W, r, d), generator=gen, device=device, dtype=dtype)
     # heterogeneous: each worker has its own solution, far from the others'
-    x_i = 3.0 * torch.randn(W, d, 1, generator=gen, device=device, dtype=dtype)
-    b = A @ x_i + 0.1 * torch.randn(W, r, 1, generator=gen, device=device, dtype=dtype)
+    x_i = 3.0 * _random.randn((W, d, 1), generator=gen, device=device, dtype=dtype)
+    b = A @ x_i + 0.1 * _random.randn((W, r, 1), generator=gen, device=device, dtype=dtype)
     H_i = A.transpose(-1, -2) @ A / r  # (W, d, d): the workers' Hessians
     c_i = (A.transpose(-1, -2) @ b).squeeze(-1) / r  # (W, d): grad f_i(x) = H_i x - c_i
     H = H_i.mean(0)
@@ -431,12 +431,12 @@ def centered_clipping_study(config: Union[str, BeyondConfig] = "ci", *, device="
     """
     cfg = _config(config)
     device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 3)
+    gen = _random.generator(cfg.seed + 3)
     S, n, d = cfg.seeds, cfg.cc_samples, cfg.cc_dim
-    center = 3.0 * torch.randn(S, 1, d, generator=gen, device=device, dtype=dtype)
-    G = center + torch.randn(S, n, d, generator=gen, device=device, dtype=dtype)
+    center = 3.0 * _random.randn((S, 1, d), generator=gen, device=device, dtype=dtype)
+    G = center + _random.randn((S, n, d), generator=gen, device=device, dtype=dtype)
     k = int(round(cfg.cc_outliers * n))
-    G[:, :k] += 50.0 * torch.randn(S, 1, d, generator=gen, device=device, dtype=dtype)  # a far cluster
+    G[:, :k] += 50.0 * _random.randn((S, 1, d), generator=gen, device=device, dtype=dtype)  # a far cluster
     gm = geometric_median(G, tol=1e-12, max_iter=10_000).median
     m = coordinate_median(G)  # a robust start: the averaged step has norm <= tau
     dist = torch.empty(cfg.cc_steps + 1, S, device=device, dtype=dtype)
@@ -470,16 +470,17 @@ def sign_study(config: Union[str, BeyondConfig] = "ci", *, device="cpu",
     ``tau`` (``spp_step(0, g, tau, "l1") / tau``)."""
     cfg = _config(config)
     device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)
+    gen = _random.generator(cfg.seed + 4)
     N = cfg.sign_samples
-    u = torch.rand(N, generator=gen, device=device, dtype=dtype)
+    u = _random.rand(N, generator=gen, device=device, dtype=dtype)
     laws = {
         # -0.5 with probability 0.8, +10 with probability 0.2: mean +1.6, median -0.5
         "two-point": torch.where(u < 0.8, -0.5, 10.0).to(dtype),
         # a shifted exponential: mean +0.5, median log(2) - 0.5 + ... < 0
-        "exponential - 0.8": torch.empty(N, device=device, dtype=dtype).exponential_(generator=gen) - 0.8,
+        "exponential - 0.8": _random.to_device(torch.empty(N, dtype=dtype).exponential_(generator=gen),
+                                               device) - 0.8,
         # a lognormal shifted by its median minus 0.3: median -0.3, mean e^(1/2) - 1.3 > 0
-        "lognormal - 1.3": torch.exp(torch.randn(N, generator=gen, device=device, dtype=dtype)) - 1.3,
+        "lognormal - 1.3": torch.exp(_random.randn(N, generator=gen, device=device, dtype=dtype)) - 1.3,
     }
     tau = 1e-6
     records = []

@@ -181,7 +181,7 @@ def fixed_gradient_check(cfg: MemoryConfig, *, device="cpu", dtype=torch.float64
         for label, rule in methods:
             is_bgmd = label.startswith("BGmD")
             agg = BGmD(cfg.k, mode=cfg.mode, memory=rule,
-                       generator=torch.Generator(device=device).manual_seed(cfg.seed + 2),
+                       generator=torch.Generator().manual_seed(cfg.seed + 2),  # CPU keys, moved
                        **gm_options) if is_bgmd else None
             total_u = torch.zeros_like(g)
             total_a = torch.zeros_like(g)

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from ..bgmd import BGmD, select_block
 from ..data.images import ImageData, load_images
-from . import SCALES
+from . import SCALES, _random
 from . import bgmd_training
 
 __all__ = [
@@ -141,10 +141,11 @@ def relative_residual(G: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_block(d: int, k: int, draws: int, *, generator=None, device="cpu") -> torch.Tensor:
-    """``draws`` uniformly random ``k``-subsets of ``range(d)``: LongTensor (draws, k)."""
+    """``draws`` uniformly random ``k``-subsets of ``range(d)``: LongTensor (draws, k) on ``device``
+    (the keys are drawn on ``generator``'s device)."""
     if not (isinstance(k, int) and 1 <= k <= d):
         raise ValueError(f"need 1 <= k <= d = {d}, got {k!r}")
-    keys = torch.rand(draws, d, generator=generator, device=device)
+    keys = _random.rand((draws, d), generator=generator, device=device)
     return keys.topk(k, dim=-1).indices
 
 
@@ -183,10 +184,10 @@ def contraction_study(config: Union[str, BGmDTheoryConfig] = "ci", *, device="cp
     the mean).
     """
     cfg = _config(config)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = _random.generator(cfg.seed)  # CPU draws, moved: the same blocks on every device
     records = []
     for p, profile in enumerate(PROFILES):
-        Z = torch.randn(cfg.n, cfg.d, generator=gen, device=device, dtype=dtype)
+        Z = _random.randn((cfg.n, cfg.d), generator=gen, device=device, dtype=dtype)
         G = Z * column_profile(profile, cfg.d, device=device, dtype=dtype)
         # select_block sees G only through its column norms: a (1, d) matrix with the same
         # column norms, expanded to (draws, 1, d), draws every block in one cheap call.
@@ -232,10 +233,10 @@ def memory_identity(config: Union[str, BGmDTheoryConfig] = "ci", *, psi: Optiona
     psi = cfg.lemma5_psi if psi is None else psi
     if isinstance(psi, bool) or not isinstance(psi, (int, float)) or not 0 <= psi < 0.5:
         raise ValueError(f"psi must be a number in [0, 0.5), got {psi!r}")
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = _random.generator(cfg.seed)  # CPU draws, moved: the same run on every device
     n, d = cfg.lemma5_n, cfg.lemma5_d
     n_bad = int(math.floor(psi * n))
-    c = torch.randn(d, generator=gen, device=device, dtype=dtype)
+    c = _random.randn(d, generator=gen, device=device, dtype=dtype)
     x = torch.zeros(d, device=device, dtype=dtype)
     x_all, x_good = x.clone(), x.clone()
     agg = BGmD(cfg.lemma5_k, mode="norm", memory=memory, generator=gen, tol=1e-10, max_iter=1000)
@@ -249,9 +250,9 @@ def memory_identity(config: Union[str, BGmDTheoryConfig] = "ci", *, psi: Optiona
                      "distance": torch.linalg.vector_norm(x - c).item()})
         if t == cfg.lemma5_steps:
             break
-        G = (x - c) + cfg.lemma5_noise * torch.randn(n, d, generator=gen, device=device, dtype=dtype)
+        G = (x - c) + cfg.lemma5_noise * _random.randn((n, d), generator=gen, device=device, dtype=dtype)
         bad = torch.zeros(n, dtype=torch.bool, device=device)
-        bad[torch.randperm(n, generator=gen, device=device)[:n_bad]] = True
+        bad[_random.randperm(n, generator=gen, device=device)[:n_bad]] = True
         G = torch.where(bad.unsqueeze(-1), -100.0 * G, G)
         u = agg(gamma * G)
         A = gamma * G + m  # the augmented rows (Algorithm 1)

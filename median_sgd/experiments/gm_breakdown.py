@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from ..medians import geometric_median
-from . import SCALES
+from . import SCALES, _random
 
 __all__ = [
     "GMBreakdownConfig",
@@ -103,7 +103,8 @@ def corrupt(
         return Y, is_bad
     if mode == "additive":
         shape = (*X.shape[:-2], n_bad, X.shape[-1])
-        noise = torch.randn(shape, generator=generator, device=X.device, dtype=X.dtype)
+        # drawn on the generator's device (the CPU in the studies), then moved to X's
+        noise = _random.randn(shape, generator=generator, device=X.device, dtype=X.dtype)
         Y[..., :n_bad, :] += noise_std * noise
     else:
         Y[..., :n_bad, 0] += far_distance
@@ -111,7 +112,9 @@ def corrupt(
 
 
 def _generator(seed: int, device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+    # A CPU generator whatever the device: the draws are moved to the device, so a run on a GPU
+    # sees the samples of the CPU run (see ._random).
+    return _random.generator(seed)
 
 
 def _gm(Y: torch.Tensor, cfg: GMBreakdownConfig):
@@ -121,7 +124,7 @@ def _gm(Y: torch.Tensor, cfg: GMBreakdownConfig):
 def toy_scenes(cfg: GMBreakdownConfig, *, device="cpu", dtype=torch.float64) -> List[dict]:
     """Fig. 5: one 2-D sample, additively corrupted at each panel fraction; mean and median."""
     gen = _generator(cfg.seed, device)
-    X = torch.randn(cfg.n, cfg.dim, generator=gen, device=device, dtype=dtype)
+    X = _random.randn((cfg.n, cfg.dim), generator=gen, device=device, dtype=dtype)
     scenes = []
     for psi in cfg.panel_fractions:
         n_bad = round(psi * cfg.n)
@@ -158,7 +161,7 @@ def breakdown_curves(cfg: GMBreakdownConfig, *, device="cpu", dtype=torch.float6
         gen = _generator(cfg.seed + 1 + m, device)
         for psi in cfg.fractions:
             n_bad = round(psi * cfg.n)
-            X = torch.randn(cfg.seeds, cfg.n, cfg.dim, generator=gen, device=device, dtype=dtype)
+            X = _random.randn((cfg.seeds, cfg.n, cfg.dim), generator=gen, device=device, dtype=dtype)
             Y, is_bad = corrupt(X, n_bad, mode, noise_std=cfg.noise_std,
                                 far_distance=cfg.far_distance, generator=gen)
             frac = n_bad / cfg.n

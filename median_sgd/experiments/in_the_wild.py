@@ -29,7 +29,9 @@ All runs (method x setting x seed) are trained at once: every run has its own pa
 as its own model), the forward and backward passes stack them into one batched MLP, and the
 noise is applied by gradient hooks on the stacked tensors. For every seed, all methods and
 settings start from the same initial weights and see the same mini-batches and the same noise
-(common random numbers).
+(common random numbers). Initial weights, mini-batches and noise are drawn on the CPU from a
+generator seeded with ``config.seed`` and moved to the device (a few kilobytes per step), so a run
+on a GPU trains from the same draws as the CPU run; only rounding differs.
 """
 
 from __future__ import annotations
@@ -44,8 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..optim import MedianSGD
-from ..stable import sample_stable
-from . import SCALES
+from . import SCALES, _random
 
 __all__ = [
     "METHODS",
@@ -158,11 +159,12 @@ def load_data(cfg: InTheWildConfig, *, device="cpu", dtype=torch.float32):
 def init_params(seeds: int, d_in: int, hidden: int, classes: int, *, generator: torch.Generator,
                 device="cpu", dtype=torch.float32) -> List[torch.Tensor]:
     """``[W1 (seeds, d_in, hidden), b1 (seeds, hidden), W2 (seeds, hidden, classes), b2]``, each
-    uniform on ``+-1/sqrt(fan_in)`` (torch.nn.Linear's default)."""
+    uniform on ``+-1/sqrt(fan_in)`` (torch.nn.Linear's default), drawn on ``generator``'s device
+    and returned on ``device``."""
     shapes = [((d_in, hidden), d_in), ((hidden,), d_in), ((hidden, classes), hidden), ((classes,), hidden)]
     out = []
     for shape, fan_in in shapes:
-        u = torch.rand((seeds, *shape), generator=generator, device=device, dtype=dtype)
+        u = _random.rand((seeds, *shape), generator=generator, device=device, dtype=dtype)
         out.append((2 * u - 1) / math.sqrt(fan_in))
     return out
 
@@ -268,7 +270,7 @@ def run(
     classes = int(y_train.max()) + 1
     M, E, S = len(cfg.methods), len(cfg.settings), cfg.seeds
     R = M * E * S  # runs, ordered (method, setting, seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = _random.generator(cfg.seed)  # every draw on the CPU, then moved (see ._random)
 
     init = init_params(S, d_in, cfg.hidden, classes, generator=gen, device=device, dtype=dtype)
     leaves = [[p[s].clone().requires_grad_(True) for p in init]
@@ -315,16 +317,16 @@ def run(
         if step == cfg.steps:
             break
         # Mini-batches and noise of this step, per seed; shared by every method and setting.
-        idx = torch.randint(n_train, (S, cfg.batch_size), generator=gen, device=device)
+        idx = _random.randint(n_train, (S, cfg.batch_size), generator=gen, device=device)
         factor = torch.ones(M, E, S, device=device, dtype=dtype)
         noise = None
         if "corrupted batches" in setting_index:
-            coin = torch.rand(S, generator=gen, device=device) < cfg.corrupt_prob
+            coin = _random.rand(S, generator=gen, device=device) < cfg.corrupt_prob
             factor[:, setting_index["corrupted batches"]] = torch.where(
                 coin, torch.tensor(cfg.corrupt_factor, dtype=dtype, device=device), 1.0)
         if "heavy-tailed noise" in setting_index:
-            xi = sample_stable(cfg.noise_alpha, (S, total), scale=cfg.noise_scale, generator=gen,
-                               device=device, dtype=dtype)
+            xi = _random.stable(cfg.noise_alpha, (S, total), scale=cfg.noise_scale, generator=gen,
+                                device=device, dtype=dtype)
             noise = torch.zeros(M, E, S, total, device=device, dtype=dtype)
             noise[:, setting_index["heavy-tailed noise"]] = xi
             noise = noise.view(R, total)

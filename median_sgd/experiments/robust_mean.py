@@ -21,8 +21,7 @@ from typing import Callable, Dict, List, Union
 import torch
 
 from ..medians import coordinate_median, geometric_median, trimmed_mean
-from ..stable import sample_stable
-from . import SCALES
+from . import SCALES, _random
 
 __all__ = ["RobustMeanConfig", "CONFIGS", "estimators", "outlier_scene", "sample_size_study",
            "tail_study", "breakdown_study", "run"]
@@ -80,19 +79,21 @@ def estimators(
 
 
 def _generator(seed: int, device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+    # A CPU generator whatever the device: the draws are moved to the device, so a run on a GPU
+    # sees the samples of the CPU run (see ._random).
+    return _random.generator(seed)
 
 
 def outlier_scene(cfg: RobustMeanConfig, *, device="cpu", dtype=torch.float64) -> dict:
     """Fig. 1: 2-D inliers around 0 plus outliers on an arc; every estimator's estimate."""
     gen = _generator(cfg.seed, device)
     n_out = round(cfg.scene_outlier_fraction * cfg.scene_inliers / (1 - cfg.scene_outlier_fraction))
-    inliers = torch.randn(cfg.scene_inliers, 2, generator=gen, device=device, dtype=dtype)
+    inliers = _random.randn((cfg.scene_inliers, 2), generator=gen, device=device, dtype=dtype)
     angle = math.pi / 4 + cfg.scene_arc * (
-        torch.rand(n_out, generator=gen, device=device, dtype=dtype) - 0.5
+        _random.rand(n_out, generator=gen, device=device, dtype=dtype) - 0.5
     )
     radius = cfg.scene_radius * (
-        1 + 0.05 * torch.randn(n_out, generator=gen, device=device, dtype=dtype)
+        1 + 0.05 * _random.randn(n_out, generator=gen, device=device, dtype=dtype)
     )
     outliers = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=-1)
     points = torch.cat([inliers, outliers])
@@ -128,7 +129,7 @@ def sample_size_study(cfg: RobustMeanConfig, *, device="cpu", dtype=torch.float6
     gen = _generator(cfg.seed + 1, device)
     records = []
     for n in cfg.sample_sizes:
-        samples = sample_stable(1.0, (cfg.seeds, n, cfg.dim), generator=gen, device=device, dtype=dtype)
+        samples = _random.stable(1.0, (cfg.seeds, n, cfg.dim), generator=gen, device=device, dtype=dtype)
         for name, err in _errors(samples, cfg, per_coordinate=True).items():
             records.append({"n": n, "estimator": name, **_summary(err)})
     return records
@@ -137,10 +138,10 @@ def sample_size_study(cfg: RobustMeanConfig, *, device="cpu", dtype=torch.float6
 def tail_study(cfg: RobustMeanConfig, *, device="cpu", dtype=torch.float64) -> List[dict]:
     """alpha-stable samples of size ``tail_n``: error quantiles over seeds against alpha."""
     gen = _generator(cfg.seed + 2, device)
-    alphas = torch.tensor(cfg.tail_alphas, device=device, dtype=torch.float64)
+    alphas = torch.tensor(cfg.tail_alphas, dtype=torch.float64)  # on the CPU, as the draws
     size = (len(cfg.tail_alphas), cfg.seeds, cfg.tail_n, cfg.dim)
     # Every alpha in one call: alpha broadcasts along the first dimension.
-    samples = sample_stable(alphas.view(-1, 1, 1, 1), size, generator=gen, device=device, dtype=dtype)
+    samples = _random.stable(alphas.view(-1, 1, 1, 1), size, generator=gen, device=device, dtype=dtype)
     records = []
     for name, err in _errors(samples, cfg, per_coordinate=True).items():
         for i, alpha in enumerate(cfg.tail_alphas):
@@ -155,7 +156,7 @@ def breakdown_study(cfg: RobustMeanConfig, *, device="cpu", dtype=torch.float64)
     records = []
     for frac in cfg.breakdown_fractions:
         k = round(frac * n)
-        X = torch.randn(cfg.breakdown_seeds, n, d, generator=gen, device=device, dtype=dtype)
+        X = _random.randn((cfg.breakdown_seeds, n, d), generator=gen, device=device, dtype=dtype)
         X[:, :k, 0] += cfg.breakdown_distance
         # The bias itself, ||estimate||, not per coordinate.
         for name, err in _errors(X, cfg, per_coordinate=False).items():

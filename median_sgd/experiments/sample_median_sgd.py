@@ -31,7 +31,9 @@ Studies (each a function of the config; :func:`run` runs them all):
   Weiszfeld's iteration, in relative objective gap per pass.
 
 All seeds (and noise levels, step sizes, sample sizes) are leading batch dimensions of one tensor;
-nothing inside the loops reads tensor data back to the host.
+nothing inside the loops reads tensor data back to the host. The studies draw their noise from CPU
+generators (seeded by the config) and move it to the device, so a run on a GPU sees the samples of
+the CPU run and its records agree with the CPU's up to rounding.
 """
 
 from __future__ import annotations
@@ -46,8 +48,7 @@ import torch
 from .._checks import value_checks
 from ..estimators import sgd_step, spp_step
 from ..medians import coordinate_median, geometric_median, geometric_median_objective
-from ..stable import sample_stable
-from . import SCALES
+from . import SCALES, _random
 
 __all__ = [
     "ESTIMATORS",
@@ -61,6 +62,7 @@ __all__ = [
     "curvatures",
     "stationary_scale",
     "pareto_median_mean",
+    "median_interval",
     "simulate",
     "stationary_study",
     "tail_study",
@@ -72,6 +74,10 @@ __all__ = [
 
 ESTIMATORS = ("mean", "coordinate median", "geometric median")
 NOISES = ("stable", "pareto")
+#: the pooled median's interval in the stationary study spans this many standard errors of the
+#: binomial count below the median (a distribution-free confidence interval; see
+#: :func:`median_interval`)
+POOLED_Z = 4.0
 #: errors above this count as diverged: the run is frozen there and recorded at this value
 #: (in float32, whose range is smaller, at the square root of its largest value)
 DIVERGED = 1e100
@@ -276,6 +282,29 @@ def pareto_median_mean(tail: float, n: int) -> float:
                     - math.lgamma(2 * k + 2 - s) - math.lgamma(k + 1))
 
 
+def median_interval(values: torch.Tensor, z: float = POOLED_Z) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(low, high)``: order statistics ``v_(i) <= v_(j)`` of the last dimension (``N`` values)
+    with ``i = ceil(N/2 - z sqrt(N)/2)`` and ``j = floor(N/2 + z sqrt(N)/2) + 1`` (1-based, clamped
+    to ``1..N``).
+
+    For i.i.d. values with median ``m`` (a continuous law), the count ``B`` of values below ``m``
+    is Binomial(N, 1/2), and ``v_(i) < m < v_(j)`` exactly when ``i <= B <= j - 1``, i.e. when
+    ``B`` is within ``z`` standard errors (``sqrt(N)/2``) of ``N/2``: a confidence interval for
+    the median that needs nothing of the law (its coverage is ``P(|B - N/2| <= z sqrt(N)/2)``,
+    about ``1 - 6e-5`` for ``z = 4``).
+    """
+    if not (isinstance(z, (int, float)) and math.isfinite(z) and z > 0):
+        raise ValueError(f"z must be a finite number > 0, got {z!r}")
+    N = values.shape[-1]
+    if N < 1:
+        raise ValueError("median_interval needs at least one value")
+    half = z * math.sqrt(N) / 2
+    i = min(max(math.ceil(N / 2 - half), 1), N)
+    j = min(max(math.floor(N / 2 + half) + 1, 1), N)
+    ordered = values.sort(dim=-1).values
+    return ordered[..., i - 1], ordered[..., j - 1]
+
+
 # --------------------------------------------------------------------------------------------
 # The simulation
 
@@ -296,10 +325,11 @@ def aggregate(G: torch.Tensor, estimator: str, *, gm_iters: int = 10) -> torch.T
 
 
 def _noise(kind: str, alpha, size, *, tail: float, gen, device, dtype) -> torch.Tensor:
+    """Noise drawn on ``gen``'s device (the CPU for the studies) and returned on ``device``."""
     if kind == "stable":
-        return sample_stable(alpha, size, generator=gen, device=device, dtype=dtype)
+        return _random.stable(alpha, size, generator=gen, device=device, dtype=dtype)
     # Centred Pareto(1, tail): U^(-1/tail) - tail/(tail - 1), mean 0, median 2^(1/tail) - mean.
-    u = torch.rand(size, generator=gen, device=device, dtype=dtype)
+    u = _random.rand(size, generator=gen, device=device, dtype=dtype)
     return (1 - u) ** (-1.0 / tail) - tail / (tail - 1)
 
 
@@ -329,7 +359,9 @@ def simulate(
 
     ``batch`` is the shape of the independent runs (for example ``(alphas, seeds)``); ``alpha``
     (``noise="stable"``) is a number or a tensor broadcasting against ``(*batch, n, d)`` (for
-    example one tail index per row); ``n`` is one int. Returns, on ``h``'s device:
+    example one tail index per row); ``n`` is one int. The noise is drawn on ``generator``'s
+    device (a CPU generator gives the same run on every device) and moved to ``h``'s device.
+    Returns, on ``h``'s device:
 
     * ``"errors"``: ``(records, *batch)``, ``||e_t||`` at ``t = 0, record_every, ..., steps``
       (diverged runs, ``||e|| > DIVERGED`` or not finite, are frozen and recorded as ``DIVERGED``;
@@ -349,8 +381,8 @@ def simulate(
     d = h.shape[-1]
     e = torch.full((*batch, d), float(start), device=device, dtype=dtype)
     diverged = torch.zeros(batch, dtype=torch.bool, device=device)
-    if isinstance(alpha, torch.Tensor):
-        alpha = alpha.to(device=device, dtype=torch.float64)
+    if isinstance(alpha, torch.Tensor):  # where the noise is drawn
+        alpha = alpha.to(device=generator.device, dtype=torch.float64)
     average_from = steps // 2 if average_from is None else average_from
     cap = _diverged_cap(dtype)
     total = torch.zeros_like(e)
@@ -404,11 +436,15 @@ def stationary_study(cfg: SampleMedianSGDConfig, *, device="cpu", dtype=torch.fl
       closed-form scale for the mean (so ``pooled`` estimates that 3/4-quantile from
       ``seeds * dim`` values) and ``s_j = sqrt(eta / (h_j (2 - eta h_j)))`` for the median (the
       stationary standard deviation for noise of unit variance: ``pooled`` is then flat in
-      ``eta`` when the median's noise has a finite variance).
+      ``eta`` when the median's noise has a finite variance);
+    * ``pooled_low``, ``pooled_high``: a distribution-free confidence interval for the median that
+      ``pooled`` estimates (:func:`median_interval` of the same values, ``z = POOLED_Z``): the
+      closed form's 3/4-quantile lies in it unless the count of values below that quantile is
+      more than ``POOLED_Z`` standard errors from half of them.
     """
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = _random.generator(cfg.seed)
     h = curvatures(cfg, device=device, dtype=dtype)
-    alphas = torch.tensor(cfg.stationary_alphas, dtype=torch.float64, device=device)
+    alphas = torch.tensor(cfg.stationary_alphas, dtype=torch.float64)  # on the CPU, as the draws
     etas = torch.tensor(cfg.stationary_etas, dtype=dtype, device=device)
     A, E, S, n, d = len(alphas), len(etas), cfg.stationary_seeds, cfg.n, cfg.dim
     alpha_b = alphas.view(A, 1, 1, 1, 1)
@@ -417,10 +453,10 @@ def stationary_study(cfg: SampleMedianSGDConfig, *, device="cpu", dtype=torch.fl
             for est in ("mean", "coordinate median")}
     with value_checks(False):
         for _ in _progress(range(cfg.stationary_steps), progress, "stationary"):
-            xi = sample_stable(alpha_b, (A, E, S, n, d), generator=gen, device=device, dtype=dtype)
+            xi = _random.stable(alpha_b, (A, E, S, n, d), generator=gen, device=device, dtype=dtype)
             for est, e in errs.items():  # both estimators see the same noise
                 errs[est] = (1 - eta_b * h) * e - eta_b * aggregate(xi, est)
-    scale = stationary_scale(alphas.view(A, 1, 1).cpu(), etas.view(1, E, 1).cpu(), h.cpu(), n=n,
+    scale = stationary_scale(alphas.view(A, 1, 1), etas.view(1, E, 1).cpu(), h.cpu(), n=n,
                              steps=cfg.stationary_steps)  # (A, E, d)
     eta_h = etas.view(1, E, 1).cpu() * h.cpu()
     gauss = torch.sqrt(etas.view(1, E, 1).cpu() / (h.cpu() * (2 - eta_h)))  # (1, E, d)
@@ -429,11 +465,14 @@ def stationary_study(cfg: SampleMedianSGDConfig, *, device="cpu", dtype=torch.fl
         e = e.abs().cpu()  # (A, E, S, d)
         spread = e[..., 0].median(dim=-1).values  # (A, E)
         ref = scale if est == "mean" else gauss.expand(A, E, d)
-        pooled = (e / ref.unsqueeze(2)).flatten(2).median(dim=-1).values  # (A, E)
+        values = (e / ref.unsqueeze(2)).flatten(2)  # (A, E, S * d)
+        pooled = values.median(dim=-1).values  # (A, E)
+        low, high = median_interval(values, POOLED_Z)
         for a, alpha in enumerate(cfg.stationary_alphas):
             for i, eta in enumerate(cfg.stationary_etas):
                 rec = {"alpha": alpha, "eta": eta, "estimator": est, "h": float(h[0]),
-                       "spread": spread[a, i].item(), "pooled": pooled[a, i].item()}
+                       "spread": spread[a, i].item(), "pooled": pooled[a, i].item(),
+                       "pooled_low": low[a, i].item(), "pooled_high": high[a, i].item()}
                 if est == "mean":
                     rec["scale"] = scale[a, i, 0].item()
                 records.append(rec)
@@ -450,11 +489,11 @@ def tail_study(cfg: SampleMedianSGDConfig, *, device="cpu", dtype=torch.float64,
     Every estimator sees its own noise stream (the same seed for each).
     """
     h = curvatures(cfg, device=device, dtype=dtype)
-    alphas = torch.tensor(cfg.alphas, dtype=torch.float64, device=device).view(-1, 1, 1, 1)
+    alphas = torch.tensor(cfg.alphas, dtype=torch.float64).view(-1, 1, 1, 1)
     final, curves = [], []
     steps = _record_steps(cfg.steps, cfg.curve_every)
     for est in ESTIMATORS:
-        gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        gen = _random.generator(cfg.seed + 1)
         out = simulate(estimator=est, batch=(len(cfg.alphas), cfg.seeds), n=cfg.n, h=h,
                        steps=cfg.steps, eta0=cfg.eta0, t0=cfg.t0, sigma0=cfg.sigma0,
                        sigma1=cfg.sigma1, start=cfg.start, alpha=alphas, gm_iters=cfg.gm_iters,
@@ -482,7 +521,7 @@ def sample_size_study(cfg: SampleMedianSGDConfig, *, device="cpu", dtype=torch.f
     h = curvatures(cfg, device=device, dtype=dtype)
     records = []
     for n in cfg.sizes:
-        gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+        gen = _random.generator(cfg.seed + 2)
         out = simulate(estimator="coordinate median", batch=(cfg.seeds,), n=n, h=h,
                        steps=cfg.steps, eta0=cfg.eta0, t0=cfg.t0, sigma0=cfg.sigma0,
                        sigma1=cfg.sigma1, start=cfg.start, alpha=cfg.size_alpha,
@@ -510,7 +549,7 @@ def skew_study(cfg: SampleMedianSGDConfig, *, device="cpu", dtype=torch.float64,
     records = []
     for n in cfg.skew_sizes:
         for est in ("mean", "coordinate median"):
-            gen = torch.Generator(device=device).manual_seed(cfg.seed + 3)
+            gen = _random.generator(cfg.seed + 3)
             out = simulate(estimator=est, batch=(cfg.skew_seeds,), n=n, h=h, steps=cfg.skew_steps,
                            eta0=cfg.eta0, t0=cfg.t0, sigma0=cfg.sigma0, sigma1=0.0,
                            start=cfg.start, noise="pareto", tail=cfg.skew_tail, generator=gen,
@@ -538,9 +577,9 @@ def gm_passes_study(cfg: SampleMedianSGDConfig, *, device="cpu", dtype=torch.flo
     Records: ``method``, ``passes`` and quantiles over seeds of the relative gap
     ``(f(m) - f*) / f*``, ``f(m) = sum_i ||m - G_i||``.
     """
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)
+    gen = _random.generator(cfg.seed + 4)
     S, n = cfg.gm_seeds, cfg.gm_n
-    G = sample_stable(cfg.gm_alpha, (S, n, cfg.dim), generator=gen, device=device, dtype=dtype)
+    G = _random.stable(cfg.gm_alpha, (S, n, cfg.dim), generator=gen, device=device, dtype=dtype)
     ref = geometric_median(G, tol=1e-12, max_iter=10_000)
     f_star = geometric_median_objective(G, ref.median)
 
@@ -562,14 +601,14 @@ def gm_passes_study(cfg: SampleMedianSGDConfig, *, device="cpu", dtype=torch.flo
     rows = torch.arange(S, device=device).unsqueeze(-1)
     for method, (kind, schedule) in GM_METHODS.items():
         step = spp_step if kind == "spp" else sgd_step
-        order_gen = torch.Generator(device=device).manual_seed(cfg.seed + 5)  # same orders for all
+        order_gen = _random.generator(cfg.seed + 5)  # the same orders for every method
         m = start
         add(method, 0, m)
         with value_checks(False):
             for p in _progress(range(1, cfg.passes + 1), progress, method):
                 factor = {"constant": 1.0, "sqrt": p ** -0.5, "inverse": 1.0 / p}[schedule]
                 tau = tau0 * factor
-                order = torch.argsort(torch.rand(S, n, generator=order_gen, device=device), dim=-1)
+                order = torch.argsort(_random.rand((S, n), generator=order_gen, device=device), dim=-1)
                 shuffled = G[rows, order]
                 for i in range(n):
                     m = step(m, shuffled[:, i], tau, "l2")

@@ -9,6 +9,8 @@ The whole experiment is one batched run: the estimates have shape ``(alphas, see
 noise level and seed advances in the same tensor operation, the noise is drawn in chunks of
 ``config.chunk`` iterations by one :func:`~median_sgd.sample_stable` call each, and nothing reads
 tensor data back to the host inside the loop (value checks are switched off after one validation).
+The noise is drawn on the CPU from a generator seeded with ``config.seed`` and moved to the
+device, so a run on a GPU sees the samples of the CPU run (its errors agree up to rounding).
 :func:`simulate` is that run, returning the error trajectories on the device; :func:`run` turns
 them into tidy records for the chapter.
 
@@ -27,8 +29,7 @@ import torch
 
 from .._checks import value_checks
 from ..estimators import sgd_step, spp_step
-from ..stable import sample_stable
-from . import SCALES
+from . import SCALES, _random
 
 __all__ = [
     "ESTIMATORS",
@@ -137,11 +138,14 @@ def simulate(
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    # Every draw comes from a CPU generator and is moved to the device: the same numbers on
+    # every device (see ._random). The target stays on the CPU too, as the noise's location.
+    gen = _random.generator(cfg.seed)
     n_alpha, n_est = len(cfg.inv_alphas), len(cfg.estimators)
-    target = torch.randn(cfg.seeds, cfg.dim, generator=gen, device=device, dtype=dtype)
+    target_cpu = torch.randn(cfg.seeds, cfg.dim, generator=gen, dtype=dtype)
+    target = _random.to_device(target_cpu, device)
     target_norm = torch.linalg.vector_norm(target, dim=-1)  # (seeds,)
-    alpha = 1.0 / torch.tensor(cfg.inv_alphas, device=device, dtype=torch.float64)
+    alpha = 1.0 / torch.tensor(cfg.inv_alphas, dtype=torch.float64)
     alpha = alpha.view(1, n_alpha, 1, 1)  # broadcasts over (chunk, alphas, seeds, d)
     steps = [(_STEPS[ESTIMATORS[e][0]], ESTIMATORS[e][1]) for e in cfg.estimators]
 
@@ -152,8 +156,8 @@ def simulate(
     with value_checks(False):  # inputs validated above; the loop must not sync with the host
         for start in _progress(chunks, progress, len(chunks)):
             k = min(cfg.chunk, cfg.steps - start)
-            noise = sample_stable(alpha, (k, n_alpha, cfg.seeds, cfg.dim), loc=target,
-                                  scale=cfg.scale, generator=gen, device=device, dtype=dtype)
+            noise = _random.stable(alpha, (k, n_alpha, cfg.seeds, cfg.dim), loc=target_cpu,
+                                   scale=cfg.scale, generator=gen, device=device, dtype=dtype)
             for e, (step, div) in enumerate(steps):
                 trajectory = []
                 estimate = m[e]

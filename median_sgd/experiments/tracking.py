@@ -35,8 +35,7 @@ import torch
 from .._checks import value_checks
 from ..estimators import sgd_step, spp_step
 from ..medians import coordinate_median, geometric_median
-from ..stable import sample_stable
-from . import SCALES
+from . import SCALES, _random
 
 __all__ = [
     "ESTIMATORS",
@@ -162,13 +161,17 @@ def sample_lomax(tail_index: float, size, *, generator=None, device=None, dtype=
     """Lomax (Pareto II) samples ``U^(-1/a) - 1``, ``U ~ U(0, 1]``: ``P(xi > x) = (1 + x)^-a``.
 
     Mean ``1/(a - 1)`` for ``a > 1``, median ``2^(1/a) - 1``; the variance is infinite for ``a <= 2``.
+    Drawn on ``generator``'s device and returned on ``device`` (default: the generator's device,
+    else the CPU).
     """
     if isinstance(tail_index, bool) or not isinstance(tail_index, (int, float)) or not (
         math.isfinite(tail_index) and tail_index > 0
     ):
         raise ValueError(f"tail_index must be a finite number > 0, got {tail_index!r}")
     dtype = torch.get_default_dtype() if dtype is None else dtype
-    u = torch.rand(size, generator=generator, device=device, dtype=dtype)
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    u = _random.rand(size, generator=generator, device=device, dtype=dtype)
     # 1 - u lies in (0, 1]: no division by zero.
     return (1.0 - u) ** (-1.0 / tail_index) - 1.0
 
@@ -202,11 +205,11 @@ def fixed_study(
     """
     cfg = _config(config)
     device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = _random.generator(cfg.seed)  # CPU draws, moved: the same run on every device
     kw = dict(device=device, dtype=dtype)
     mixing = torch.tensor(cfg.mixing, **kw)
     d = cfg.dim
-    location = torch.randn(d, generator=gen, **kw)
+    location = _random.randn(d, generator=gen, **kw)
     reference = location + sample_lomax(cfg.tail_index, (cfg.reference_samples, d), generator=gen, **kw) @ mixing.T
     targets = {
         "location": location,
@@ -294,13 +297,13 @@ def drift_study(
     """
     cfg = _config(config)
     device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    gen = _random.generator(cfg.seed + 1)  # CPU draws, moved: the same run on every device
     kw = dict(device=device, dtype=dtype)
     d, T, names = cfg.drift_dim, cfg.drift_steps, cfg.estimators
     n_tau = len(cfg.drift_taus)
     steps = [(_STEPS[ESTIMATORS[e][0]], ESTIMATORS[e][1]) for e in names]
     u = torch.full((d,), 1.0 / math.sqrt(d), **kw)
-    x0 = torch.randn(d, generator=gen, **kw)
+    x0 = _random.randn(d, generator=gen, **kw)
     tau = torch.tensor(cfg.drift_taus, **kw).view(n_tau, 1)  # one step size per row of the batch
     m = [x0.expand(n_tau, cfg.seeds, d).clone() for _ in names]
     tail_start = T // 2
@@ -314,7 +317,7 @@ def drift_study(
             k = min(cfg.chunk, T - start)
             t = torch.arange(start, start + k, **kw)
             x = x0 + (cfg.drift_speed * t)[:, None] * u  # (k, d): x_t
-            g = x[:, None] + sample_stable(cfg.drift_alpha, (k, cfg.seeds, d), generator=gen, **kw)
+            g = x[:, None] + _random.stable(cfg.drift_alpha, (k, cfg.seeds, d), generator=gen, **kw)
             paths = []
             for e, (step, div) in enumerate(steps):
                 path = []
