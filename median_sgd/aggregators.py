@@ -374,10 +374,12 @@ class _WorkersBGmD(BGmD):
 
     def _dropping_step(self, G, ok, m, k):
         count = ok.sum(-1, keepdim=True)  # (..., 1): the rows that count
-        colsum, sq = _column_stats(G)  # the dropped rows are zero: they add nothing
-        if m is not None:
-            colsum_a = colsum + count * m
-            sq = (sq + m * (2 * colsum + count * m)).clamp_min_(0.0)
+        # scaled by s, s^2 (so they cannot overflow); the dropped rows are zero: they add nothing
+        s, colsum, sq = _column_stats(G)
+        if m is not None:  # A = G + 1 m^T over the rows that count
+            ms_ = m.to(colsum.dtype) * s.unsqueeze(-1)
+            colsum_a = colsum + count * ms_
+            sq = (sq + ms_ * (2 * colsum + count * ms_)).clamp_min_(0.0)
         else:
             colsum_a = colsum
         sq = torch.nan_to_num(sq, nan=torch.inf)  # an overflowed column (inf - inf) ranks first
@@ -407,7 +409,7 @@ class _WorkersBGmD(BGmD):
             self.memory = None
             return update
         if rule == "mean":
-            new = colsum_a / count.clamp_min(1)
+            new = colsum_a / (count.clamp_min(1) * s.unsqueeze(-1))  # exact unscaling (s = 2^k)
         elif rule == "median":
             # The coordinate-wise median commutes with adding m_j to a whole column.
             med = _masked_coordinate_median(G, ok)
