@@ -372,9 +372,15 @@ _GRAM_BLOCK_COLUMNS = 1 << 14
 _GRAM_ERR = 16
 
 
+# On a GPU a block is a few kernel launches whatever its size (each costs microseconds) and the
+# device's cache is larger: blocks of up to 2**24 elements (64 MiB in float32).
+_BLOCK_ELEMENTS_DEVICE = 1 << 24
+
+
 def _block_columns(X: torch.Tensor) -> int:
     rows = max(1, X.numel() // X.shape[-1])
-    return max(1, _BLOCK_ELEMENTS // rows)
+    elements = _BLOCK_ELEMENTS if X.device.type == "cpu" else _BLOCK_ELEMENTS_DEVICE
+    return max(1, elements // rows)
 
 
 def _check_schedule(device: torch.device):
