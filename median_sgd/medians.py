@@ -284,9 +284,10 @@ def geometric_median(
             probe = z if uniform else X0.sum()
             if not bool(torch.isfinite(probe).all()):
                 check_finite(G, "G")  # decides (a non-finite sum may also be an overflow)
-        # Everything below works on X s - centre: s (a power of two, exact) brings max |X| to 1,
-        # so no sum of squares over- or underflows; the centre is the previous iterate, rounded,
-        # and the iterate is carried as centre + offset. (The centre is kept negated: X s + neg.)
+        # Everything below works on X s - centre: s (a power of two, exact) brings max |X| to the
+        # middle of the dtype's range (_scaled_top), so no sum of squares over- or underflows; the
+        # centre is the previous iterate, rounded, and the iterate is carried as centre + offset.
+        # (The centre is kept negated: X s + neg.)
         amax = _max_abs_matrix(X0)
         s = _pow2_scale(amax, _scaled_top(work_dtype, d))  # (...,)
         s_rows = s[..., None, None]
