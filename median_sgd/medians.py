@@ -284,9 +284,10 @@ def geometric_median(
             probe = z if uniform else X0.sum()
             if not bool(torch.isfinite(probe).all()):
                 check_finite(G, "G")  # decides (a non-finite sum may also be an overflow)
-        # Everything below works on X s - centre: s (a power of two, exact) brings max |X| to 1,
-        # so no sum of squares over- or underflows; the centre is the previous iterate, rounded,
-        # and the iterate is carried as centre + offset. (The centre is kept negated: X s + neg.)
+        # Everything below works on X s - centre: s (a power of two, exact) brings max |X| to the
+        # middle of the dtype's range (_scaled_top), so no sum of squares over- or underflows; the
+        # centre is the previous iterate, rounded, and the iterate is carried as centre + offset.
+        # (The centre is kept negated: X s + neg.)
         amax = _max_abs_matrix(X0)
         s = _pow2_scale(amax, _scaled_top(work_dtype, d))  # (...,)
         s_rows = s[..., None, None]
@@ -372,9 +373,15 @@ _GRAM_BLOCK_COLUMNS = 1 << 14
 _GRAM_ERR = 16
 
 
+# On a GPU a block is a few kernel launches whatever its size (each costs microseconds) and the
+# device's cache is larger: blocks of up to 2**24 elements (64 MiB in float32).
+_BLOCK_ELEMENTS_DEVICE = 1 << 24
+
+
 def _block_columns(X: torch.Tensor) -> int:
     rows = max(1, X.numel() // X.shape[-1])
-    return max(1, _BLOCK_ELEMENTS // rows)
+    elements = _BLOCK_ELEMENTS if X.device.type == "cpu" else _BLOCK_ELEMENTS_DEVICE
+    return max(1, elements // rows)
 
 
 def _check_schedule(device: torch.device):

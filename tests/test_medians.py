@@ -859,4 +859,4 @@ def test_gm_fixed_iter_cuda_no_host_sync_matches_cpu(shape, weighted, no_host_sy
     cpu = ms.geometric_median(G, w, fixed_iter=True, max_iter=40)
     assert torch.isfinite(res.median).all()
     torch.testing.assert_close(res.median.cpu(), cpu.median, rtol=1e-5, atol=1e-5)
-    assert torch.equal(res.converged.cpu(), cpu.converged)
+    assert bool(res.converged.all()) and bool(cpu.converged.all())
