@@ -4,6 +4,11 @@ One module per experiment. Each defines a frozen config dataclass, ``CONFIGS = {
 "paper": ...}`` (the two scales differ only in sizes, never in code) and ``run(config, *, device,
 ...)`` returning tidy records (lists of dicts) that :mod:`median_sgd.plotting` draws. Nothing here
 prints or plots, so users can rerun an experiment with other settings from their own notebooks.
+
+Random draws come from CPU generators seeded by the config and are moved to the device that
+computes (``._random``), so an experiment run on a GPU sees the samples of the CPU run and its
+records agree with the book's up to rounding. (``bgmd_training``, whose loop draws whole gradient
+matrices at every step, keeps a generator on the device; ``aggregation_cost`` times BGmD with one.)
 """
 
 SCALES = ("ci", "paper")
