@@ -196,7 +196,9 @@ def _worker(rank: int, config: ScalingOutConfig, device: str, store: str, out_di
     torch.set_num_threads(1)  # identical, reproducible CPU reductions
     import torch.distributed as dist
 
-    dev = torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu")
+    # "cuda", "cuda:0" and torch.device("cuda") all mean: one GPU per rank
+    cuda = torch.device(device).type == "cuda"
+    dev = torch.device(f"cuda:{rank}") if cuda else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     dist.init_process_group(config.backend, init_method=f"file://{store}", rank=rank,
