@@ -129,3 +129,27 @@ def test_scales_differ_only_in_sizes():
         bth.contraction_study("huge")
     with pytest.raises(TypeError):
         bth.memory_identity(3)
+
+
+def test_uniform_rule_standard_error_is_the_exact_one():
+    """For a uniform block the record's ``se`` is the exact standard error (the finite-population
+    variance of the column masses): the sample's underestimates it when a few heavy columns decide
+    the residual. A Monte Carlo with many draws matches the closed form."""
+    cfg = dataclasses.replace(TINY, d=200, k_fractions=(0.05,), draws=300)
+    k = 10
+    rec = {r["profile"]: r for r in bth.contraction_study(cfg) if r["selection"] == "uniform"}
+    # the first profile is "uniform": its G is the study's first draw
+    Z = torch.randn(cfg.n, cfg.d, generator=torch.Generator().manual_seed(cfg.seed),
+                    dtype=torch.float64)
+    s = (Z * Z).sum(0)
+    exact = math.sqrt(k * s.var(unbiased=False) * (cfg.d - k) / (cfg.d - 1)) / s.sum().item()
+    assert rec["uniform"]["se"] == pytest.approx(exact / math.sqrt(cfg.draws), rel=1e-9)
+    # a power-law matrix: Monte Carlo mean and standard deviation against the closed form
+    G = Z * bth.column_profile("power law", cfg.d, dtype=torch.float64)
+    s = (G * G).sum(0)
+    exact = math.sqrt(k * s.var(unbiased=False) * (cfg.d - k) / (cfg.d - 1)) / s.sum().item()
+    draws = 40_000
+    mc = bth.relative_residual(G, bth.uniform_block(cfg.d, k, draws,
+                                                    generator=torch.Generator().manual_seed(1)))
+    assert mc.mean().item() == pytest.approx(1 - k / cfg.d, abs=5 * exact / math.sqrt(draws))
+    assert mc.std().item() == pytest.approx(exact, rel=0.05)
