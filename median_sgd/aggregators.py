@@ -358,15 +358,9 @@ class _WorkersBGmD(BGmD):
     def __call__(self, G: torch.Tensor) -> torch.Tensor:
         with value_checks(False):  # NaN and Inf are data here, not a caller's error
             check_sample_matrix(G)
-        batch, n, d = G.shape[:-2], G.shape[-2], G.shape[-1]
+        n, d = G.shape[-2], G.shape[-1]
         k = resolve_block_size(self.k, d)
-        m = self.memory
-        if m is not None:
-            if m.shape != (*batch, d) or m.dtype != G.dtype or m.device != G.device:
-                raise ValueError(
-                    f"G of shape {tuple(G.shape)}, {G.dtype} on {G.device} does not match the "
-                    f"memory of shape {tuple(m.shape)}, {m.dtype} on {m.device}; call reset() first"
-                )
+        m = self._memory_for(G)
         ok = _finite_rows(G)
         self.last_dropped = n - ok.sum(-1)
         with value_checks(False):
@@ -395,14 +389,7 @@ class _WorkersBGmD(BGmD):
                               **self.gm_options)
         update = G.new_zeros(sq.shape).scatter_(-1, idx, gm.median)
 
-        total = sq.sum(-1)
-        kept = torch.gather(sq, -1, idx).sum(-1)
-        tiny = torch.finfo(total.dtype).tiny
-        self.last_residual = torch.where(
-            total > 0, (total - kept).clamp_min(0.0) / total.clamp_min(tiny), torch.zeros_like(total)
-        )
-        self.last_block = idx
-        self.last_gm = gm
+        self._record(sq, idx, gm, G.dtype)
 
         rule = self.memory_rule
         if rule is None:

@@ -30,6 +30,7 @@ from typing import ClassVar, Dict, Optional, Tuple, Type, Union
 import torch
 
 from ._checks import check_float_tensor
+from ._numerics import to_device
 
 __all__ = [
     "n_corrupted",
@@ -93,7 +94,7 @@ def _draw(kind: str, shape, generator, device, dtype) -> torch.Tensor:
     _check_generator(generator)
     where = device if generator is None else generator.device
     fn = torch.rand if kind == "rand" else torch.randn
-    return fn(shape, generator=generator, device=where, dtype=dtype).to(device)
+    return to_device(fn(shape, generator=generator, device=where, dtype=dtype), device)
 
 
 def n_corrupted(n: int, psi: float) -> int:

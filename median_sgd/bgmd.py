@@ -28,6 +28,7 @@ from typing import Optional, Union
 import torch
 
 from ._checks import check_choice, check_sample_matrix, value_checks, value_checks_enabled
+from ._numerics import opmath_dtype, to_device
 from .medians import (
     GeometricMedianResult,
     _max_abs,
@@ -77,20 +78,10 @@ def _exponential(shape, generator: Optional[torch.Generator], device: torch.devi
     # third of its cost there.
     u = torch.rand(shape, device=where, dtype=torch.float64, generator=generator)
     u = u.neg_().log1p_().neg_()
-    if where.type == "cpu" and device.type == "cuda":
-        # a copy from pageable host memory synchronises; from pinned memory it need not
-        u = u.pin_memory().to(device, non_blocking=True)
-    else:
-        u = u.to(device)
-    return u.clamp_min_(torch.finfo(torch.float64).tiny)
+    return to_device(u, device).clamp_min_(torch.finfo(torch.float64).tiny)
 
 
 _CHUNK_ELEMENTS = 1 << 19  # CPU column statistics: ~2 MB chunks of G stay in cache
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Column statistics of half-precision data are taken in float32."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _column_stats(G: torch.Tensor, m: Optional[torch.Tensor] = None):
@@ -109,7 +100,7 @@ def _column_stats(G: torch.Tensor, m: Optional[torch.Tensor] = None):
     """
     n, d = G.shape[-2], G.shape[-1]
     batch = G.shape[:-2]
-    dtype = _stats_dtype(G.dtype)
+    dtype = opmath_dtype(G.dtype)  # column statistics of half-precision data in float32
     amax = _max_abs_matrix(G).to(dtype)
     if m is not None:
         amax = torch.maximum(amax, _max_abs(m, -1).to(dtype))
@@ -298,15 +289,9 @@ class BGmD:
     def __call__(self, G: torch.Tensor) -> torch.Tensor:
         with value_checks(False):  # shape and dtype here; finiteness below, from the column sums
             check_sample_matrix(G)
-        batch, n, d = G.shape[:-2], G.shape[-2], G.shape[-1]
+        n, d = G.shape[-2], G.shape[-1]
         k = resolve_block_size(self.k, d)
-        m = self.memory
-        if m is not None:
-            if m.shape != (*batch, d) or m.dtype != G.dtype or m.device != G.device:
-                raise ValueError(
-                    f"G of shape {tuple(G.shape)}, {G.dtype} on {G.device} does not match the "
-                    f"memory of shape {tuple(m.shape)}, {m.dtype} on {m.device}; call reset() first"
-                )
+        m = self._memory_for(G)
         # Column statistics of A = G + 1 m^T without forming A (an n x d allocation costs as much
         # as a Weiszfeld iteration), scaled so that they cannot overflow.
         s, colsum, sq = _column_stats(G, m)  # (...,), (..., d) each
@@ -316,6 +301,28 @@ class BGmD:
             raise ValueError("G contains NaN or Inf values")
         with value_checks(False):  # G is checked; the geometric medians need not re-check blocks
             return self._step(G, m, k, n, d, s, colsum, sq)
+
+    def _memory_for(self, G: torch.Tensor) -> Optional[torch.Tensor]:
+        """The memory, checked against ``G`` (..., n, d): None, or a (..., d) tensor like ``G``'s."""
+        m = self.memory
+        if m is not None and (m.shape != (*G.shape[:-2], G.shape[-1]) or m.dtype != G.dtype
+                              or m.device != G.device):
+            raise ValueError(
+                f"G of shape {tuple(G.shape)}, {G.dtype} on {G.device} does not match the "
+                f"memory of shape {tuple(m.shape)}, {m.dtype} on {m.device}; call reset() first"
+            )
+        return m
+
+    def _record(self, sq, idx, gm, dtype) -> None:
+        """``last_block``, ``last_gm`` and ``last_residual = 1 - (block's share of sum_j sq_j)``."""
+        total = sq.sum(-1)
+        kept = torch.gather(sq, -1, idx).sum(-1)
+        tiny = torch.finfo(total.dtype).tiny
+        self.last_residual = torch.where(
+            total > 0, (total - kept).clamp_min(0.0) / total.clamp_min(tiny), torch.zeros_like(total)
+        ).to(dtype)
+        self.last_block = idx
+        self.last_gm = gm
 
     def _step(self, G, m, k, n, d, s, colsum, sq):
         # colsum, sq: scaled by s, s^2 (in float32 for half-precision G), the sums of A's columns
@@ -333,14 +340,7 @@ class BGmD:
         gm = GeometricMedianResult(median=median, n_iter=gm.n_iter, converged=gm.converged)
         update = G.new_zeros(*G.shape[:-2], d).scatter_(-1, idx, median)
 
-        total = sq.sum(-1)
-        kept = torch.gather(sq, -1, idx).sum(-1)
-        tiny = torch.finfo(total.dtype).tiny
-        self.last_residual = torch.where(
-            total > 0, (total - kept).clamp_min(0.0) / total.clamp_min(tiny), torch.zeros_like(total)
-        ).to(G.dtype)
-        self.last_block = idx
-        self.last_gm = gm
+        self._record(sq, idx, gm, G.dtype)
 
         rule = self.memory_rule
         if rule is None:

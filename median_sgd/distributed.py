@@ -60,6 +60,7 @@ import torch
 import torch.distributed as dist
 
 from ._checks import check_choice, check_float_tensor, value_checks
+from ._numerics import scaled_l2_norm
 from .aggregators import _masked_coordinate_median, _masked_trimmed_mean
 from .bgmd import MODES as BLOCK_MODES
 from .bgmd import _select_from_squares, resolve_block_size
@@ -436,7 +437,7 @@ class RobustHook:
         for _ in range(self.max_iter):
             diff = yc - z
             # a dropped rank sends NaN for its distance: all ranks then give it weight 0
-            dist = torch.where(good, _norm(diff), torch.nan)
+            dist = torch.where(good, scaled_l2_norm(diff), torch.nan)
             dist_all = ranks.gather_numbers(dist)  # (..., world), the same on every rank
             # weight 0 also for a distance too large for the dtype (the limit of 1 / distance)
             ok = torch.isfinite(dist_all)
@@ -450,7 +451,7 @@ class RobustHook:
             active = ~done
             z = torch.where(active.unsqueeze(-1), z + step, z)
             absorbed = torch.where(ok, torch.clamp_min(1.0 - dist_all / floor, 0.0), 0.0).sum(-1)
-            stationarity = _norm(resultant) - absorbed
+            stationarity = scaled_l2_norm(resultant) - absorbed
             done = done | (stationarity <= self.tol * ok.sum(-1))
             if not self.fixed_iter and bool(done.all()):  # identical on every rank
                 break
@@ -504,20 +505,6 @@ def _hash56(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
 
 
-def _norm(v: torch.Tensor) -> torch.Tensor:
-    """``||v||_2`` over the last dimension, as ``s ||v / s||``, ``s`` a power of two near ``max_j |v_j|``.
-
-    The squares then neither overflow nor underflow (as LAPACK's ``nrm2`` scales), and dividing
-    by a power of two is exact, so the result is the plain norm's wherever that one is right.
-    ``inf`` only if the norm exceeds the dtype or ``v`` holds an inf, NaN if ``v`` holds a NaN.
-    """
-    top = v.abs().amax(-1)
-    _, exponent = torch.frexp(top)
-    scale = torch.ldexp(torch.ones_like(top), exponent - 1)  # <= top < 2 scale
-    norm = torch.linalg.vector_norm(v / scale.unsqueeze(-1), dim=-1) * scale
-    return torch.where(torch.isfinite(top), norm, top)
-
-
 def _distance_floor(dist, ok, z, eps, rounding):
     """Weiszfeld's smoothing floor, as :func:`median_sgd.geometric_median` sets it (shape (..., 1)).
 
@@ -534,7 +521,7 @@ def _distance_floor(dist, ok, z, eps, rounding):
     mean = torch.where(ok, dist / count.clamp_min(1).unsqueeze(-1), 0.0).sum(-1)
     scale = torch.where(torch.isfinite(med) & (med > 0), med,
                         torch.where(mean > 0, mean, torch.ones_like(mean)))
-    noise = rounding * _norm(z)
+    noise = rounding * scaled_l2_norm(z)
     return torch.maximum(eps * scale, noise).unsqueeze(-1)
 
 

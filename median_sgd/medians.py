@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 
 from ._checks import check_finite, check_float_tensor, value_checks_enabled
+from ._numerics import opmath_dtype
+from ._numerics import pow2_scale as _pow2_scale
 
 __all__ = [
     "coordinate_median",
@@ -42,29 +44,6 @@ def _syncs_are_free(device: torch.device) -> bool:
     adaptive loop's convergence checks every iteration) are taken only where this holds; tests
     patch it to run the device code paths on the CPU."""
     return device.type == "cpu"
-
-
-def _pow2_scale(amax: torch.Tensor, top: int = 0) -> torch.Tensor:
-    """``2**-e`` with ``amax * 2**-e`` in ``[2**(top-1), 2**top)``: the power of two that brings
-    ``amax`` to ``2**top`` (to 1 by default).
-
-    1 where ``amax`` is 0 or not finite; the exponent is clipped so that the scale and its
-    reciprocal are normal numbers of ``amax``'s dtype (float32 or float64). Multiplying by a power
-    of two is exact (barring underflow into subnormals), so a result computed on scaled values and
-    scaled back has the same bits as the unscaled computation whenever that one does not overflow.
-    """
-    dtype = amax.dtype
-    finfo = torch.finfo(dtype)
-    max_exp = int(math.log2(finfo.max)) + 1  # 128 for float32
-    min_exp = int(math.log2(finfo.tiny))  # -126 for float32
-    _, e = torch.frexp(amax)
-    e = torch.where(torch.isfinite(amax), e - top, 0).clamp(min_exp + 2, max_exp - 2)
-    # the bits of 2**-e (exact; torch.ldexp goes through pow, in the default dtype)
-    if dtype == torch.float32:
-        return ((127 - e).to(torch.int32) << 23).view(torch.float32)
-    if dtype == torch.float64:
-        return ((1023 - e).to(torch.int64) << 52).view(torch.float64)
-    raise TypeError(f"_pow2_scale needs float32 or float64, got {dtype}")
 
 
 def _scaled_top(dtype: torch.dtype, d: int) -> int:
@@ -239,7 +218,7 @@ def geometric_median(
     eps, tol, max_iter = float(eps), float(tol), int(max_iter)
 
     # Half precision: iterate in float32 and return the input's dtype.
-    work_dtype = torch.float32 if G.dtype in _HALF else G.dtype
+    work_dtype = opmath_dtype(G.dtype)
     X = G.to(work_dtype)
     if weights is None:
         w = X.new_ones(())
@@ -599,8 +578,7 @@ def geometric_median_objective(
         if value_checks_enabled() and bool((weights < 0).any()):
             raise ValueError("weights must be nonnegative")
         dtype = torch.promote_types(dtype, weights.dtype)
-    if dtype in _HALF:
-        dtype = torch.float32
+    dtype = opmath_dtype(dtype)
     Gw, zw = G.to(dtype), z.to(dtype)
     s = _pow2_scale(torch.maximum(_max_abs(Gw, (-2, -1)), _max_abs(zw, -1)))  # (...,)
     diff = torch.addcmul((zw * s.unsqueeze(-1)).neg().unsqueeze(-2), Gw, s[..., None, None])

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from ._checks import Scalar, check_tau, check_vector
+from ._numerics import host_reads_are_free, opmath_dtype, pow2_scale
 
 __all__ = ["prox_l1", "prox_l2", "prox_sq", "clip_l1", "clip_l2", "prox_lp", "clip_lp"]
 
@@ -66,19 +67,6 @@ def clip_l2(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Norms that do not overflow
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype arithmetic on ``dtype`` is done in: float32 for the half types, else itself."""
-    return torch.float32 if dtype in _HALF else dtype
-
-
-def host_reads_are_free(x: torch.Tensor) -> bool:
-    """Whether reading a flag of ``x`` on the host costs nothing: a CPU tensor, eager mode."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def l2_norm(x: torch.Tensor, dim: Optional[int] = -1, *, tiny: bool = False):
     """``||x||_2 = n / s`` without overflow: returns ``(n, s, xs)`` with ``xs = x s`` and ``n = ||xs||``.
 
@@ -118,13 +106,10 @@ def _power_of_two_scale(a: torch.Tensor, tiny: bool) -> torch.Tensor:
     """``2**-k`` with ``a 2**-k`` in ``[2**32, 2**33)``: sums of up to ``2**60`` squares stay finite.
 
     Only large vectors are scaled down (``k >= 0``; with ``tiny``, small ones are scaled up,
-    within the dtype's range). ``a`` = 0, Inf or NaN gives 1 (the norm is then 0, Inf or NaN).
+    within the dtype's range). ``a`` = Inf or NaN gives 1 (the norm is then Inf or NaN).
     """
-    top = math.frexp(torch.finfo(a.dtype).max)[1] - 1  # the largest binary exponent
-    k = torch.floor(torch.log2(a)) - 32.0
-    k = k.clamp(min=-(top - 24)) if tiny else k.clamp(min=0.0)
-    k = torch.where(torch.isfinite(k), k, 0.0)
-    return torch.exp2(-k)
+    s = pow2_scale(a, 33)
+    return s if tiny else s.clamp(max=1.0)
 
 
 def _in_range(tau: Scalar, dtype: torch.dtype) -> Scalar:

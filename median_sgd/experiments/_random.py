@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .._numerics import to_device
 from ..stable import sample_stable
 
 __all__ = ["generator", "to_device", "rand", "randn", "randint", "randperm", "stable"]
@@ -30,17 +31,6 @@ Size = Union[int, Sequence[int], torch.Size]
 def generator(seed: int) -> torch.Generator:
     """``torch.Generator().manual_seed(seed)``: the CPU generator every experiment draws from."""
     return torch.Generator().manual_seed(int(seed))
-
-
-def to_device(x: torch.Tensor, device) -> torch.Tensor:
-    """``x`` on ``device``: ``x`` itself there already; on CUDA through pinned memory, without
-    waiting for the copy (later work on the device's current stream is ordered after it)."""
-    device = torch.device(device)
-    if x.device.type == device.type and (device.index is None or x.device == device):
-        return x
-    if device.type == "cuda" and x.device.type == "cpu":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
 
 
 def _where(generator: Optional[torch.Generator], device) -> torch.device:
