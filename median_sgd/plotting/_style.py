@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["estimator_style"]
+__all__ = ["COLUMN_WIDTH", "ROW_HEIGHT", "book_style", "estimator_style"]
 
 _COLORS = {
     "mean": "tab:red",
@@ -23,3 +23,43 @@ def estimator_style(name: str) -> dict:
     if name.startswith("trimmed mean"):
         return {"color": "tab:orange", "marker": "D"}
     return {"color": _COLORS.get(name, "tab:gray"), "marker": _MARKERS.get(name, "o")}
+
+
+# The book's content column is about 676 CSS pixels wide (sphinx-book-theme at 1280 px), and
+# matplotlib's inline figures are drawn at 100 px per inch: a figure at most COLUMN_WIDTH inches
+# wide is shown at its natural size, so its fonts are the sizes set below, never shrunk.
+COLUMN_WIDTH = 6.6
+#: Height of a row of panels in a figure that spans the column (inches).
+ROW_HEIGHT = 2.8
+
+_BOOK_RC = {
+    "figure.dpi": 100,
+    "figure.figsize": (COLUMN_WIDTH, 3.6),
+    "font.size": 9.5,
+    "axes.titlesize": 9.5,
+    "axes.labelsize": 9.5,
+    "xtick.labelsize": 8.5,
+    "ytick.labelsize": 8.5,
+    "legend.fontsize": 8.5,
+    "figure.titlesize": 10.5,
+}
+
+
+def book_style() -> None:
+    """Set the book's figure style for the running kernel (call once in a chapter's setup cell).
+
+    Figures are sized for the content column (:data:`COLUMN_WIDTH` inches at 100 px per inch,
+    fonts of 8.5-10.5 pt) and, inside IPython, shown as ``retina`` PNGs: drawn
+    at twice the resolution and displayed at their design width, so they stay sharp on
+    high-resolution screens. Library users who never call it keep matplotlib's defaults.
+    """
+    import matplotlib as mpl
+
+    mpl.rcParams.update(_BOOK_RC)
+    try:  # only inside an IPython kernel with the inline backend
+        from IPython import get_ipython
+        from matplotlib_inline.backend_inline import set_matplotlib_formats
+    except ImportError:
+        return
+    if get_ipython() is not None:
+        set_matplotlib_formats("retina")
