@@ -4,6 +4,7 @@ One module per chapter (or experiment); shared colours and markers in ``_style``
 re-exported here, so chapters write ``from median_sgd.plotting import plot_...``.
 """
 
+from ._glue import glue
 from ._style import COLUMN_WIDTH, ROW_HEIGHT, book_style, estimator_style
 from .robust_mean import plot_outlier_scene, plot_quantile_curves
 from .stable_noise import plot_convergence, plot_final_error
