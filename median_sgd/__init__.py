@@ -5,7 +5,14 @@ Clipping is secretly estimating the median gradient: the stochastic proximal poi
 ``E ||m - g||^2 / 2`` heavy-ball momentum. The public names below are those of the contract
 (``CONTRACT.md``); every function works on CPU and CUDA tensors of any floating dtype, with leading
 batch dimensions, and raises ``ValueError``/``TypeError`` on bad input.
+
+The submodules are attributes of the package, imported on first use (PEP 562), so that
+``import median_sgd`` stays light (no matplotlib, no ``torch.distributed`` hooks) while
+``median_sgd.distributed.robust_hook("gm")`` or ``median_sgd.optim.MedianSGD`` work after it.
 """
+
+import importlib
+import types
 
 from ._checks import value_checks
 from .bgmd import BGmD, select_block
@@ -21,6 +28,37 @@ from .prox import clip_l1, clip_l2, clip_lp, prox_l1, prox_l2, prox_lp, prox_sq
 from .stable import sample_stable
 
 __version__ = "0.1.0"
+
+# The public submodules, imported by ``__getattr__`` on first access (``prox``, ``estimators``,
+# ``medians``, ``stable`` and ``bgmd`` are already imported above).
+_SUBMODULES = (
+    "aggregators",
+    "attacks",
+    "bgmd",
+    "data",
+    "distributed",
+    "estimators",
+    "experiments",
+    "medians",
+    "models",
+    "optim",
+    "plotting",
+    "prox",
+    "stable",
+)
+
+
+def __getattr__(name: str) -> types.ModuleType:
+    if name in _SUBMODULES:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBMODULES))
+
 
 __all__ = [
     "prox_l1",

@@ -420,7 +420,6 @@ class RobustHook:
     def _geometric_median(self, y, good, ranks):
         """Weiszfeld by all-reduce rounds: the iteration of :func:`median_sgd.geometric_median`,
         over the finite ranks. Returns the median and the ranks dropped."""
-        world = ranks.world
         if self.init == "mean":
             centre, dropped = self._mean(y, good, ranks)  # as geometric_median starts
         else:
@@ -458,7 +457,7 @@ class RobustHook:
         return centre + z, dropped
 
     def _bgmd(self, y, ranks, key):
-        world, n = ranks.world, y.shape[-1]
+        n = y.shape[-1]
         k = resolve_block_size(self.k, n) if not isinstance(self.k, numbers.Integral) else min(int(self.k), n)
         memory = self.memory.get(key)
         if memory is not None and memory.shape != y.shape[-1:]:

@@ -440,7 +440,6 @@ def _weiszfeld_gram(X, s, neg, amax, w, w_sum, eps, tol, max_iter, rounding, uni
     data) and the number of steps taken.
     """
     f64 = torch.float64
-    n, d = X.shape[-2], X.shape[-1]
     batch = X.shape[:-2]
     resolution = torch.finfo(X.dtype).eps * torch.linalg.vector_norm(neg, dim=-1).to(f64)
     w64, w_sum64 = w.to(f64), w_sum.to(f64)

@@ -26,7 +26,7 @@ import functools
 import math
 import numbers
 from collections import defaultdict
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.optim import Optimizer
