@@ -181,7 +181,7 @@ def select_block(
     Section 4 text. Columns of norm 0 are drawn only once every nonzero column is in.
     ``mode="topk"`` keeps the ``k`` largest column norms, deterministically: what the authors'
     released code does. ``k`` is a number of columns (``int``) or a fraction of ``d``
-    (``float`` in ``(0, 1]``, see :func:`resolve_block_size`).
+    (``float`` in ``(0, 1]``, see :func:`~median_sgd.bgmd.resolve_block_size`).
 
     Returns a ``LongTensor`` of shape (..., k) on ``G``'s device: in increasing order on the CPU
     (unless there are ties in the scores), in no particular order elsewhere. Draws come

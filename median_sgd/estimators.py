@@ -98,7 +98,7 @@ def spp_step_lp(m: torch.Tensor, g: torch.Tensor, tau: Scalar, p: float) -> torc
     """SPP step for ``D = ||.||_p``: ``m+ = g + prox_{tau ||.||_p}(m - g) = m + clip_{tau,p}(g - m)``.
 
     ``clip_{tau,p}`` projects onto the ``tau``-ball of the dual norm ``||.||_q``, ``1/p + 1/q = 1``
-    (:func:`~median_sgd.prox.clip_lp`). ``p = 1`` and ``p = 2`` are exactly
+    (:func:`~median_sgd.clip_lp`). ``p = 1`` and ``p = 2`` are exactly
     ``spp_step(m, g, tau, "l1")`` and ``spp_step(m, g, tau, "l2")``; ``p = inf`` projects onto the
     ``l_1`` ball.
     """
@@ -132,7 +132,7 @@ def _lp_norm_grad(v: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def sgd_step_lp(m: torch.Tensor, g: torch.Tensor, tau: Scalar, p: float) -> torch.Tensor:
-    """Subgradient step for ``D = ||.||_p``: ``m+ = m + tau grad||.||_p(g - m)`` (:func:`lp_norm_grad`).
+    """Subgradient step for ``D = ||.||_p``: ``m+ = m + tau grad||.||_p(g - m)`` (:func:`~median_sgd.estimators.lp_norm_grad`).
 
     ``p = 1`` is ``sgd_step(m, g, tau, "l1")`` (signed increment) and ``p = 2`` is
     ``sgd_step(m, g, tau, "l2")`` (adaptive momentum), up to rounding.

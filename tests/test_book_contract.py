@@ -80,3 +80,49 @@ def test_colab_install_cells_use_the_configured_repository():
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
         first = "".join(code[0]["source"]) if code else ""
         assert target in first, f"{path.name}: the install cell should install {target}"
+
+
+# The public names of the contract (CONTRACT.md, kept outside this repository): the API reference
+# page must document each, and each must exist where the page says.
+CONTRACT_NAMES = (
+    "prox_l1", "prox_l2", "prox_sq", "clip_l1", "clip_l2", "spp_step", "sgd_step",
+    "coordinate_median", "geometric_median", "trimmed_mean", "sample_stable", "select_block", "BGmD",
+    "optim.MedianSGD", "distributed.robust_hook",
+)
+AUTODOC = re.compile(r"^\.\. auto(?:function|class)::\s+(\S+)", re.MULTILINE)
+CURRENT = re.compile(r"^\.\. currentmodule::\s+(\S+)", re.MULTILINE)
+
+
+def api_entries() -> set[str]:
+    """Fully qualified names of the autodoc entries of book/api.md (``currentmodule`` applied)."""
+    text = (BOOK / "api.md").read_text(encoding="utf-8")
+    entries, module = set(), ""
+    for match in sorted([*AUTODOC.finditer(text), *CURRENT.finditer(text)], key=lambda m: m.start()):
+        if match.re is CURRENT:
+            module = match.group(1)
+        else:
+            name = match.group(1)
+            entries.add(name if name.startswith("median_sgd.") else f"{module}.{name}")
+    return entries
+
+
+def test_api_reference_is_in_the_toc():
+    assert "book/api" in toc_entries()
+    config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
+    extensions = config["sphinx"]["extra_extensions"]
+    assert {"sphinx.ext.autodoc", "sphinx.ext.autosummary", "sphinx.ext.napoleon"} <= set(extensions)
+
+
+def test_api_reference_documents_every_public_name():
+    import functools
+
+    import median_sgd
+
+    entries = api_entries()
+    wanted = {f"median_sgd.{name}" for name in CONTRACT_NAMES}
+    wanted |= {f"median_sgd.{name}" for name in median_sgd.__all__}
+    missing = sorted(wanted - entries)
+    assert not missing, f"book/api.md has no autodoc entry for {missing}"
+    for entry in sorted(entries):  # every entry names a real object with a docstring
+        obj = functools.reduce(getattr, entry.split(".")[1:], median_sgd)
+        assert (obj.__doc__ or "").strip(), f"{entry} has no docstring"
