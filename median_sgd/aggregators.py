@@ -247,7 +247,7 @@ class TrimmedMean(Aggregator):
     def __init__(self, trim: float = 0.1) -> None:
         if isinstance(trim, bool) or not isinstance(trim, numbers.Real) or not (0 <= trim < 0.5):
             raise ValueError(f"trim must be a number in [0, 0.5), got {trim!r}")
-        self.trim = float(trim)
+        self.trim: float = float(trim)
 
     def __call__(self, G):
         ok = self._rows(G)
@@ -329,7 +329,8 @@ class Krum(Aggregator):
             raise ValueError(f"f (the number of Byzantine rows) must be an integer >= 0, got {f!r}")
         if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
             raise ValueError(f"m must be an integer >= 1, got {m!r}")
-        self.f, self.m = int(f), int(m)
+        self.f: int = int(f)
+        self.m: int = int(m)
 
     def __call__(self, G):
         return _krum(G, self.f, self.m, self._rows(G))
@@ -432,7 +433,7 @@ AGGREGATORS: Dict[str, Callable[..., Aggregator]] = {
     "gmd": GeometricMedian,
     "gm": GeometricMedian,
     "geometric_median": GeometricMedian,
-    "bgmd": _bgmd,
+    "bgmd": _bgmd,  # type: ignore[dict-item]
     "trimmed_mean": TrimmedMean,
     "krum": Krum,
     "multi_krum": _multi_krum,

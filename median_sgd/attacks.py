@@ -56,14 +56,14 @@ PSI_LEVELS = (0.0, 0.1, 0.2, 0.4)  # the corruption fractions of the paper's fig
 
 
 def _check_psi(psi) -> float:
-    if isinstance(psi, bool) or not isinstance(psi, numbers.Real) or not (0.0 <= psi < 1.0):
+    if isinstance(psi, bool) or not isinstance(psi, numbers.Real) or not (0.0 <= psi < 1.0):  # type: ignore[operator]
         raise ValueError(f"psi (the corrupted fraction) must be a number in [0, 1), got {psi!r}")
     return float(psi)
 
 
 def _check_positive(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-        math.isfinite(value) and value > 0
+        math.isfinite(value) and value > 0  # type: ignore[operator]
     ):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
@@ -115,7 +115,7 @@ def corrupted_mask(
     every iteration). No host synchronisation."""
     if isinstance(size, numbers.Integral):
         size = (int(size),)
-    size = tuple(int(s) for s in size)
+    size = tuple(int(s) for s in size)  # type: ignore[union-attr]
     if not size or any(s < 0 for s in size):
         raise ValueError(f"size must be a nonnegative int or a tuple of them, got {size!r}")
     m = n_corrupted(size[-1], psi)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 
@@ -263,12 +263,12 @@ class BGmD:
             raise TypeError(
                 f"unknown geometric_median option(s) {unknown}; expected some of {list(_GM_OPTIONS)}"
             )
-        self.k = k
-        self.mode = mode
-        self.memory_rule = memory
+        self.k: Union[int, float] = k
+        self.mode: str = mode
+        self.memory_rule: Optional[str] = memory
         self.generator = generator
-        self.power = float(power)
-        self.gm_options = dict(gm_options)
+        self.power: float = float(power)
+        self.gm_options: Dict[str, Any] = dict(gm_options)
         self.memory: Optional[torch.Tensor] = None
         self.last_block: Optional[torch.Tensor] = None
         self.last_gm: Optional[GeometricMedianResult] = None

@@ -233,7 +233,7 @@ class RobustHook:
         if isinstance(k, bool) or not isinstance(k, numbers.Real):
             raise TypeError(f"k must be an int (coordinates per bucket) or a float fraction, got {k!r}")
         if not isinstance(k, numbers.Integral):
-            resolve_block_size(k, 1)  # validates the fraction
+            resolve_block_size(k, 1)  # type: ignore[arg-type]  # validates the fraction
         elif k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k = k
@@ -245,7 +245,7 @@ class RobustHook:
         self.seed = int(seed)
         power = options.get("power", 2.0)
         if isinstance(power, bool) or not isinstance(power, numbers.Real) or not (
-            math.isfinite(power) and power > 0
+            math.isfinite(power) and power > 0  # type: ignore[operator]
         ):
             raise ValueError(f"power must be a finite number > 0, got {power!r}")
         self.power = float(power)
@@ -563,14 +563,14 @@ def robust_hook(rule: str, **options) -> RobustHook:
 
 
 def _trim(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 <= value < 0.5):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 <= value < 0.5):  # type: ignore[operator]
         raise ValueError(f"trim must be a number in [0, 0.5), got {value!r}")
     return float(value)
 
 
 def _positive(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-        math.isfinite(value) and value > 0
+        math.isfinite(value) and value > 0  # type: ignore[operator]
     ):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
@@ -578,7 +578,7 @@ def _positive(value, name: str) -> float:
 
 def _nonnegative(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-        math.isfinite(value) and value >= 0
+        math.isfinite(value) and value >= 0  # type: ignore[operator]
     ):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)

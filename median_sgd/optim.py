@@ -265,7 +265,7 @@ def _sign_step_foreach_(ms: List[torch.Tensor], deltas: List[torch.Tensor], tau:
     muls, big, t, alpha = _sign_plan(deltas[0].dtype, tau)
     if deltas[0].device.type == "cpu":
         # on the CPU, _foreach_mul_ with a Python number is ~4x slower than with a 0-dim tensor
-        big = torch.tensor(big, dtype=deltas[0].dtype)
+        big = torch.tensor(big, dtype=deltas[0].dtype)  # type: ignore[assignment]
     for _ in range(muls):
         torch._foreach_mul_(deltas, big)
     torch._foreach_clamp_min_(deltas, -t)
@@ -299,8 +299,8 @@ def _foreach_deltas(gs: List[torch.Tensor], ms: List[torch.Tensor]) -> List[torc
     an ``"l2"`` step (as small as tau / ||g - m||) stays in range."""
     deltas = torch._foreach_sub(gs, ms)
     if deltas[0].dtype == torch.float16:
-        deltas = [d.float() for d in deltas]
-    return deltas
+        deltas = [d.float() for d in deltas]  # type: ignore[assignment]
+    return deltas  # type: ignore[return-value]
 
 
 def _foreach_norms_(deltas: List[torch.Tensor], tiny: bool, safe: bool = False
@@ -404,7 +404,7 @@ def _estimator_update(
     ws = weights if weights is not None else [None] * len(ms)
     # multi-tensor part, grouped by (device, dtype): [(estimates, samples, weights)]
     groups = [tuple(b) for b in _buckets([ms[i] for i in multi], [gs[i] for i in multi],
-                                          [ws[i] for i in multi]).values()] if multi else []
+                                          [ws[i] for i in multi]).values()] if multi else []  # type: ignore[misc]
     tiny = method == "sgd"  # the subgradient step needs the direction of even a tiny g - m
 
     def diff(i: int) -> torch.Tensor:
@@ -459,12 +459,12 @@ def _estimator_update(
         if div == "sq":
             m.lerp_(g, w_sq)
         elif div == "l1":
-            d = diff(i)
+            d = diff(i)  # type: ignore[assignment]
             if method == "spp":
-                bound = _in_range(tau, d.dtype)
-                m.add_(d.clamp_(-bound, bound))
+                bound = _in_range(tau, d.dtype)  # type: ignore[attr-defined]
+                m.add_(d.clamp_(-bound, bound))  # type: ignore[attr-defined]
             else:
-                _sign_step_(m, d, tau)
+                _sign_step_(m, d, tau)  # type: ignore[arg-type]
         else:  # l2, one vector per tensor: m <- m + f (g - m) = lerp(m, g, f)
             n, s, _ = l2_norm(diff(i), None, tiny=tiny)
             _lerp_(m, g, _factor(n, s, tau, method))
@@ -473,11 +473,11 @@ def _estimator_update(
         if div == "sq":
             torch._foreach_lerp_(bm, bg, w_sq)
         elif div == "l1":
-            d = torch._foreach_sub(bg, bm)
+            d = torch._foreach_sub(bg, bm)  # type: ignore[assignment]
             if method == "spp":
                 bound = _in_range(tau, d[0].dtype)
-                torch._foreach_clamp_min_(d, -bound)
-                torch._foreach_clamp_max_(d, bound)
+                torch._foreach_clamp_min_(d, -bound)  # type: ignore[arg-type]
+                torch._foreach_clamp_max_(d, bound)  # type: ignore[arg-type]
                 torch._foreach_add_(bm, d)
             else:
                 _sign_step_foreach_(bm, d, tau)
@@ -524,10 +524,10 @@ def _effective_grads(
 ) -> List[torch.Tensor]:
     """``-g`` for ``maximize``, ``+ weight_decay * w`` for coupled weight decay (new tensors)."""
     if maximize:
-        grads = torch._foreach_neg(grads) if foreach else [torch.neg(g) for g in grads]
+        grads = torch._foreach_neg(grads) if foreach else [torch.neg(g) for g in grads]  # type: ignore[assignment]
     if weight_decay != 0 and not decoupled:
         if foreach:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)  # type: ignore[assignment]
         else:
             grads = [torch.add(g, p, alpha=weight_decay) for g, p in zip(grads, params)]
     return grads
@@ -613,8 +613,8 @@ class MedianSGD(Optimizer):
     def __init__(
         self,
         params,
-        lr: float = required,
-        tau: float = required,
+        lr: float = required,  # type: ignore[assignment]
+        tau: float = required,  # type: ignore[assignment]
         div: str = "l1",
         method: str = "spp",
         scope: str = "param",
@@ -669,7 +669,7 @@ class MedianSGD(Optimizer):
         _load_validated(self, state_dict, finish)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):  # type: ignore[override]
         """One step for every parameter with a gradient; returns ``closure()`` if given.
 
         Every group is checked before any is modified: its options (cheap, Python values only),
@@ -705,7 +705,7 @@ class MedianSGD(Optimizer):
         return loss
 
     def _step_group(self, group: dict, params: List[torch.Tensor]) -> None:
-        grads = [p.grad for p in params]
+        grads: List[torch.Tensor] = [p.grad for p in params]  # type: ignore[misc]  # params have grads
         foreach = _choose_foreach(group["foreach"], params)
         lr, wd = _lr_value(group["lr"]), group["weight_decay"]
         decoupled = group["decoupled_weight_decay"]
@@ -779,18 +779,18 @@ def _clipped_innovations(
     if foreach:
         deltas = torch._foreach_sub(gs, ms)
     else:
-        deltas = [torch.sub(g, m) for g, m in zip(gs, ms)]
+        deltas = [torch.sub(g, m) for g, m in zip(gs, ms)]  # type: ignore[assignment]
     if div == "l1":
         for key, (ds,) in _buckets(deltas).items():
             bound = _in_range(tau, key[1])
             if foreach:
-                torch._foreach_clamp_min_(ds, -bound)
-                torch._foreach_clamp_max_(ds, bound)
+                torch._foreach_clamp_min_(ds, -bound)  # type: ignore[arg-type]
+                torch._foreach_clamp_max_(ds, bound)  # type: ignore[arg-type]
             else:
                 for d in ds:
                     d.clamp_(-bound, bound)
-        return deltas
-    deltas = [d.float() if d.dtype == torch.float16 else d for d in deltas]
+        return deltas  # type: ignore[return-value]
+    deltas = [d.float() if d.dtype == torch.float16 else d for d in deltas]  # type: ignore[assignment]
     norms, scales = zip(*[l2_norm(d, None)[:2] for d in deltas])
     if scope == "global":
         n, s = _combined_norm(norms, scales, deltas[0].device, tiny=False)
@@ -803,7 +803,7 @@ def _clipped_innovations(
     else:
         for d, f in zip(deltas, factors):
             d.mul_(f)
-    return deltas
+    return deltas  # type: ignore[return-value]
 
 
 class Clip21(Optimizer):
@@ -867,9 +867,9 @@ class Clip21(Optimizer):
     def __init__(
         self,
         params,
-        lr: float = required,
-        tau: float = required,
-        n_workers: int = required,
+        lr: float = required,  # type: ignore[assignment]
+        tau: float = required,  # type: ignore[assignment]
+        n_workers: int = required,  # type: ignore[assignment]
         *,
         div: str = "l2",
         scope: str = "global",
@@ -969,7 +969,7 @@ class Clip21(Optimizer):
 
     def _check_worker(self, worker) -> None:
         if isinstance(worker, bool) or not isinstance(worker, numbers.Integral) or not (
-            0 <= worker < self.n_workers
+            0 <= worker < self.n_workers  # type: ignore[operator]
         ):
             raise ValueError(f"worker must be an integer in [0, {self.n_workers}), got {worker!r}")
 
@@ -1012,12 +1012,12 @@ class Clip21(Optimizer):
                     messages[k] = torch.sub(grads[k], gi[k])
                     states[k]["seen"][worker] = True
             # the worker adds its message c_i to its estimate, the server's mean moves by c_i / n
-            for g, s, c in zip(gi, states, messages):
+            for g, s, c in zip(gi, states, messages):  # type: ignore[assignment]
                 g.add_(c)
                 s["estimate"].add_(c, alpha=1.0 / self.n_workers)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):  # type: ignore[override]
         """The server's step ``w <- w - lr mean_i g_i``; returns ``closure()`` if given."""
         loss = None
         if closure is not None:
@@ -1177,7 +1177,7 @@ class SampleMedianSGD(Optimizer):
     def __init__(
         self,
         params,
-        lr: float = required,
+        lr: float = required,  # type: ignore[assignment]
         aggregate: str = "coordinate_median",
         *,
         scope: str = "global",
@@ -1217,7 +1217,7 @@ class SampleMedianSGD(Optimizer):
                     p.grad_sample = None
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):  # type: ignore[override]
         """One step along the aggregate of ``p.grad_sample``; returns ``closure()`` if given.
 
         Every group (options and ``grad_sample`` shapes) is checked before any is modified.
@@ -1289,7 +1289,7 @@ def _check_sample_group(group: dict) -> None:
     check_choice(group["aggregate"], "aggregate", AGGREGATES)
     check_choice(group["scope"], "scope", SCOPES)
     trim = group["trim"]
-    if isinstance(trim, bool) or not isinstance(trim, numbers.Real) or not (0.0 <= trim < 0.5):
+    if isinstance(trim, bool) or not isinstance(trim, numbers.Real) or not (0.0 <= trim < 0.5):  # type: ignore[operator]
         raise ValueError(f"trim must be a number in [0, 0.5), got {trim!r}")
     options = group["gm_options"]
     if not isinstance(options, dict):

@@ -136,8 +136,8 @@ def _times(v: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.T
 def _clip_l1(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     if isinstance(tau, float):
         tau = _in_range(tau, v.dtype)
-        return torch.clamp(v, -tau, tau)
-    return torch.minimum(torch.maximum(v, -tau), tau)
+        return torch.clamp(v, -tau, tau)  # type: ignore[arg-type]  # a float: clamp takes numbers
+    return torch.minimum(torch.maximum(v, -tau), tau)  # type: ignore[arg-type]  # a tensor here
 
 
 def _clip_l2(v: torch.Tensor, tau: Scalar) -> torch.Tensor:

@@ -44,7 +44,7 @@ def sample_stable(
     if isinstance(size, numbers.Integral):
         size = (int(size),)
     try:
-        size = torch.Size(size)
+        size = torch.Size(size)  # type: ignore[arg-type]  # checked here
     except (TypeError, ValueError):
         raise TypeError(f"size must be an int or a sequence of ints, got {size!r}") from None
     if any(s < 0 for s in size):

@@ -59,7 +59,7 @@ class ImageData:
 
     @property
     def image_shape(self) -> Tuple[int, int, int]:
-        return tuple(self.x_train.shape[1:])
+        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]  # (C, H, W)
 
 
 def _make(name, x_train, y_train, x_test, y_test, num_classes) -> ImageData:
@@ -139,13 +139,13 @@ def load_images(name: str, *, root: Optional[os.PathLike] = None, download: bool
     root = Path(root) if root is not None else default_root()
     cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST,
            "cifar10": datasets.CIFAR10}[key]
-    parts = []
+    parts: List[torch.Tensor] = []
     for train in (True, False):
         ds = cls(str(root), train=train, download=download)
         data = torch.as_tensor(np.asarray(ds.data))
         x = data.permute(0, 3, 1, 2) if data.dim() == 4 else data.unsqueeze(1)  # (N, C, H, W)
         parts += [x.float() / 255.0, torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)]
-    return _make(key, *parts, 10)
+    return _make(key, *parts, 10)  # type: ignore[call-arg]  # parts: the four tensors
 
 
 def _check_count(value, name: str) -> int:

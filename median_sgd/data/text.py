@@ -60,7 +60,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -248,7 +248,7 @@ def verify_file(path: Union[str, Path], checksums: Mapping[str, str]) -> Dict[st
     return actual
 
 
-Opener = Callable[..., object]
+Opener = Callable[..., Any]
 
 # What one mirror can fail with, short of the user interrupting: URLError, HTTPError, refused,
 # reset and timed-out connections, ContentTooShortError (all OSError); IncompleteRead and the
@@ -448,7 +448,7 @@ def tokenize_lines(lines: Iterable[str], *, lower_case: bool = False) -> List[Li
 
 def build_vocab(token_lists: Iterable[Iterable[str]]) -> Tuple[str, ...]:
     """``<eos>``, then every other word by decreasing count (ties: first appearance)."""
-    counts = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
     for tokens in token_lists:
         counts.update(tokens)
     counts.pop(EOS, None)

@@ -47,6 +47,8 @@ class TransformerLM(nn.Module):
     gradient for each mini-batch.
     """
 
+    positions: torch.Tensor  # a buffer: (max_len, d_model) sinusoidal position encodings
+
     def __init__(
         self,
         vocab_size: int,
@@ -92,8 +94,9 @@ class TransformerLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 normal(module.weight, 0.0)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+                bias = getattr(module, "bias", None)
+                if bias is not None:
+                    bias.zero_()
             elif isinstance(module, nn.LayerNorm):
                 normal(module.weight, 1.0)
                 module.bias.zero_()
