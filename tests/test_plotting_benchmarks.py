@@ -158,7 +158,7 @@ def test_targets_chart_bar_label_and_axis_agree(results_dir):
     assert widths == pytest.approx([0.5, 2.5, 5.0])
     assert "factor" in ax.get_xlabel()
     texts = [t.get_text() for t in ax.texts]
-    assert "5x faster; target 2x" in texts
+    assert "5\u00d7 faster; target 2\u00d7" in texts
     assert "0.5 copies; target at most 2.5" in texts
     assert "5 copies; target at most 2.5" in texts
     green, red = (matplotlib.colors.to_rgba(c) for c in ("tab:green", "tab:red"))

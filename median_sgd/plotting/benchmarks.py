@@ -267,10 +267,10 @@ _UNITS = {"hardware floor": (" copies", ""), "alpha-stable experiment": (" s", "
 
 
 def _target_text(r: dict) -> str:
-    """The measured ratio and its target in words: "5.72x faster; target 2x", "0.544 copies;
+    """The measured ratio and its target in words: "5.72× faster; target 2×", "0.544 copies;
     target at most 2.5"."""
     if r.get("better", "higher") == "higher":
-        return f"{r['ratio']:.3g}x faster; target {r['target']:g}x"
+        return f"{r['ratio']:.3g}\u00d7 faster; target {r['target']:g}\u00d7"
     unit, target_unit = _UNITS.get(r.get("case"), ("", ""))
     return f"{r['ratio']:.3g}{unit}; target at most {r['target']:g}{target_unit}"
 
@@ -296,7 +296,7 @@ def plot_targets(results: Dict[str, dict], suites: Sequence[str] = ("medians", "
             case = r.get("case", suite)
             what = [_CASES.get(case, case)]
             if "n" in r and "d" in r and case != "batched":
-                what.append(f"{r['n']}x{_dim(r['d'])}")
+                what.append(f"{r['n']}\u00d7{_dim(r['d'])}")
             for key in ("config", "scenario", "alpha", "dtype"):
                 if key == "dtype" and len(dtypes[case]) < 2:
                     continue

@@ -79,7 +79,7 @@ def plot_communication(runs: List[dict], axes: Optional[Sequence[plt.Axes]] = No
     labels = [r["run"] for r in rows]
     y = np.arange(len(rows))
     colors = [run_style(label)["color"] for label in labels]
-    columns = [("traffic_vs_mean", "elements sent per rank\n(x the mean all-reduce)", "{:.2f}"),
+    columns = [("traffic_vs_mean", "elements sent per rank\n(\u00d7 the mean all-reduce)", "{:.2f}"),
                ("collectives", "collective calls per step\n(latency)", "{:.0f}")]
     for ax, (key, xlabel, fmt) in zip(axes, columns):
         values = [r[key] for r in rows]
