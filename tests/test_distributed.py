@@ -400,6 +400,26 @@ def test_bad_rank_lists_are_rejected_before_starting():
         scaling_out.run(dataclasses.replace(SMALL, nan_ranks=(2,)))
 
 
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3", torch.device("cuda"),
+                                    torch.device("cuda", 1)])
+def test_any_cuda_device_puts_rank_r_on_gpu_r(device):
+    # the decision only (no GPU needed): "cuda:0" was once compared as a string with "cuda"
+    # and silently ran every rank on the CPU
+    for rank in range(4):
+        assert scaling_out.rank_device(device, rank) == torch.device("cuda", rank)
+
+
+def test_cpu_devices_and_bad_devices():
+    for device in ["cpu", "cpu:0", torch.device("cpu")]:
+        assert scaling_out.rank_device(device, 2) == torch.device("cpu")
+    with pytest.raises(ValueError, match="CPU or CUDA"):
+        scaling_out.rank_device("meta", 0)
+    with pytest.raises(ValueError, match="nccl backend needs a CUDA device"):
+        scaling_out.run(dataclasses.replace(SMALL, backend="nccl"), device="cpu")
+    with pytest.raises(ValueError, match="CPU or CUDA"):
+        scaling_out.run(SMALL, device="meta")
+
+
 def test_a_hang_times_out_and_the_workers_are_stopped():
     with pytest.raises(TimeoutError, match="did not finish"):
         scaling_out.run(dataclasses.replace(SMALL, timeout_s=0.5))

@@ -15,11 +15,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
 from median_sgd.plotting import (  # noqa: E402
+    COLUMN_WIDTH,
     benchmark_rows,
     load_benchmark_results,
+    machine_label,
     plot_hardware_floor,
     plot_solver_times,
     plot_targets,
+    target_factor,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,6 +119,8 @@ def test_figures_draw(results_dir):
     assert len(ax.patches) == 10
     colors = [p.get_facecolor() for p in ax.patches]
     assert sum(c == matplotlib.colors.to_rgba("tab:red") for c in colors) == 1
+    for fig in map(plt.figure, plt.get_fignums()):  # designed for the book's column
+        assert fig.get_figwidth() <= COLUMN_WIDTH + 1e-9
     plt.close("all")
     with pytest.raises(ValueError):
         plot_solver_times([])
@@ -137,3 +142,39 @@ def test_committed_results_are_complete():
         assert payload["device_type"] == "cpu" and payload["rows"]
         for r in payload["rows"]:
             assert {"ratio", "target", "better", "met"} <= set(r)
+
+
+def test_targets_chart_bar_label_and_axis_agree(results_dir):
+    # the bar is the factor by which the target is met (>= 1: met), whichever way the ratio
+    # goes; the label says the measured ratio and the target, the colour whether it was met
+    rows = {"higher": {"ratio": 5.0, "target": 2.0, "better": "higher"},
+            "lower": {"case": "hardware floor", "ratio": 0.5, "target": 2.5, "better": "lower"},
+            "missed": {"case": "hardware floor", "ratio": 5.0, "target": 2.5, "better": "lower"}}
+    assert target_factor(rows["higher"]) == pytest.approx(2.5)
+    assert target_factor(rows["lower"]) == pytest.approx(5.0)
+    assert target_factor(rows["missed"]) == pytest.approx(0.5)
+    ax = plot_targets({"medians": _payload("medians", list(rows.values()))}, suites=["medians"])
+    widths = sorted(p.get_width() for p in ax.patches)
+    assert widths == pytest.approx([0.5, 2.5, 5.0])
+    assert "factor" in ax.get_xlabel()
+    texts = [t.get_text() for t in ax.texts]
+    assert "5\u00d7 faster; target 2\u00d7" in texts
+    assert "0.5 copies; target at most 2.5" in texts
+    assert "5 copies; target at most 2.5" in texts
+    green, red = (matplotlib.colors.to_rgba(c) for c in ("tab:green", "tab:red"))
+    for p in ax.patches:
+        assert p.get_facecolor() == (green if p.get_width() >= 1 else red)
+    # the labels sit right of the panel, so the line at 1 crosses none of them
+    ax.figure.canvas.draw()
+    right = ax.get_window_extent().x1
+    assert all(t.get_window_extent().x0 > right for t in ax.texts)
+    assert all(t.get_fontsize() >= 7.5 for t in ax.texts)
+    plt.close("all")
+
+
+def test_machine_label():
+    cpu = {"device_type": "cpu", "device": "X (2 cores, 1 threads)", "cpu": "AMD EPYC",
+           "cpu_count": 2, "threads": 1}
+    assert machine_label(cpu) == "AMD EPYC, 2 cores, 1 thread"
+    assert machine_label(dict(cpu, cpu_count=1, threads=4)) == "AMD EPYC, 1 core, 4 threads"
+    assert machine_label({"device_type": "cuda", "device": "NVIDIA H100"}) == "NVIDIA H100"

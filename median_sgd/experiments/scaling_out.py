@@ -36,7 +36,8 @@ import torch
 
 from . import SCALES
 
-__all__ = ["ScalingOutConfig", "CONFIGS", "RUNS", "make_data", "make_model", "run", "summary"]
+__all__ = ["ScalingOutConfig", "CONFIGS", "RUNS", "make_data", "make_model", "rank_device", "run",
+           "summary"]
 
 #: (label, rule, options, attacked): the training runs of the chapter. The geometric medians run
 #: 4 Weiszfeld rounds per bucket and step (RFA uses 3 to 4; the hook's default is 8).
@@ -135,8 +136,9 @@ def run(config: ScalingOutConfig, *, device: Optional[str] = None) -> Dict[str, 
       ``collectives``, ``elements_sent`` (also relative to the mean rule, ``traffic_vs_mean``)
       and ``dropped`` (contributions dropped as non-finite, over all buckets).
 
-    ``device`` (``"cpu"`` or ``"cuda"``) defaults to the backend's: gloo on the CPU, nccl on
-    the GPUs (rank ``r`` on ``cuda:r``).
+    ``device`` (``"cpu"`` or any CUDA device: ``"cuda"``, ``"cuda:0"``, a ``torch.device``)
+    defaults to the backend's: gloo on the CPU, nccl on the GPUs; on CUDA rank ``r`` runs on
+    ``cuda:r`` (:func:`rank_device`).
     """
     import torch.multiprocessing as mp
 
@@ -144,6 +146,9 @@ def run(config: ScalingOutConfig, *, device: Optional[str] = None) -> Dict[str, 
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {config.backend!r}")
     if device is None:
         device = "cuda" if config.backend == "nccl" else "cpu"
+    on_cuda = rank_device(device, 0).type == "cuda"  # also validates the device
+    if config.backend == "nccl" and not on_cuda:
+        raise ValueError(f"the nccl backend needs a CUDA device, got {device!r}")
     bad = tuple(config.byzantine_ranks) + tuple(config.nan_ranks)
     if config.world_size < 2 or any(not 0 <= r < config.world_size for r in bad):
         raise ValueError("world_size must be >= 2 and the Byzantine and NaN ranks must be ranks")
@@ -176,6 +181,21 @@ def run(config: ScalingOutConfig, *, device: Optional[str] = None) -> Dict[str, 
     return _merge(results)
 
 
+def rank_device(device, rank: int) -> torch.device:
+    """The device of rank ``rank`` for the ``device`` given to :func:`run`.
+
+    Any CUDA device (``"cuda"``, ``"cuda:0"``, ``torch.device("cuda", 1)``) means one GPU per
+    rank: rank ``r`` runs on ``cuda:r``. Anything else of type ``"cpu"`` is the CPU; other
+    device types are an error (the experiment runs on ``gloo``/CPU or ``nccl``/CUDA only).
+    """
+    kind = torch.device(device).type  # a string comparison would miss "cuda:0"
+    if kind == "cuda":
+        return torch.device("cuda", rank)
+    if kind == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"device must be a CPU or CUDA device, got {device!r}")
+
+
 def summary(records: Dict[str, List[dict]]) -> List[dict]:
     """One row per run: its label, whether it was attacked, final test loss and accuracy, and the
     contributions dropped per step."""
@@ -196,9 +216,7 @@ def _worker(rank: int, config: ScalingOutConfig, device: str, store: str, out_di
     torch.set_num_threads(1)  # identical, reproducible CPU reductions
     import torch.distributed as dist
 
-    # "cuda", "cuda:0" and torch.device("cuda") all mean: one GPU per rank
-    cuda = torch.device(device).type == "cuda"
-    dev = torch.device(f"cuda:{rank}") if cuda else torch.device("cpu")
+    dev = rank_device(device, rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     dist.init_process_group(config.backend, init_method=f"file://{store}", rank=rank,

@@ -57,9 +57,11 @@ from .transformer import (
 from .benchmarks import (
     benchmark_rows,
     load_benchmark_results,
+    machine_label,
     plot_hardware_floor,
     plot_solver_times,
     plot_targets,
+    target_factor,
 )
 from .bgmd_memory import memory_style, plot_memory_curves, plot_memory_errors, plot_memory_training
 from .in_the_wild import plot_sweep, plot_training_curves, training_style

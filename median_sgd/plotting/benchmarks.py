@@ -15,6 +15,10 @@ from typing import Dict, List, Optional, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import ticker
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from ._style import COLUMN_WIDTH, ROW_HEIGHT
 
 __all__ = [
     "load_benchmark_results",
@@ -22,6 +26,8 @@ __all__ = [
     "plot_solver_times",
     "plot_hardware_floor",
     "plot_targets",
+    "machine_label",
+    "target_factor",
 ]
 
 #: the suites ``python -m benchmarks`` writes (benchmarks/__main__.py), in its order
@@ -95,8 +101,38 @@ def benchmark_rows(results: Dict[str, dict], suite: str, case: Optional[str] = N
     return [r for r in rows if case is None or r.get("case") == case]
 
 
+def machine_label(payload: dict) -> str:
+    """The machine a suite ran on, in words: ``"AMD EPYC, 2 cores, 1 thread"`` or the GPU's name.
+
+    Built from the payload's ``cpu``, ``cpu_count`` and ``threads`` on the CPU (the ``device``
+    string the harness writes says "1 threads"); the ``device`` string elsewhere.
+    """
+    if payload.get("device_type") == "cpu" and "cpu" in payload:
+        parts = [str(payload["cpu"])]
+        for key, word in (("cpu_count", "core"), ("threads", "thread")):
+            if key in payload:
+                k = payload[key]
+                parts.append(f"{k} {word}{'' if k == 1 else 's'}")
+        return ", ".join(parts)
+    return str(payload.get("device", "unknown device"))
+
+
+def target_factor(row: dict) -> float:
+    """By how much a row's ``ratio`` meets its ``target``: ``ratio / target`` when higher is
+    better, ``target / ratio`` when lower is; at least 1 exactly when the target is met."""
+    if row.get("better", "higher") == "higher":
+        return row["ratio"] / row["target"]
+    return row["target"] / row["ratio"]
+
+
+def _dim(d: int) -> str:
+    """``d`` compactly: a large power of ten as ``10^k`` (mathtext), else with thousands commas."""
+    k = len(str(d)) - 1
+    return f"$10^{{{k}}}$" if d >= 10**5 and d == 10**k else f"{d:,}"
+
+
 def _size_label(r: dict) -> str:
-    return f"n={r['n']}\nd={r['d']:,}"
+    return f"n={r['n']}\nd={_dim(r['d'])}"
 
 
 def _plain_log_ticks(axis) -> None:
@@ -106,54 +142,66 @@ def _plain_log_ticks(axis) -> None:
         lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
 
 
+def _figure(axes, ncols, height, **kw):
+    if axes is not None:
+        return axes[0].figure, axes
+    fig, axes = plt.subplots(1, ncols, figsize=(COLUMN_WIDTH, height), layout="constrained", **kw)
+    return fig, axes
+
+
+def _scenario_handles(scenarios):
+    return [Patch(facecolor="white", edgecolor="black", linewidth=0.5,
+                  hatch="//" if j else None, label=s) for j, s in enumerate(scenarios)]
+
+
 def plot_solver_times(rows: List[dict], axes: Optional[Sequence[plt.Axes]] = None):
     """Time per problem size for each solver (left, log scale) and ours' speed-up (right).
 
     ``rows``: the ``"vs geom-median"`` rows of the ``medians`` suite. Bars in pairs per size, solid
     for clean data and hatched for 25% outliers; the dashed line on the right is the 2x target.
+    Without ``axes``: a figure the width of the book's column, one legend below the panels.
     """
     if not rows:
         raise ValueError("no rows to plot")
-    if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    fig, axes = _figure(axes, 2, ROW_HEIGHT + 0.8, gridspec_kw={"width_ratios": [3, 2]})
     ax, ax_ratio = axes
     sizes = list(dict.fromkeys((r["n"], r["d"]) for r in rows))
     scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
     x = np.arange(len(sizes))
     width = 0.8 / (len(_SOLVERS) * len(scenarios))
     k = 0
-    for scenario in scenarios:
-        for key, (label, color, _) in _SOLVERS.items():
+    for j, scenario in enumerate(scenarios):
+        for key, (_, color, _) in _SOLVERS.items():
             vals = [next(r[key] for r in rows if (r["n"], r["d"]) == s and r["scenario"] == scenario)
                     for s in sizes]
             ax.bar(x + (k - (len(_SOLVERS) * len(scenarios) - 1) / 2) * width, vals, width,
-                   color=color, hatch="//" if scenario != scenarios[0] else None,
-                   edgecolor="white" if scenario == scenarios[0] else "black", linewidth=0.5,
-                   label=f"{label}, {scenario}")
+                   color=color, hatch="//" if j else None,
+                   edgecolor="white" if not j else "black", linewidth=0.5)
             k += 1
     ax.set_yscale("log")
-    top = max(max(r[key] for r in rows) for key in _SOLVERS)
-    ax.set_ylim(top=top * 30)  # room for the legend above the bars
     ax.set_xticks(x, [_size_label(dict(n=n, d=d)) for n, d in sizes])
     ax.set_ylabel("seconds per solve (median)")
     ax.set_title("time to the same objective value")
-    ax.legend(fontsize=7, loc="upper center", ncol=2)
     ax.grid(True, axis="y", which="major", alpha=0.3)
     for j, scenario in enumerate(scenarios):
         vals = [next(r["ratio"] for r in rows if (r["n"], r["d"]) == s and r["scenario"] == scenario)
                 for s in sizes]
         ax_ratio.bar(x + (j - (len(scenarios) - 1) / 2) * 0.35, vals, 0.35, color="tab:green",
                      hatch="//" if j else None, edgecolor="white" if not j else "black",
-                     linewidth=0.5, label=scenario)
+                     linewidth=0.5)
     target = rows[0]["target"]
-    ax_ratio.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target:g}x")
+    ax_ratio.axhline(target, color="black", linestyle="--", linewidth=1)
     ax_ratio.set_yscale("log")
     _plain_log_ticks(ax_ratio.yaxis)
     ax_ratio.set_xticks(x, [_size_label(dict(n=n, d=d)) for n, d in sizes])
     ax_ratio.set_ylabel("speed-up over geom-median")
-    ax_ratio.set_title("ratio (higher is better)")
-    ax_ratio.legend(fontsize=7)
+    ax_ratio.set_title("speed-up (higher is better)")
     ax_ratio.grid(True, axis="y", which="major", alpha=0.3)
+    handles = [Patch(color=color, label=label) for label, color, _ in _SOLVERS.values()]
+    handles += _scenario_handles(scenarios)
+    handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1,
+                          label=f"target {target:g}x speed-up"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=3)
     return axes
 
 
@@ -163,83 +211,119 @@ def plot_hardware_floor(rows: List[dict], axes: Optional[Sequence[plt.Axes]] = N
     ``rows``: the ``"hardware floor"`` rows of the ``medians`` suite. Left: the cost of one
     iteration and of the whole adaptive solve in copies of the matrix (dashed: the 2.5-copy
     target). Right: the fraction of the hardware floor reached, the time of one read of the
-    matrix divided by the time of an iteration (1 = an iteration costs one read).
+    matrix divided by the time of an iteration (1 = an iteration costs one read). Without
+    ``axes``: a figure the width of the book's column, one legend below the panels.
     """
     if not rows:
         raise ValueError("no rows to plot")
-    if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = _figure(axes, 2, ROW_HEIGHT + 0.8)
     ax, ax_frac = axes
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
     sizes = list(dict.fromkeys((r["n"], r["d"]) for r in rows))
     x = np.arange(len(sizes))
     width = 0.8 / (2 * len(dtypes))
+    handles = []
     for j, dtype in enumerate(dtypes):
         sel = [next(r for r in rows if (r["n"], r["d"]) == s and r["dtype"] == dtype) for s in sizes]
         suffix = f" ({dtype})" if len(dtypes) > 1 else ""
+        alpha = 1.0 - 0.4 * j
         ax.bar(x + (2 * j - len(dtypes) + 0.5) * width, [r["ratio"] for r in sel], width,
-               color="tab:green", alpha=1.0 - 0.4 * j, label="one iteration" + suffix)
+               color="tab:green", alpha=alpha)
         ax.bar(x + (2 * j - len(dtypes) + 1.5) * width, [r["solve_copies"] for r in sel], width,
-               color="tab:blue", alpha=1.0 - 0.4 * j, label="whole solve" + suffix)
+               color="tab:blue", alpha=alpha)
         ax_frac.bar(x + (j - (len(dtypes) - 1) / 2) * 0.8 / len(dtypes),
                     [r["floor_fraction"] for r in sel], 0.8 / len(dtypes), color="tab:green",
-                    alpha=1.0 - 0.4 * j, label=dtype)
+                    alpha=alpha)
+        handles += [Patch(color="tab:green", alpha=alpha, label="one iteration" + suffix),
+                    Patch(color="tab:blue", alpha=alpha, label="whole solve" + suffix)]
     target = rows[0]["target"]
-    ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target:g} copies")
+    ax.axhline(target, color="black", linestyle="--", linewidth=1)
+    handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1,
+                          label=f"target: an iteration {target:g} copies"))
     ax.set_yscale("log")
     _plain_log_ticks(ax.yaxis)
     ax.set_xticks(x, [_size_label(dict(n=n, d=d)) for n, d in sizes])
     ax.set_ylabel("cost in copies of the matrix")
-    ax.set_title("iteration and solve vs. clone (lower is better)")
-    ax.legend(fontsize=7)
+    ax.set_title("cost vs. a copy (lower is better)")
     ax.grid(True, axis="y", which="major", alpha=0.3)
     ax_frac.axhline(1.0, color="black", linestyle=":", linewidth=1)
     ax_frac.set_xticks(x, [_size_label(dict(n=n, d=d)) for n, d in sizes])
     ax_frac.set_ylabel("one read / one iteration")
-    ax_frac.set_title("fraction of the hardware floor reached")
-    if len(dtypes) > 1:
-        ax_frac.legend(fontsize=7)
+    ax_frac.set_title("fraction of the floor reached")
     ax_frac.grid(True, axis="y", alpha=0.3)
+    fig.legend(handles=handles, loc="outside lower center", ncol=3)
     return axes
+
+
+_CASES = {  # short names of the cases in the targets chart
+    "vs geom-median": "vs geom-median",
+    "hardware floor": "iteration vs copy",
+    "batched": "batched vs loop",
+    "sample_stable vs scipy": "sampler vs scipy",
+    "alpha-stable experiment": "Fig. 2 run",
+}
+# units of a "lower" ratio: (after the measured value, after the target)
+_UNITS = {"hardware floor": (" copies", ""), "alpha-stable experiment": (" s", " s")}
+
+
+def _target_text(r: dict) -> str:
+    """The measured ratio and its target in words: "5.72× faster; target 2×", "0.544 copies;
+    target at most 2.5"."""
+    if r.get("better", "higher") == "higher":
+        return f"{r['ratio']:.3g}\u00d7 faster; target {r['target']:g}\u00d7"
+    unit, target_unit = _UNITS.get(r.get("case"), ("", ""))
+    return f"{r['ratio']:.3g}{unit}; target at most {r['target']:g}{target_unit}"
 
 
 def plot_targets(results: Dict[str, dict], suites: Sequence[str] = ("medians", "stable",
                                                                      "alpha_stable_experiment"),
                  ax: Optional[plt.Axes] = None) -> plt.Axes:
-    """Every ratio of the given suites divided by its target (log scale): right of the line at 1
-    the target is met. One horizontal bar per row; ``better="lower"`` ratios are inverted so
-    that right is always better."""
-    labels, scores, met, texts = [], [], [], []
+    """By how much every ratio of the given suites meets its target (log scale).
+
+    One horizontal bar per row, of length :func:`target_factor` (ratio / target, or target /
+    ratio where lower is better): right of the dashed line at 1 the target is met (green),
+    left of it missed (red). The measured ratio and the target are written in words in a column
+    right of the panel, where no line crosses them.
+    """
+    labels, factors, texts = [], [], []
     for suite in suites:
-        for r in results.get(suite, {}).get("rows", []):
-            if "ratio" not in r or "target" not in r:
-                continue
-            score = r["ratio"] / r["target"] if r.get("better", "higher") == "higher" else r["target"] / r["ratio"]
-            what = [r.get("case", suite)]
+        rows = [r for r in results.get(suite, {}).get("rows", []) if "ratio" in r and "target" in r]
+        # a row's dtype is named only where its case has several
+        dtypes = {}
+        for r in rows:
+            dtypes.setdefault(r.get("case", suite), set()).add(r.get("dtype"))
+        for r in rows:
+            case = r.get("case", suite)
+            what = [_CASES.get(case, case)]
+            if "n" in r and "d" in r and case != "batched":
+                what.append(f"{r['n']}\u00d7{_dim(r['d'])}")
             for key in ("config", "scenario", "alpha", "dtype"):
+                if key == "dtype" and len(dtypes[case]) < 2:
+                    continue
                 if key in r:
-                    what.append(f"alpha={r[key]}" if key == "alpha" else f"{r[key]}")
-            if "n" in r and "d" in r and r.get("case") != "batched":
-                what.insert(1, f"({r['n']}, {r['d']:,})")
+                    what.append(f"\u03b1={r[key]}" if key == "alpha" else f"{r[key]}")
             labels.append(" ".join(str(w) for w in what))
-            scores.append(score)
-            met.append(bool(r.get("met")))
-            sign = ">=" if r.get("better", "higher") == "higher" else "<="
-            texts.append(f"{r['ratio']:.3g} (target {sign} {r['target']:g})")
-    if not scores:
+            factors.append(target_factor(r))
+            texts.append(_target_text(r))
+    if not factors:
         raise ValueError("no rows with a ratio and a target")
     if ax is None:
-        _, ax = plt.subplots(figsize=(7, 0.28 * len(scores) + 1.2))
-    y = np.arange(len(scores))[::-1]
-    ax.barh(y, scores, color=["tab:green" if m else "tab:red" for m in met], height=0.7)
+        _, ax = plt.subplots(figsize=(COLUMN_WIDTH, 0.21 * len(factors) + 1.0),
+                             layout="constrained")
+    y = np.arange(len(factors))[::-1]
+    ax.barh(y, factors, color=["tab:green" if f >= 1 else "tab:red" for f in factors],
+            height=0.7)
     ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
     ax.set_xscale("log")
-    for yi, score, text in zip(y, scores, texts):
-        ax.annotate(text, (score, yi), xytext=(3, 0), textcoords="offset points", va="center",
-                    fontsize=6)
-    ax.set_xlim(min(min(scores), 0.5) / 1.5, max(max(scores), 2.0) * 6)
+    ax.set_xlim(min(min(factors), 0.5) / 1.3, max(max(factors), 2.0) * 1.3)
     _plain_log_ticks(ax.xaxis)
-    ax.set_yticks(y, labels, fontsize=7)
-    ax.set_xlabel("ratio / target (right of the dashed line: target met)")
+    ax.set_ylim(-0.6, len(factors) - 0.4)
+    ax.set_yticks(y, labels, fontsize=8)
+    # the ratios and targets in words: a column right of the panel (axes coordinates in x)
+    trans = ax.get_yaxis_transform()
+    for yi, text in zip(y, texts):
+        ax.text(1.02, yi, text, transform=trans, va="center", ha="left", fontsize=8,
+                clip_on=False)
+    ax.set_xlabel("target met by a factor of (log scale; below 1: missed)")
     ax.grid(True, axis="x", which="major", alpha=0.3)
     return ax

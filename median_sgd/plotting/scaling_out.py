@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ._style import estimator_style
+from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style
 
 __all__ = ["run_style", "plot_byzantine_training", "plot_communication"]
 
@@ -29,11 +29,20 @@ def run_style(label: str) -> dict:
             "marker": style["marker"]}
 
 
-def plot_byzantine_training(curves: List[dict], axes: Optional[Sequence[plt.Axes]] = None):
-    """Test loss (log scale) and test accuracy against the step, one line per run."""
+def plot_byzantine_training(curves: List[dict], axes: Optional[Sequence[plt.Axes]] = None,
+                            title: Optional[str] = None):
+    """Test loss (log scale) and test accuracy against the step, one line per run.
+
+    Without ``axes``: a figure the width of the book's column, the two panels side by side and
+    one legend below them (it hides no curve); ``title`` above the panels.
+    """
     if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.9),
+                                 layout="constrained")
+    fig = axes[0].figure
     runs = list(dict.fromkeys(r["run"] for r in curves))
+    if not runs:
+        raise ValueError("no curves to plot")
     for label in runs:
         rows = sorted((r for r in curves if r["run"] == label), key=lambda r: r["step"])
         steps = [r["step"] for r in rows]
@@ -48,27 +57,45 @@ def plot_byzantine_training(curves: List[dict], axes: Optional[Sequence[plt.Axes
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
-    axes[1].legend(fontsize=8, loc="best")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)))
+    if title:
+        fig.suptitle(title)
     return axes
 
 
 def plot_communication(runs: List[dict], axes: Optional[Sequence[plt.Axes]] = None):
-    """Per step and rank: elements sent relative to the mean all-reduce, and collective calls."""
-    if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    """Per step and rank: elements sent relative to the mean all-reduce, and collective calls.
+
+    One horizontal bar per attacked run, its value written at its end; without ``axes`` a
+    figure the width of the book's column.
+    """
     rows = [r for r in runs if r.get("attacked", True)]
+    if not rows:
+        raise ValueError("no runs to plot")
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(COLUMN_WIDTH, 0.32 * len(rows) + 1.1),
+                               layout="constrained", sharey=True)
     labels = [r["run"] for r in rows]
     y = np.arange(len(rows))
     colors = [run_style(label)["color"] for label in labels]
-    axes[0].barh(y, [r["traffic_vs_mean"] for r in rows], color=colors)
-    axes[0].axvline(1.0, color="black", linewidth=0.8)
-    axes[0].set_xlabel("elements sent per rank, relative to the mean all-reduce")
-    axes[1].barh(y, [r["collectives"] for r in rows], color=colors)
-    axes[1].set_xlabel("collective calls per step (latency)")
-    for ax in axes:
-        ax.set_yticks(y)
-        ax.set_yticklabels(labels, fontsize=8)
-        ax.invert_yaxis()
+    columns = [("traffic_vs_mean", "elements sent per rank\n(\u00d7 the mean all-reduce)", "{:.2f}"),
+               ("collectives", "collective calls per step\n(latency)", "{:.0f}")]
+    for ax, (key, xlabel, fmt) in zip(axes, columns):
+        values = [r[key] for r in rows]
+        ax.barh(y, values, color=colors, height=0.7)
+        for yi, v in zip(y, values):
+            ax.annotate(fmt.format(v), (v, yi), xytext=(3, 0), textcoords="offset points",
+                        va="center", fontsize=8)
+        ax.set_xlim(0, 1.22 * max(values))  # room for the values
+        ax.set_xlabel(xlabel)
         ax.grid(True, axis="x", alpha=0.3)
-    axes[1].set_yticklabels([])
+    axes[0].set_yticks(y, labels)
+    if not axes[0].yaxis_inverted():
+        axes[0].invert_yaxis()
+    if axes[1].get_shared_y_axes().joined(axes[0], axes[1]):
+        axes[1].tick_params(labelleft=False)
+    else:
+        axes[1].set_yticks(y, [])
+        axes[1].invert_yaxis()
     return axes
