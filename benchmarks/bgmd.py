@@ -90,7 +90,7 @@ def run(device: torch.device, *, quick: bool = False) -> List[dict]:
                     if (n, d) == TARGET_SIZE:
                         row.update(target=TARGET, better="higher", met=bool(ratio >= TARGET))
                     rows.append(row)
-                del G
+                G = None  # free the matrix before the next size
     print_table(f"BGmD (k = d/10, mean memory) vs full geometric median on {device.type}", rows,
                 ["case", "n", "d", "k", "scenario", "gm_iter", "bgmd_iter", "gm_s", "bgmd_s",
                  "ratio", "met"])

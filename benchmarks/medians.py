@@ -108,7 +108,7 @@ def vs_geom_median(device: torch.device, sizes, repeat: int) -> List[dict]:
                 "ratio": speedup, "target": TARGET_VS_GEOM_MEDIAN, "better": "higher",
                 "met": bool(speedup >= TARGET_VS_GEOM_MEDIAN and f_ours <= f_ref * (1 + SLACK)),
             })
-            del G, G_theirs, ref, res
+            G = G_theirs = ref = res = None  # free memory before the next size
     return rows
 
 
@@ -142,7 +142,7 @@ def hardware_floor(device: torch.device, sizes, dtypes, repeat: int) -> List[dic
                 "ratio": copies, "target": TARGET_COPIES_PER_ITERATION, "better": "lower",
                 "met": bool(copies <= TARGET_COPIES_PER_ITERATION),
             })
-            del G
+            G = None  # free memory before the next size
     return rows
 
 

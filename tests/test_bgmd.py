@@ -423,7 +423,7 @@ def test_bgmd_one_huge_row_of_six_gives_finite_updates(rule, mode, far):
     # BGmD's block median was NaN (issue 12 item 2); the memory and the diagnostics must stay finite.
     g = gen(22)
     agg = ms.BGmD(3, mode=mode, memory=rule, generator=gen(4), max_iter=200)
-    for t in range(3):
+    for _ in range(3):
         honest = torch.randn(5, 8, generator=g)
         G = torch.cat([torch.full((1, 8), far), honest])
         u = agg(G)
