@@ -74,6 +74,7 @@ MEASURE_JS = r"""
       const attr = parseFloat(img.getAttribute("width"));
       const design = (!isNaN(attr) && attr > 0) ? attr : (px(img.style.width) || img.naturalWidth);
       out.figures.push({src: (img.getAttribute("src") || "").split("/").pop(), rendered: rect.width,
+                        top: Math.round(rect.top + window.scrollY),
                         design: design, natural: img.naturalWidth, loaded: img.complete && img.naturalWidth > 0});
     }
     for (const pre of article.querySelectorAll("pre")) {
@@ -92,7 +93,8 @@ MEASURE_JS = r"""
       const cut = lines.filter(l => l.length > fits);
       const overflow = pre.scrollWidth > pre.clientWidth + 1;
       if (!overflow) continue;
-      const cell = pre.closest(".cell_output") ? "output" : "code";
+      const cell = (pre.closest(".cell_output") ? "output" : "code")
+                   + (pre.closest("details:not([open])") ? " (in a collapsed cell)" : "");
       out.code.push({kind: cell, fits: fits, longest: Math.max(...lines.map(l => l.length)),
                      cut: Math.max(cut.length, 1), head: lines[0].slice(0, 40), first_cut: (cut[0] || "").slice(0, 100)});
     }
@@ -109,7 +111,8 @@ MEASURE_JS = r"""
       const avail = Math.min(room, host.clientWidth || room);
       const tex = sources.get(box) || "";
       if (width > avail + 1 || box.scrollWidth > box.clientWidth + 1) {
-        out.equations.push({width: width, room: avail, tex: tex.trim().slice(0, 60), id: host.id || ""});
+        out.equations.push({width: width, room: avail, tex: tex.trim().slice(0, 60), id: host.id || "",
+                            top: Math.round(box.getBoundingClientRect().top + window.scrollY)});
       }
     }
     const pre = document.createElement("pre");
