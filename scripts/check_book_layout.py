@@ -7,7 +7,8 @@
 Each page is loaded at a 1280 px wide window (the content column is then about 676 CSS px) and
 measured in the browser, on the page's article (sidebars and the header are not measured):
 
-* figures: every ``img``'s rendered width over its design width, the width the page asks for
+* figures: every ``img``'s rendered width over its design width (and its drawn aspect ratio
+  against its pixels', which a squashed figure fails), the width the page asks for
   (the ``width`` attribute or inline style that myst-nb writes for retina PNGs, which hold
   twice the pixels), else its natural width. Below ``--min-figure-ratio`` (0.9) a figure's
   fonts are shrunk below the 7.5 pt the book's style allows (8.5 pt x 0.9 = 7.65 pt);
@@ -74,7 +75,8 @@ MEASURE_JS = r"""
       const attr = parseFloat(img.getAttribute("width"));
       const design = (!isNaN(attr) && attr > 0) ? attr : (px(img.style.width) || img.naturalWidth);
       out.figures.push({src: (img.getAttribute("src") || "").split("/").pop(), rendered: rect.width,
-                        top: Math.round(rect.top + window.scrollY),
+                        top: Math.round(rect.top + window.scrollY), height: rect.height,
+                        natural_height: img.naturalHeight,
                         design: design, natural: img.naturalWidth, loaded: img.complete && img.naturalWidth > 0});
     }
     for (const pre of article.querySelectorAll("pre")) {
@@ -230,6 +232,12 @@ def main() -> int:
             if not allowed(page, "figure", f["src"]):
                 errors.append(f"{page}: figure {f['src'][:16]}... shown at {f['rendered']:.0f} of its "
                               f"{f['design']:.0f} px ({f['rendered'] / f['design']:.0%})")
+        for f in r["figures"]:  # drawn with another aspect ratio than its pixels': squashed
+            if f["loaded"] and f["natural_height"] and f["height"]:
+                drawn, pixels = f["rendered"] / f["height"], f["natural"] / f["natural_height"]
+                if abs(drawn / pixels - 1) > 0.02:
+                    errors.append(f"{page}: figure {f['src'][:16]}... distorted: drawn {f['rendered']:.0f}x"
+                                  f"{f['height']:.0f} px, its pixels {f['natural']}x{f['natural_height']}")
         for f in unloaded:
             errors.append(f"{page}: image {f['src']} did not load")
         for c in r["code"]:
