@@ -106,3 +106,24 @@ def test_drift_figures(result):
     ax = plot_drift_trace(drift, 1, last=10)
     target = ax.get_lines()[-1]
     np.testing.assert_allclose(target.get_data()[1], drift["target_trace"][-10:].numpy())
+
+
+def test_legends_hide_no_data():
+    from median_sgd.experiments import robust_mean
+    from median_sgd.plotting import plot_outlier_scene, plot_quantile_curves
+
+    cfg = dataclasses.replace(robust_mean.CONFIGS["ci"], scene_inliers=20)
+    scene = robust_mean.outlier_scene(cfg)
+    ax = plot_outlier_scene(scene)
+    fig = ax.figure
+    fig.canvas.draw()
+    # Fig. 1's legend lies right of the axes, beside the points, not on them
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+    assert plot_outlier_scene(scene, legend=False).get_legend() is None
+    rows = [{"estimator": "mean", "n": n, "median": 1.0, "q10": 0.5, "q90": 2.0} for n in (5, 11)]
+    assert plot_quantile_curves(rows, "n", legend=False).get_legend() is None
+    assert plot_quantile_curves(rows, "n").get_legend() is not None
+    ax = plot_operators_1d({"soft": ms.prox_l1}, 1.0, points=11)
+    ax.figure.canvas.draw()
+    assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0
+    assert plot_operators_1d({"soft": ms.prox_l1}, 1.0, points=11, legend=False).get_legend() is None

@@ -23,10 +23,12 @@ def plot_operators_1d(
     *,
     limit: float = 3.0,
     points: int = 601,
+    legend: bool = True,
 ) -> plt.Axes:
     """``v -> op(v, tau)`` on ``[-limit, limit]`` for each operator (applied to 1-D vectors).
 
-    The identity is drawn dotted and the thresholds ``+-tau`` as thin vertical lines.
+    The identity is drawn dotted and the thresholds ``+-tau`` as thin vertical lines. The legend
+    (``legend=True``) goes below the axes, where it hides no curve.
     """
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 4))
@@ -42,7 +44,8 @@ def plot_operators_1d(
     ax.set_xlim(-limit, limit)
     ax.set_xlabel("$v$")
     ax.set_aspect("equal")
-    ax.legend(fontsize=8, loc="upper left")
+    if legend:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), borderaxespad=0.0)
     return ax
 
 

@@ -7,7 +7,7 @@ from typing import Iterable, List, Optional, Sequence
 import matplotlib.pyplot as plt
 from matplotlib.markers import MarkerStyle
 
-from ._style import estimator_style
+from ._style import COLUMN_WIDTH, estimator_style
 
 __all__ = ["online_style", "plot_fixed_paths", "plot_fixed_estimates", "plot_fixed_curves", "plot_drift_error",
            "plot_drift_trace"]
@@ -47,9 +47,12 @@ def plot_fixed_paths(
     legend: bool = True,
 ) -> plt.Axes:
     """A 2-D fixed study: samples, the three centres, each estimator's tail average (marker)
-    and, with ``paths``, its path ``m_0, ..., m_until`` for the first seed."""
+    and, with ``paths``, its path ``m_0, ..., m_until`` for the first seed.
+
+    The legend (``legend=True``) sits outside the axes, to their right, so it hides no sample.
+    """
     if ax is None:
-        _, ax = plt.subplots(figsize=(5.5, 5))
+        _, ax = plt.subplots(figsize=(COLUMN_WIDTH, 4.2), layout="constrained")
     names = list(fixed["trace"]) if estimators is None else list(estimators)
     if samples:
         pts = fixed["samples"].numpy()
@@ -73,7 +76,7 @@ def plot_fixed_paths(
         ax.set_ylim(*ylim)
     ax.set_aspect("equal")
     if legend:
-        ax.legend(fontsize=7, loc="best", framealpha=0.9)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return ax
 
 
@@ -105,7 +108,7 @@ def plot_fixed_estimates(
         ax.scatter(float(fixed["tail_average"][name][coordinate]) - origin, row, s=80,
                    marker=style["marker"], color=style["color"], zorder=4, **edge)
     ax.set_yticks(range(len(names)))
-    ax.set_yticklabels(names, fontsize=8)
+    ax.set_yticklabels(names)
     ax.set_ylim(len(names) - 0.5, -0.5)
     ax.set_xlabel(rf"coordinate {coordinate + 1} of the tail average, minus $\hat g_{{{coordinate + 1}}}$")
     ax.grid(True, axis="x", alpha=0.3)
