@@ -289,7 +289,7 @@ def plot_targets(results: Dict[str, dict], suites: Sequence[str] = ("medians", "
     for suite in suites:
         rows = [r for r in results.get(suite, {}).get("rows", []) if "ratio" in r and "target" in r]
         # a row's dtype is named only where its case has several
-        dtypes = {}
+        dtypes: dict[str, set] = {}
         for r in rows:
             dtypes.setdefault(r.get("case", suite), set()).add(r.get("dtype"))
         for r in rows:

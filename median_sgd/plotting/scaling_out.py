@@ -37,8 +37,8 @@ def plot_byzantine_training(curves: List[dict], axes: Optional[Sequence[plt.Axes
     one legend below them (it hides no curve); ``title`` above the panels.
     """
     if axes is None:
-        fig, axes = plt.subplots(1, 2, figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.9),
-                                 layout="constrained")
+        _, axes = plt.subplots(1, 2, figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.9),
+                               layout="constrained")
     fig = axes[0].figure
     runs = list(dict.fromkeys(r["run"] for r in curves))
     if not runs:
