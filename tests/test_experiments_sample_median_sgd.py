@@ -175,6 +175,8 @@ def test_the_chapters_claims_hold_at_a_tiny_size(tiny_result):
     # ... and 1 lies in the distribution-free interval around the pooled median
     assert all(x["pooled_low"] < 1.0 < x["pooled_high"] for x in cauchy)
     assert all(x["pooled_low"] <= x["pooled"] <= x["pooled_high"] for x in r.stationary)
+    # the interval for the one-coordinate spread is the binomial rank interval of its values
+    assert all(x["spread_low"] <= x["spread"] <= x["spread_high"] for x in r.stationary)
     # alpha = 1/2: n = 3 (no finite mean) blows up, n = 9 (finite variance) converges.
     size = {x["n"]: x for x in r.sample_size}
     assert size[3]["median"] > 1e3 and size[9]["median"] < 0.5

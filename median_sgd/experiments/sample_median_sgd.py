@@ -430,6 +430,9 @@ def stationary_study(cfg: SampleMedianSGDConfig, *, device="cpu", dtype=torch.fl
     One record per (alpha, eta, estimator) with
 
     * ``spread``: the median over seeds of ``|e_T|`` in the flattest coordinate (``h = h_min``);
+    * ``spread_low``, ``spread_high``: the distribution-free confidence interval of
+      :func:`median_interval` (``z = POOLED_Z``) for the median that ``spread`` estimates (from
+      ``stationary_seeds`` values only: much wider than the pooled one below);
     * ``scale`` (mean only): the closed-form :func:`stationary_scale` of that coordinate at ``T``,
       so that ``spread`` should be ``scale`` times the 3/4-quantile of the standard stable law;
     * ``pooled``: the median over seeds *and* coordinates of ``|e_T,j| / s_j``, with ``s_j`` the
@@ -464,6 +467,7 @@ def stationary_study(cfg: SampleMedianSGDConfig, *, device="cpu", dtype=torch.fl
     for est, e in errs.items():
         e = e.abs().cpu()  # (A, E, S, d)
         spread = e[..., 0].median(dim=-1).values  # (A, E)
+        spread_low, spread_high = median_interval(e[..., 0], POOLED_Z)
         ref = scale if est == "mean" else gauss.expand(A, E, d)
         values = (e / ref.unsqueeze(2)).flatten(2)  # (A, E, S * d)
         pooled = values.median(dim=-1).values  # (A, E)
@@ -471,7 +475,8 @@ def stationary_study(cfg: SampleMedianSGDConfig, *, device="cpu", dtype=torch.fl
         for a, alpha in enumerate(cfg.stationary_alphas):
             for i, eta in enumerate(cfg.stationary_etas):
                 rec = {"alpha": alpha, "eta": eta, "estimator": est, "h": float(h[0]),
-                       "spread": spread[a, i].item(), "pooled": pooled[a, i].item(),
+                       "spread": spread[a, i].item(), "spread_low": spread_low[a, i].item(),
+                       "spread_high": spread_high[a, i].item(), "pooled": pooled[a, i].item(),
                        "pooled_low": low[a, i].item(), "pooled_high": high[a, i].item()}
                 if est == "mean":
                     rec["scale"] = scale[a, i, 0].item()

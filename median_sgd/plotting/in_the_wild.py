@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
-from ._style import estimator_style
+from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style
 
 __all__ = ["training_style", "plot_training_curves", "plot_sweep"]
 
@@ -51,12 +51,13 @@ def plot_training_curves(
     logy: bool = False,
 ) -> Sequence[plt.Axes]:
     """One panel per setting: ``metric`` against the step, the mean over seeds per method (line)
-    and the min-max band over seeds; non-finite values (diverged runs) are left out."""
+    and the min-max band over seeds; non-finite values (diverged runs) are left out. Without
+    ``axes`` the panels share one row of the book's column; one legend below them."""
     settings = _names(curves, "setting", settings)
     methods = _names(curves, "method", methods)
     if axes is None:
-        _, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3.2), sharey=True,
-                               squeeze=False)
+        _, axes = plt.subplots(1, len(settings), figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.3),
+                               sharey=True, squeeze=False, layout="constrained")
         axes = axes[0]
     if len(axes) != len(settings):
         raise ValueError(f"got {len(axes)} axes for {len(settings)} settings")
@@ -75,7 +76,7 @@ def plot_training_curves(
             ax.plot(steps, mean, color=style["color"], linestyle=style["linestyle"], label=method)
             if band:
                 ax.fill_between(steps, lo, hi, color=style["color"], alpha=0.12, linewidth=0)
-        ax.set_title(setting, fontsize=10)
+        ax.set_title(setting)
         ax.set_xlabel("step")
         if logy:
             ax.set_yscale("log")
@@ -87,15 +88,15 @@ def plot_training_curves(
     return axes
 
 
-def _figure_legend(axes: Sequence[plt.Axes]) -> None:
-    """One legend below the panels, with every label of every panel once (leave room for it with
-    ``fig.tight_layout(rect=(0, 0.07, 1, 1))``)."""
+def _figure_legend(axes: Sequence[plt.Axes], ncol: int = 3) -> None:
+    """One legend below the panels, with every label of every panel once (outside the data:
+    ``loc="outside lower center"``, which needs a figure with ``layout="constrained"``)."""
     handles = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    axes[0].figure.legend(list(handles.values()), list(handles.keys()), loc="lower center",
-                          ncol=len(handles), fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
+    axes[0].figure.legend(list(handles.values()), list(handles.keys()),
+                          loc="outside lower center", ncol=min(ncol, len(handles)), frameon=False)
 
 
 def plot_sweep(
@@ -108,11 +109,12 @@ def plot_sweep(
 ) -> Sequence[plt.Axes]:
     """One panel per setting: the final ``metric`` against the swept value (log scale), one line
     per (parameter, method). With ``relative_to`` (``{parameter: default value}``) the x-axis is
-    the value divided by its default, so sweeps of different parameters share an axis."""
+    the value divided by its default, so sweeps of different parameters share an axis. Without
+    ``axes`` the panels share one row of the book's column; one legend below them."""
     settings = _names(records, "setting", settings)
     if axes is None:
-        _, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3.2), sharey=True,
-                               squeeze=False)
+        _, axes = plt.subplots(1, len(settings), figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.3),
+                               sharey=True, squeeze=False, layout="constrained")
         axes = axes[0]
     if len(axes) != len(settings):
         raise ValueError(f"got {len(axes)} axes for {len(settings)} settings")
@@ -135,9 +137,9 @@ def plot_sweep(
         ax.set_xticks(xs)
         ax.set_xticklabels([f"{x:.3g}" for x in xs])
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(setting, fontsize=10)
+        ax.set_title(setting)
         ax.set_xlabel("value / default" if relative_to is not None else "value")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("final test accuracy" if metric == "accuracy_mean" else metric)
-    _figure_legend(axes)  # some lines are not in every panel
+    _figure_legend(axes, ncol=2)  # some lines are not in every panel
     return axes

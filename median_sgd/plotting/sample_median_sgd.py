@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
-from ._style import estimator_style
+from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style
 
 __all__ = [
     "plot_stationary_spread",
@@ -30,6 +30,23 @@ _GM_STYLES = {
 }
 
 
+def _legend_below(axes: Sequence[plt.Axes], ncol: int) -> None:
+    """One legend for the figure, under its panels (outside the data: ``loc="outside lower
+    center"``, which needs ``layout="constrained"``), each label of every panel once."""
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    axes[0].figure.legend(list(handles.values()), list(handles.keys()),
+                          loc="outside lower center", ncol=min(ncol, len(handles)), frameon=False)
+
+
+def _one_axes(ax: Optional[plt.Axes], height: float) -> plt.Axes:
+    if ax is None:
+        _, ax = plt.subplots(figsize=(COLUMN_WIDTH, height), layout="constrained")
+    return ax
+
+
 def _rows(records: List[dict], key: str, **where) -> List[dict]:
     rows = [r for r in records if all(r.get(k) == v for k, v in where.items())]
     if not rows:
@@ -46,13 +63,17 @@ def plot_stationary_spread(
     """One panel per alpha: the spread of constant-step SGD's error against the step ``eta``.
 
     Markers: the measured median of ``|e_T|`` (flattest coordinate) for mean- and
-    coordinate-median SGD; dashed line: the closed form ``scale * quantile(alpha)`` for the mean
-    (``quantile(alpha)`` is the 3/4-quantile of the standard symmetric alpha-stable law).
+    coordinate-median SGD, with error bars from ``spread_low`` to ``spread_high`` where the
+    records have them (a confidence interval for that median); dashed line: the closed form
+    ``scale * quantile(alpha)`` for the mean (``quantile(alpha)`` is the 3/4-quantile of the
+    standard symmetric alpha-stable law). Without ``axes``: two panels per row in the book's
+    column, one legend below them.
     """
     alphas = sorted({r["alpha"] for r in records}, reverse=True)
     if axes is None:  # two panels per row
         rows = (len(alphas) + 1) // 2
-        _, grid = plt.subplots(rows, 2, figsize=(7.5, 3.0 * rows), squeeze=False)
+        fig, grid = plt.subplots(rows, 2, figsize=(COLUMN_WIDTH, 2.3 * rows + 0.5), squeeze=False,
+                                 layout="constrained")
         for ax in grid.flat[len(alphas):]:
             ax.set_visible(False)
         axes = list(grid.flat[:len(alphas)])
@@ -63,8 +84,15 @@ def plot_stationary_spread(
             rows = _rows(records, "eta", alpha=alpha, estimator=name)
             style = estimator_style(name)
             eta = [r["eta"] for r in rows]
-            ax.plot(eta, [r["spread"] for r in rows], linestyle="none", marker=style["marker"],
-                    color=style["color"], label=f"{name} SGD (measured)")
+            spread = np.array([r["spread"] for r in rows])
+            if all("spread_low" in r and "spread_high" in r for r in rows):
+                yerr = np.array([spread - [r["spread_low"] for r in rows],
+                                 [r["spread_high"] for r in rows] - spread])
+            else:
+                yerr = None
+            ax.errorbar(eta, spread, yerr=yerr, linestyle="none", marker=style["marker"],
+                        color=style["color"], capsize=2, markersize=5,
+                        label=f"{name} SGD (measured)")
             if name == "mean":
                 q = quantile(alpha)
                 ax.plot(eta, [r["scale"] * q for r in rows], "--", color=style["color"],
@@ -80,12 +108,12 @@ def plot_stationary_spread(
         ax.set_xticklabels([f"{e:g}" for e in eta])
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(r"step size $\eta$")
-        ax.set_ylabel(r"median of $|e_T|$, $h = h_{\min}$")
-        ax.set_title(rf"$\alpha = {alpha:g}$", fontsize=10)
+        ax.set_title(rf"$\alpha = {alpha:g}$")
         ax.grid(True, which="major", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    axes[0].figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8,
-                          frameon=False, bbox_to_anchor=(0.5, -0.02))
+    for i, ax in enumerate(axes):
+        if i % 2 == 0:
+            ax.set_ylabel(r"median $|e_T|$, $h = h_{\min}$")
+    _legend_below(axes, ncol=2)
     return axes
 
 
@@ -100,9 +128,9 @@ def plot_sgd_final_error(
     estimators: Optional[Iterable[str]] = None,
 ) -> plt.Axes:
     """Final error ``||w_T - w*||`` against ``1/alpha``: median over seeds and the 10-90% band per
-    estimator; values beyond ``1e6`` (blown up or diverged) are drawn at ``1e6``."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(5.5, 4))
+    estimator; values beyond ``1e6`` (blown up or diverged) are drawn at ``1e6``. One legend
+    below the axes."""
+    ax = _one_axes(ax, 3.3)
     names = list(dict.fromkeys(r["estimator"] for r in final)) if estimators is None else list(estimators)
     for name in names:
         rows = sorted((r for r in final if r["estimator"] == name), key=lambda r: 1 / r["alpha"])
@@ -113,12 +141,13 @@ def plot_sgd_final_error(
         ax.fill_between(x, _clip(r["q10"] for r in rows), _clip(r["q90"] for r in rows),
                         color=style["color"], alpha=0.15, linewidth=0)
     ax.axhline(_CEILING, color="gray", linewidth=0.8, linestyle=":")
-    ax.text(ax.get_xlim()[0], _CEILING, r" $\geq 10^6$ (blown up)", va="bottom", fontsize=7, color="gray")
+    ax.text(ax.get_xlim()[0], _CEILING, r" $\geq 10^6$ (blown up)", va="bottom", fontsize=8,
+            color="gray")
     ax.set_yscale("log")
     ax.set_xlabel(r"$1/\alpha$ (heavier tails to the right)")
     ax.set_ylabel(r"final $\|w_T - w^\star\|_2$")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_below([ax], ncol=3)
     return ax
 
 
@@ -131,12 +160,12 @@ def plot_sgd_curves(
     reference_slope: Optional[float] = -0.5,
 ) -> Sequence[plt.Axes]:
     """One panel per alpha: ``||w_t - w*||`` against ``t`` (log-log), median and 10-90% band per
-    estimator, clipped at ``1e6``; a dotted ``t^reference_slope`` guide."""
+    estimator, clipped at ``1e6``; a dotted ``t^reference_slope`` guide; one legend below."""
     if estimators is None:
         estimators = list(dict.fromkeys(r["estimator"] for r in curves))
     if axes is None:
-        _, axes = plt.subplots(1, len(alphas), figsize=(3.2 * len(alphas), 3.2), sharey=True,
-                               squeeze=False)
+        _, axes = plt.subplots(1, len(alphas), figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.3),
+                               sharey=True, squeeze=False, layout="constrained")
         axes = axes[0]
     if len(axes) != len(alphas):
         raise ValueError(f"got {len(axes)} axes for {len(alphas)} tail indices")
@@ -158,18 +187,18 @@ def plot_sgd_curves(
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("step $t$")
-        ax.set_title(rf"$\alpha = {alpha:g}$", fontsize=10)
+        ax.set_title(rf"$\alpha = {alpha:g}$")
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel(r"$\|w_t - w^\star\|_2$")
-    axes[0].legend(fontsize=7)
+    _legend_below(axes, ncol=4)
     return axes
 
 
 def plot_sample_size(records: List[dict], ax: Optional[plt.Axes] = None) -> plt.Axes:
     """Final error of coordinate-median SGD against the sample size ``n`` (one heavy tail), with
-    the sizes where the median has a finite variance (``alpha (k + 1) > 2``) shaded."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(5.5, 4))
+    the sizes where the median has a finite variance (``alpha (k + 1) > 2``) shaded; one legend
+    below the axes."""
+    ax = _one_axes(ax, 3.0)
     rows = sorted(records, key=lambda r: r["n"])
     n = [r["n"] for r in rows]
     style = estimator_style("coordinate median")
@@ -187,7 +216,7 @@ def plot_sample_size(records: List[dict], ax: Optional[plt.Axes] = None) -> plt.
     ax.set_xlabel("samples per step $n = 2k + 1$")
     ax.set_ylabel(r"final $\|w_T - w^\star\|_2$")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_below([ax], ncol=2)
     return ax
 
 
@@ -200,9 +229,9 @@ def plot_skew_fixed_points(
 ) -> plt.Axes:
     """Where SGD settles under skewed noise: ``z = h e / sigma0`` (coordinate average, mean over
     seeds, +-2 standard errors) against ``n`` for mean- and median-SGD; ``prediction(n)`` drawn as
-    a line (the closed form), ``limit`` as a dotted line (the population median's offset)."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(5.5, 4))
+    a line (the closed form), ``limit`` as a dotted line (the population median's offset); one
+    legend below the axes."""
+    ax = _one_axes(ax, 3.4)
     for name in ("mean", "coordinate median"):
         rows = _rows(records, "n", estimator=name)
         style = estimator_style(name)
@@ -224,16 +253,15 @@ def plot_skew_fixed_points(
     ax.set_xlabel("samples per step $n$")
     ax.set_ylabel(r"$h_j (\bar w_j - w^\star_j) / \sigma_0$")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_below([ax], ncol=2)
     return ax
 
 
 def plot_gm_passes(records: List[dict], ax: Optional[plt.Axes] = None, *, floor: float = 1e-16) -> plt.Axes:
     """Relative objective gap of the geometric median against passes over the sample (Weiszfeld
     iterations or online SPP/SGD passes), median and 10-90% band over seeds; gaps below ``floor``
-    (exact to rounding) are drawn at ``floor``."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 4))
+    (exact to rounding) are drawn at ``floor``; one legend below the axes."""
+    ax = _one_axes(ax, 3.6)
     for method in dict.fromkeys(r["method"] for r in records):
         rows = [r for r in _rows(records, "passes", method=method) if r["passes"] > 0]
         p = [r["passes"] for r in rows]
@@ -246,5 +274,5 @@ def plot_gm_passes(records: List[dict], ax: Optional[plt.Axes] = None, *, floor:
     ax.set_xlabel("passes over the sample (Weiszfeld: iterations)")
     ax.set_ylabel(r"$(f(m) - f^\star) / f^\star$")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_below([ax], ncol=3)
     return ax

@@ -8,9 +8,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import cm, colors
 
-from ._style import estimator_style
+from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style
 
 __all__ = ["plot_final_error", "plot_convergence"]
+
+_LEGENDS = ("below", "inside", None)
 
 
 def _names(records: List[dict], estimators: Optional[Iterable[str]]) -> List[str]:
@@ -26,11 +28,20 @@ def plot_final_error(
     estimators: Optional[Iterable[str]] = None,
     center: str = "median",
     logy: bool = True,
+    legend: Optional[str] = "below",
 ) -> plt.Axes:
     """Fig. 2 (left): final relative error against 1/alpha, a line per estimator (``center`` over
-    seeds) and the min-max band over seeds."""
+    seeds) and the min-max band over seeds.
+
+    Without ``ax`` the figure spans the book's column (constrained layout). ``legend="below"``
+    puts one legend under the axes, outside the data (``loc="outside lower center"``: give the
+    figure ``layout="constrained"``); ``"inside"`` lets matplotlib place it in the axes; ``None``
+    draws none.
+    """
+    if legend not in _LEGENDS:
+        raise ValueError(f"legend must be one of {_LEGENDS}, got {legend!r}")
     if ax is None:
-        _, ax = plt.subplots(figsize=(5.5, 4))
+        _, ax = plt.subplots(figsize=(COLUMN_WIDTH, 3.3), layout="constrained")
     for name in _names(records, estimators):
         rows = sorted((r for r in records if r["estimator"] == name), key=lambda r: r["inv_alpha"])
         if not rows:
@@ -46,7 +57,12 @@ def plot_final_error(
     ax.set_xlabel(r"$1/\alpha$ (heavier tails to the right)")
     ax.set_ylabel(r"final $\|m_T - \hat g\|_2 / \|\hat g\|_2$")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    if legend == "below":
+        handles, labels = ax.get_legend_handles_labels()
+        ax.figure.legend(handles, labels, loc="outside lower center", ncol=len(labels),
+                         frameon=False)
+    elif legend == "inside":
+        ax.legend()
     return ax
 
 
@@ -61,12 +77,14 @@ def plot_convergence(
     logy: bool = True,
 ) -> Sequence[plt.Axes]:
     """Fig. 2 (right): relative error against the iteration, one panel per estimator, one line per
-    noise level coloured by 1/alpha (``center`` over seeds), with a shared colour bar."""
+    noise level coloured by 1/alpha (``center`` over seeds), with a shared colour bar.
+
+    Without ``axes`` the panels share one row of the book's column (constrained layout)."""
     if inv_alphas is None:
         inv_alphas = sorted({r["inv_alpha"] for r in curves})
     if axes is None:
-        _, axes = plt.subplots(1, len(estimators), figsize=(4 * len(estimators), 3.6),
-                               sharey=True, squeeze=False)
+        _, axes = plt.subplots(1, len(estimators), figsize=(COLUMN_WIDTH, ROW_HEIGHT),
+                               sharey=True, squeeze=False, layout="constrained")
         axes = axes[0]
     if len(axes) != len(estimators):
         raise ValueError(f"got {len(axes)} axes for {len(estimators)} estimators")
@@ -82,7 +100,7 @@ def plot_convergence(
                     color=colormap(norm(inv_alpha)), linewidth=1.2)
         if logy:
             ax.set_yscale("log")
-        ax.set_title(name, color=estimator_style(name)["color"], fontsize=10)
+        ax.set_title(name, color=estimator_style(name)["color"])
         ax.set_xlabel("iteration $t$")
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel(r"$\|m_t - \hat g\|_2 / \|\hat g\|_2$")
