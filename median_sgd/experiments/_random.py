@@ -16,7 +16,7 @@ generator on the device instead.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -51,7 +51,7 @@ def randn(size: Size, *, generator: Optional[torch.Generator], device="cpu", dty
     return to_device(x, device)
 
 
-def randint(high: int, size: Size, *, generator: Optional[torch.Generator], device="cpu") -> torch.Tensor:
+def randint(high: int, size: Union[Tuple[int, ...], List[int], torch.Size], *, generator: Optional[torch.Generator], device="cpu") -> torch.Tensor:
     """``torch.randint(high, size)`` drawn on ``generator``'s device, returned on ``device``."""
     x = torch.randint(high, size, generator=generator, device=_where(generator, device))
     return to_device(x, device)

@@ -40,7 +40,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -293,8 +293,8 @@ def run(
             acc = (logits.argmax(-1) == y_test).to(dtype).mean(-1)
         params = [p.detach().requires_grad_(True) for p in stacked()]
         train_loss = _losses(forward(params, x_train), y_train)
-        full = torch.autograd.grad(train_loss.sum(), params)
-        full = torch.cat([g.reshape(R, -1) for g in full], dim=1)
+        grads = torch.autograd.grad(train_loss.sum(), params)
+        full = torch.cat([g.reshape(R, -1) for g in grads], dim=1)
         direction = torch.cat([_direction(run, optimizers[cfg.methods[r // (E * S)]], cfg.methods[r // (E * S)])
                                for r, run in enumerate(leaves)], dim=0)
         cosine = F.cosine_similarity(direction, full, dim=1, eps=1e-30)
@@ -412,7 +412,7 @@ def sweep(
     for value in values:
         short = dataclasses.replace(cfg, steps=cfg.sweep_steps, seeds=cfg.sweep_seeds,
                                     eval_every=cfg.sweep_steps, methods=tuple(methods),
-                                    settings=tuple(settings), **{parameter: value})
+                                    settings=tuple(settings), **cast(Dict[str, Any], {parameter: value}))
         result = run(short, device=device, dtype=dtype, progress=progress)
         records += [{"parameter": parameter, "value": value, **r} for r in result.final]
     return records

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -178,8 +178,8 @@ class StableNoiseResult:
     config: StableNoiseConfig
     final: List[dict] = field(default_factory=list)
     curves: List[dict] = field(default_factory=list)
-    errors: torch.Tensor = None  # (steps + 1, estimators, alphas, seeds)
-    target: torch.Tensor = None  # (seeds, d)
+    errors: Optional[torch.Tensor] = None  # (steps + 1, estimators, alphas, seeds)
+    target: Optional[torch.Tensor] = None  # (seeds, d)
 
 
 def _summary(x: torch.Tensor) -> dict:

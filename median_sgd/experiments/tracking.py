@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -232,7 +232,7 @@ def fixed_study(
     trace = torch.zeros(T + 1, len(names), d, **kw)
     tail_start = T // 2  # the tail average is over m_t, t = tail_start + 1 .. T
     tail_sum = torch.zeros(len(names), cfg.seeds, d, **kw)
-    samples = []
+    samples: Optional[torch.Tensor] = None
     chunks = range(0, T, cfg.chunk)
     with value_checks(False):  # the inputs are ours and finite; no host sync inside the loop
         for start in _progress(chunks, progress, len(chunks), "fixed distribution"):
@@ -240,14 +240,14 @@ def fixed_study(
             g = location + sample_lomax(cfg.tail_index, (k, cfg.seeds, d), generator=gen, **kw) @ mixing.T
             if start == 0:
                 samples = g[: min(k, 500), 0]
-            paths = []
+            per_estimator = []
             for e, (step, div) in enumerate(steps):
                 path = []
                 for i in range(k):
                     m[e] = step(m[e], g[i], cfg.fixed_tau, div)
                     path.append(m[e])
-                paths.append(torch.stack(path))  # (k, seeds, d): m_{start+1} .. m_{start+k}
-            paths = torch.stack(paths, dim=1)  # (k, estimators, seeds, d)
+                per_estimator.append(torch.stack(path))  # (k, seeds, d): m_{start+1} .. m_{start+k}
+            paths = torch.stack(per_estimator, dim=1)  # (k, estimators, seeds, d)
             trace[start + 1 : start + 1 + k] = paths[:, :, 0]
             first = max(tail_start + 1, start + 1)
             if first <= start + k:
@@ -258,6 +258,7 @@ def fixed_study(
                     distances[i] = torch.linalg.vector_norm(diff, dim=-1)
     tail_mean = tail_sum / (T - tail_start)  # (estimators, seeds, d)
 
+    assert samples is not None  # fixed_steps >= 1 (checked by the config): set at start == 0
     distances = distances.cpu()
     curve = _summary(distances)  # each (steps, estimators, centres)
     per_seed = torch.linalg.vector_norm(tail_mean[:, None] - centres[None, :, None], dim=-1).cpu()
@@ -310,7 +311,7 @@ def drift_study(
     err_sum = torch.zeros(len(names), n_tau, cfg.seeds, **kw)
     lag_sum = torch.zeros(len(names), n_tau, cfg.seeds, **kw)
     trace = torch.empty(T, len(names), n_tau, **kw)
-    final_lag = None
+    final_lag: Optional[torch.Tensor] = None
     chunks = range(0, T, cfg.chunk)
     with value_checks(False):
         for start in _progress(chunks, progress, len(chunks), "drifting distribution"):
@@ -318,15 +319,15 @@ def drift_study(
             t = torch.arange(start, start + k, **kw)
             x = x0 + (cfg.drift_speed * t)[:, None] * u  # (k, d): x_t
             g = x[:, None] + _random.stable(cfg.drift_alpha, (k, cfg.seeds, d), generator=gen, **kw)
-            paths = []
+            per_estimator = []
             for e, (step, div) in enumerate(steps):
                 path = []
                 for i in range(k):
                     # (seeds, d) sample against (taus, seeds, d) estimates: every tau sees it.
                     m[e] = step(m[e], g[i], tau, div)
                     path.append(m[e])
-                paths.append(torch.stack(path))
-            paths = torch.stack(paths, dim=1)  # (k, estimators, taus, seeds, d): m_{t+1}
+                per_estimator.append(torch.stack(path))
+            paths = torch.stack(per_estimator, dim=1)  # (k, estimators, taus, seeds, d): m_{t+1}
             behind = x[:, None, None, None] - paths
             err = torch.linalg.vector_norm(behind, dim=-1)  # (k, e, taus, seeds)
             lag = behind @ u
@@ -338,6 +339,7 @@ def drift_study(
             final_lag = lag[-1]
     n_tail = T - tail_start
     err_mean, lag_mean = (err_sum / n_tail).cpu(), (lag_sum / n_tail).cpu()
+    assert final_lag is not None  # drift_steps >= 1 (checked by the config)
     final_lag = final_lag.cpu().median(dim=-1).values
     q = _summary(err_mean)  # each (e, taus)
     records = []

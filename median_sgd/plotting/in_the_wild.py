@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, List, Optional, Sequence
+from typing import Any, Iterable, List, Optional, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -56,9 +56,9 @@ def plot_training_curves(
     settings = _names(curves, "setting", settings)
     methods = _names(curves, "method", methods)
     if axes is None:
-        _, axes = plt.subplots(1, len(settings), figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.3),
+        _, grid = plt.subplots(1, len(settings), figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.3),
                                sharey=True, squeeze=False, layout="constrained")
-        axes = axes[0]
+        axes = grid[0]
     if len(axes) != len(settings):
         raise ValueError(f"got {len(axes)} axes for {len(settings)} settings")
     for ax, setting in zip(axes, settings):
@@ -91,7 +91,7 @@ def plot_training_curves(
 def _figure_legend(axes: Sequence[plt.Axes], ncol: int = 3) -> None:
     """One legend below the panels, with every label of every panel once (outside the data:
     ``loc="outside lower center"``, which needs a figure with ``layout="constrained"``)."""
-    handles = {}
+    handles: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
@@ -113,9 +113,9 @@ def plot_sweep(
     ``axes`` the panels share one row of the book's column; one legend below them."""
     settings = _names(records, "setting", settings)
     if axes is None:
-        _, axes = plt.subplots(1, len(settings), figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.3),
+        _, grid = plt.subplots(1, len(settings), figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.3),
                                sharey=True, squeeze=False, layout="constrained")
-        axes = axes[0]
+        axes = grid[0]
     if len(axes) != len(settings):
         raise ValueError(f"got {len(axes)} axes for {len(settings)} settings")
     lines = list(dict.fromkeys((r["parameter"], r["method"]) for r in records))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Iterable, List, Optional, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -33,7 +33,7 @@ _GM_STYLES = {
 def _legend_below(axes: Sequence[plt.Axes], ncol: int) -> None:
     """One legend for the figure, under its panels (outside the data: ``loc="outside lower
     center"``, which needs ``layout="constrained"``), each label of every panel once."""
-    handles = {}
+    handles: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
@@ -71,8 +71,8 @@ def plot_stationary_spread(
     """
     alphas = sorted({r["alpha"] for r in records}, reverse=True)
     if axes is None:  # two panels per row
-        rows = (len(alphas) + 1) // 2
-        fig, grid = plt.subplots(rows, 2, figsize=(COLUMN_WIDTH, 2.3 * rows + 0.5), squeeze=False,
+        n_rows = (len(alphas) + 1) // 2
+        fig, grid = plt.subplots(n_rows, 2, figsize=(COLUMN_WIDTH, 2.3 * n_rows + 0.5), squeeze=False,
                                  layout="constrained")
         for ax in grid.flat[len(alphas):]:
             ax.set_visible(False)
@@ -99,13 +99,13 @@ def plot_stationary_spread(
                         label="mean SGD (closed form)")
         # a sqrt(eta) guide through the median-SGD point at the smallest step
         rows = _rows(records, "eta", alpha=alpha, estimator="coordinate median")
-        eta = np.array([r["eta"] for r in rows])
-        ax.plot(eta, rows[0]["spread"] * np.sqrt(eta / eta[0]), ":", color="gray",
+        etas = np.array([r["eta"] for r in rows])
+        ax.plot(etas, rows[0]["spread"] * np.sqrt(etas / etas[0]), ":", color="gray",
                 label=r"$\propto \sqrt{\eta}$")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xticks(eta)
-        ax.set_xticklabels([f"{e:g}" for e in eta])
+        ax.set_xticks(etas)
+        ax.set_xticklabels([f"{e:g}" for e in etas])
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(r"step size $\eta$")
         ax.set_title(rf"$\alpha = {alpha:g}$")
@@ -164,9 +164,9 @@ def plot_sgd_curves(
     if estimators is None:
         estimators = list(dict.fromkeys(r["estimator"] for r in curves))
     if axes is None:
-        _, axes = plt.subplots(1, len(alphas), figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.3),
+        _, grid = plt.subplots(1, len(alphas), figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.3),
                                sharey=True, squeeze=False, layout="constrained")
-        axes = axes[0]
+        axes = grid[0]
     if len(axes) != len(alphas):
         raise ValueError(f"got {len(axes)} axes for {len(alphas)} tail indices")
     for ax, alpha in zip(axes, alphas):
@@ -181,8 +181,8 @@ def plot_sgd_curves(
             ends.append(rows[-1]["median"])
         if reference_slope is not None:
             # a guide through half the smallest final error, over the last decade of steps
-            t = np.array([t[-1] / 10, t[-1]], dtype=float)
-            ax.plot(t, 0.5 * min(ends) * (t / t[-1]) ** reference_slope, ":", color="gray",
+            t_guide = np.array([t[-1] / 10, t[-1]], dtype=float)
+            ax.plot(t_guide, 0.5 * min(ends) * (t_guide / t_guide[-1]) ** reference_slope, ":", color="gray",
                     linewidth=2, label=rf"$\propto t^{{{reference_slope:g}}}$")
         ax.set_xscale("log")
         ax.set_yscale("log")

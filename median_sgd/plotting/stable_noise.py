@@ -83,9 +83,9 @@ def plot_convergence(
     if inv_alphas is None:
         inv_alphas = sorted({r["inv_alpha"] for r in curves})
     if axes is None:
-        _, axes = plt.subplots(1, len(estimators), figsize=(COLUMN_WIDTH, ROW_HEIGHT),
+        _, grid = plt.subplots(1, len(estimators), figsize=(COLUMN_WIDTH, ROW_HEIGHT),
                                sharey=True, squeeze=False, layout="constrained")
-        axes = axes[0]
+        axes = grid[0]
     if len(axes) != len(estimators):
         raise ValueError(f"got {len(axes)} axes for {len(estimators)} estimators")
     norm = colors.Normalize(vmin=min(inv_alphas), vmax=max(inv_alphas))
