@@ -33,6 +33,7 @@ from .bgmd import (
     plot_cost,
     plot_gap_traces,
     plot_gm_scenes,
+    plot_gm_zoom,
     plot_ablation,
     plot_accuracy_vs_time,
     plot_memory_identity,
