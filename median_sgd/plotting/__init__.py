@@ -38,6 +38,7 @@ from .bgmd import (
     plot_accuracy_vs_time,
     plot_memory_identity,
     plot_residual_training,
+    plot_theorem_sweeps,
 )
 from .sample_median_sgd import (
     plot_gm_passes,

@@ -23,6 +23,7 @@ __all__ = [
     "plot_residual_training",
     "plot_accuracy_vs_time",
     "plot_ablation",
+    "plot_theorem_sweeps",
 ]
 
 # Aggregators of the BGmD paper; the estimators of part I keep their colours.
@@ -359,3 +360,45 @@ def plot_ablation(records: List[dict], ax: Optional[plt.Axes] = None, *, experim
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     return ax
+
+
+# ------------------------------------------------------------------ chapter "BGmD's convergence theory"
+
+
+def plot_theorem_sweeps(records: List[dict], axes: Optional[Sequence[plt.Axes]] = None, *,
+                        legend: str = "figure"):
+    """Theorem 2 measured: ``E||x^_T - x*||^2`` (mean over seeds, with the seeds' range) against
+    (a) the noise variance, (b) the block fraction ``beta`` and (c) the corrupted fraction
+    (additive corruption) for BGmD, GmD (``beta = 1``) and SGD."""
+    if axes is None:
+        _, axes = plt.subplots(1, 3, figsize=(6.6, 2.6), layout="constrained")
+
+    def band(ax, rows, x, **style):
+        rows = sorted(rows, key=lambda r: r[x])
+        xs = [r[x] ** 2 if x == "noise" else r[x] for r in rows]
+        ax.plot(xs, [r["final"].mean().item() for r in rows], markersize=4, **style)
+        ax.fill_between(xs, [r["final"].min().item() for r in rows],
+                        [r["final"].max().item() for r in rows], color=style["color"], alpha=0.15,
+                        linewidth=0)
+
+    bgmd = method_style("BGmD")
+    band(axes[0], [r for r in records if r["sweep"] == "noise"], "noise", **bgmd)
+    axes[0].set_xscale("log")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel(r"noise variance $s^2$")
+    axes[0].set_ylabel(r"$\|\hat x_T - x^\star\|^2$")
+    band(axes[1], [r for r in records if r["sweep"] == "beta"], "beta", **bgmd)
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel(r"$\beta = k/d$")
+    psi_rows = [r for r in records if r["sweep"] == "psi"]
+    for name, pick in (("BGmD", lambda r: r["method"] == "bgmd" and r["beta"] < 1),
+                       ("GmD", lambda r: r["method"] == "bgmd" and r["beta"] == 1),
+                       ("SGD", lambda r: r["method"] == "sgd")):
+        band(axes[2], [r for r in psi_rows if pick(r)], "psi", label=name, **method_style(name))
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel(r"corrupted fraction $\psi$")
+    for ax, title in zip(axes, ("noise", "block", "corruption")):
+        ax.set_title(title)
+        ax.grid(True, which="major", alpha=0.3)
+    _legend(axes[2], legend, ncols=3)
+    return axes
