@@ -153,3 +153,60 @@ def test_uniform_rule_standard_error_is_the_exact_one():
                                                     generator=torch.Generator().manual_seed(1)))
     assert mc.mean().item() == pytest.approx(1 - k / cfg.d, abs=5 * exact / math.sqrt(draws))
     assert mc.std().item() == pytest.approx(exact, rel=0.05)
+
+
+# ------------------------------------------------------------ Theorems 1-2, Lemmas 3, 4 and 6
+
+_TINY = bth.ConvergenceConfig(seeds=2, d=10, steps=40, beta=0.2, noise_levels=(0.5, 1.0),
+                                      betas=(0.2, 1.0), psis=(0.2,), descent_states=(0, 3),
+                                      descent_draws=50)
+
+
+def test_convergence_run_records_and_identities():
+    clean, flipped = bth.convergence_run(
+        _TINY, [{"noise": 1.0, "psi": 0.0, "attack": "none"},
+                {"noise": 1.0, "psi": 0.2, "attack": "bit flip"}], beta=0.2)
+    assert clean["final"].shape == (2,) and clean["attack"] == "none"
+    # eq. (22) is deterministic: it holds at every step of a run that did not diverge
+    assert float(clean["lr_ratio"].max()) <= 1
+    assert float(clean["memory_sq"].min()) > 0 and float(clean["xi"].max()) <= 1
+    # GmD (beta = 1) keeps no memory
+    (gmd,) = bth.convergence_run(_TINY, beta=1.0)
+    assert float(gmd["memory_sq"].max()) == 0 and float(gmd["xi"].min()) == 1
+    (sgd,) = bth.convergence_run(_TINY, method="sgd")
+    assert "memory_sq" not in sgd and float(sgd["final"].max()) < 10
+    with pytest.raises(ValueError):
+        bth.convergence_run(_TINY, [{"attack": "nope"}])
+    with pytest.raises(ValueError):
+        bth.convergence_run(_TINY, method="krum")
+
+
+def test_convergence_study_sweeps():
+    runs = bth.convergence_study(_TINY)
+    assert {r["sweep"] for r in runs} == {"noise", "beta", "psi", "flip"}
+    assert sorted(r["noise"] for r in runs if r["sweep"] == "noise") == [0.5, 1.0]
+    assert sorted(r["beta"] for r in runs if r["sweep"] == "beta") == [0.2, 1.0]
+    psi = [(r["method"], r["beta"], r["psi"]) for r in runs if r["sweep"] == "psi"]
+    assert ("sgd", None, 0.2) in psi and ("bgmd", 1.0, 0.0) in psi
+
+
+def test_bounds_as_printed():
+    # eq. (11) with xi = 1/2: 4 (3/4) gamma^2 sigma^2 / (1/4) = 12 gamma^2 sigma^2
+    assert bth.lemma3_bound(sigma_sq=1.0, xi=0.5, gamma=1.0) == pytest.approx(12.0)
+    assert bth.lemma3_bound(sigma_sq=1.0, xi=0.5, gamma=1.0, paper=False) == pytest.approx(8.0)
+    # eq. (12) with xi = 1, alpha = 0: 96 gamma^2 sigma^2 + 2 eps^2 / |G|^2
+    assert bth.lemma4_bound(sigma_sq=2.0, xi=1.0, alpha=0.0, gamma=0.5, eps=1.0,
+                                    n_good=2) == pytest.approx(96 * 0.25 * 2 + 0.5)
+    # eq. (17) with xi = 1, alpha = 0, R0 = 0, eps = 0: (16 L gamma + 3072) sigma^2 / mu^2
+    assert bth.theorem2_bound(sigma_sq=1.0, xi=1.0, alpha=0.0, mu=0.5, L=1.0,
+                                      gamma=0.25) == pytest.approx((4 + 3072) / 0.25)
+
+
+def test_descent_and_robustness_checks():
+    for r in bth.descent_check(_TINY):
+        assert r["lhs"] <= r["rhs"] and r["se"] > 0
+    with pytest.raises(ValueError):
+        bth.descent_check(_TINY, rho=0.5)
+    rob = bth.robustness_check(20, n_good=6, n_bad=3, d=3)
+    assert [r["adversary"] for r in rob] == ["far", "spread", "near"]
+    assert all(0 < r["ratio"] <= 1 and 0 < r["minsker_ratio"] <= 1 for r in rob)

@@ -109,3 +109,19 @@ def test_training_figures():
     styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
     assert styles == {r"BGmD $\beta$ = 0.05 with memory": "-", r"BGmD $\beta$ = 0.05, no memory": "--",
                       "GmD": ":"}
+
+
+def test_zoom_and_theorem_figures():
+    from median_sgd.plotting import plot_gm_zoom, plot_theorem_sweeps
+    cfg = gm_breakdown.GMBreakdownConfig(n=30, seeds=5, fractions=(0.0, 0.2))
+    scenes = gm_breakdown.run(cfg).scenes
+    ax = plot_gm_zoom(scenes, zoom=2.0)
+    assert ax.get_xlim() == (-2.0, 2.0) and len(ax.texts) == 2 * len(scenes)
+    tiny = bgmd_theory.ConvergenceConfig(seeds=2, d=10, steps=20, beta=0.2, noise_levels=(0.5, 1.0),
+                                         betas=(0.2, 1.0), psis=(0.2,))
+    runs = bgmd_theory.convergence_study(tiny)
+    axes = plot_theorem_sweeps(runs)
+    assert [a.get_title() for a in axes] == ["noise", "block", "corruption"]
+    assert len(axes[0].figure.legends) == 1  # one legend, below the panels
+    with pytest.raises(ValueError):
+        plot_gap_traces({"a": [1.0]}, legend="inside")

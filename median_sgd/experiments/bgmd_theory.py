@@ -53,6 +53,17 @@ __all__ = [
     "resize_images",
     "residual_configs",
     "residual_study",
+    "ATTACKS",
+    "ConvergenceConfig",
+    "CONVERGENCE_CONFIGS",
+    "quadratic",
+    "convergence_run",
+    "convergence_study",
+    "theorem2_bound",
+    "lemma3_bound",
+    "lemma4_bound",
+    "descent_check",
+    "robustness_check",
 ]
 
 PROFILES = ("uniform", "power law", "sparse")
@@ -330,3 +341,324 @@ def residual_study(config: Union[str, BGmDTheoryConfig] = "ci", *, device="cpu",
             records.append({**r, "setup": setup})
     return records
 
+
+
+# ------------------------------------------------------------ Theorems 1-2, Lemmas 3, 4 and 6
+
+
+@dataclass(frozen=True)
+class ConvergenceConfig:
+    """BGmD on the strongly convex quadratic ``f(x) = sum_j h_j (x_j - c_j)^2 / 2`` (``h_j``
+    evenly spaced in ``[mu, L]``), ``n`` rows per step, ``seeds`` independent runs of every
+    setting, all the settings of one block size batched in one :class:`~median_sgd.BGmD` call,
+    step size ``gamma = 1 / (4 L)`` (Theorem 2's), ``x_0 = 0``."""
+
+    seed: int = 0
+    seeds: int = 6
+    n: int = 10
+    d: int = 40
+    mu: float = 0.25
+    L: float = 1.0
+    steps: int = 300
+    # the sweeps: noise level s (good rows: grad f(x) + s N(0, I)), block fraction, corruption
+    noise: float = 1.0
+    beta: float = 0.1
+    noise_levels: tuple = (0.25, 0.5, 1.0, 2.0)
+    betas: tuple = (0.1, 0.2, 0.5, 1.0)
+    psis: tuple = (0.1, 0.2, 0.3, 0.4)
+    flip_psi: float = 0.2
+    # Lemma 6: Monte Carlo over the next step from states along a clean run
+    descent_states: tuple = (0, 5, 20, 100)
+    descent_draws: int = 400
+
+
+CONVERGENCE_CONFIGS: Dict[str, ConvergenceConfig] = {
+    "ci": ConvergenceConfig(),
+    "paper": ConvergenceConfig(seeds=32, d=200, steps=1000, descent_draws=4000),
+}
+assert set(CONVERGENCE_CONFIGS) == set(SCALES)
+ATTACKS = ("none", "bit flip", "additive")
+
+
+def _conv_config(config) -> ConvergenceConfig:
+    if isinstance(config, str):
+        if config not in CONVERGENCE_CONFIGS:
+            raise ValueError(f"unknown scale {config!r}; expected one of {', '.join(CONVERGENCE_CONFIGS)}")
+        config = CONVERGENCE_CONFIGS[config]
+    if not isinstance(config, ConvergenceConfig):
+        raise TypeError(f"config must be a scale name or a ConvergenceConfig, got {type(config).__name__}")
+    return config
+
+
+def quadratic(cfg: ConvergenceConfig, *, device="cpu", dtype=torch.float64):
+    """``(h, c)``: the curvatures ``linspace(mu, L, d)`` and the optimum ``c`` (drawn from the
+    config's seed; ``x* = c``, ``f* = 0``)."""
+    gen = _random.generator(cfg.seed)
+    c = _random.randn(cfg.d, generator=gen, device=device, dtype=dtype)
+    h = torch.linspace(cfg.mu, cfg.L, cfg.d, device=device, dtype=dtype)
+    return h, c
+
+
+def _rows(x, h, c, n, noise, n_bad, flip, add, gen):
+    """Stochastic gradients (P, n, d) at ``x`` (P, d) and the mask of the corrupted rows (P, n):
+    problem ``p`` has ``n_bad[p]`` corrupted rows (a fresh random set per step), scaled-bit-
+    flipped (``-100 g``) where ``flip[p]``, given extra noise ``N(0, 10^2 I)`` where ``add[p]``
+    (the paper's gradient attacks); ``noise[p]`` is the good rows' noise level."""
+    P, d = x.shape
+    grad = h * (x - c)
+    G = grad.unsqueeze(-2) + noise[:, None, None] * _random.randn((P, n, d), generator=gen,
+                                                                  device=x.device, dtype=x.dtype)
+    rank = _random.rand((P, n), generator=gen, device=x.device, dtype=x.dtype).argsort(-1).argsort(-1)
+    bad = rank < n_bad[:, None]
+    G = torch.where((bad & flip[:, None]).unsqueeze(-1), -100.0 * G, G)
+    extra = 10.0 * _random.randn((P, n, d), generator=gen, device=x.device, dtype=x.dtype)
+    G = torch.where((bad & add[:, None]).unsqueeze(-1), G + extra, G)
+    return G, bad
+
+
+def convergence_run(config: Union[str, ConvergenceConfig] = "ci", settings: Optional[List[dict]] = None, *,
+                    beta: Optional[float] = None, method: str = "bgmd", device="cpu",
+                    dtype=torch.float64) -> List[dict]:
+    """``seeds`` runs of every setting (a dict with ``noise``, ``psi``, ``attack``; default: one
+    clean setting at the config's noise) of ``method`` (``"bgmd"``: BGmD with norm sampling and
+    the paper's mean memory, ``k = beta d``; ``"sgd"``: the mean of the rows), all in one batch.
+
+    Returns one record per setting with per-seed tensors (``seeds``,):
+
+    * ``final``: ``||x^_T - x*||^2`` for Theorem 2's weighted average ``x^_T`` (weights
+      ``(1 - mu / (8 L))^{-(t+1)}``), and ``last``: ``||x_T - x*||^2``;
+    * ``memory_sq``: the mean over steps of ``||m_t||^2``; ``sigma_sq``: the largest over steps of
+      the good rows' mean ``||g_i||^2`` (Assumption 1's second moment, along the run);
+      ``xi``: the smallest relative kept mass ``||C_k(A)||^2 / ||A||^2`` of a step;
+    * ``z_sq``: the mean over steps of ``||z_t||^2``, ``z_t = u_t - mean_{i in G} Delta_t[i]``
+      (Lemma 4's perturbation), and ``lr_ratio``: the largest over steps of ``||z_t||^2`` over
+      the right-hand side of Lopuhaa-Rousseeuw's bound (eq. (22) of the paper, epsilon = 0),
+      ``8 |G| / (|G| - |B|)^2 sum_{i in G} ||Delta_t[i] - mean_G Delta_t||^2`` (NaN for a run
+      whose memory outgrew its rows' differences: a diverged run).
+    """
+    cfg = _conv_config(config)
+    beta = cfg.beta if beta is None else float(beta)
+    if method not in ("bgmd", "sgd"):
+        raise ValueError(f"method must be 'bgmd' or 'sgd', got {method!r}")
+    settings = [{"noise": cfg.noise, "psi": 0.0, "attack": "none"}] if settings is None else list(settings)
+    for st in settings:
+        if st.get("attack", "none") not in ATTACKS:
+            raise ValueError(f"unknown attack {st.get('attack')!r}; expected one of {ATTACKS}")
+        if not 0 <= st.get("psi", 0.0) < 0.5:
+            raise ValueError(f"psi must be in [0, 0.5), got {st.get('psi')!r}")
+    h, c = quadratic(cfg, device=device, dtype=dtype)
+    gen = _random.generator(cfg.seed + 1)
+    S, n, d = cfg.seeds, cfg.n, cfg.d
+    P = S * len(settings)
+
+    def per_problem(values, kind):
+        return torch.tensor(values, device=device, dtype=kind).repeat_interleave(S)
+
+    noise = per_problem([st.get("noise", cfg.noise) for st in settings], dtype)
+    n_bad = per_problem([int(math.floor(st.get("psi", 0.0) * n + 1e-9)) for st in settings], torch.long)
+    flip = per_problem([st.get("attack") == "bit flip" for st in settings], torch.bool)
+    add = per_problem([st.get("attack") == "additive" for st in settings], torch.bool)
+    n_g = (n - n_bad).to(dtype)
+    gamma = 1.0 / (4 * cfg.L)
+    x = torch.zeros(P, d, device=device, dtype=dtype)
+    agg = BGmD(beta, mode="norm", memory="mean", generator=gen, tol=1e-10, max_iter=2000)
+    r = 1 - cfg.mu / (8 * cfg.L)
+    wsum = torch.zeros(P, d, device=device, dtype=dtype)
+    W = 0.0
+    zeros = torch.zeros(P, device=device, dtype=dtype)
+    mem_sq, z_sq, sigma_sq, lr_ratio = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
+    xi = torch.ones(P, device=device, dtype=dtype)
+    for t in range(cfg.steps):
+        w = r ** (cfg.steps - t - 1)  # (1 - mu/8L)^{-(t+1)}, rescaled: only ratios matter
+        wsum += w * x
+        W += w
+        G, bad = _rows(x, h, c, n, noise, n_bad, flip, add, gen)
+        good = (~bad).to(dtype).unsqueeze(-1)
+        sigma_sq = torch.maximum(sigma_sq, ((G * G).sum(-1, keepdim=True) * good).sum((-2, -1)) / n_g)
+        if method == "sgd":
+            x = x - gamma * G.mean(-2)
+            continue
+        m = agg.memory if agg.memory is not None else torch.zeros_like(x)
+        mem_sq += (m * m).sum(-1)
+        A = gamma * G + m.unsqueeze(-2)
+        u = agg(gamma * G)
+        keep = torch.zeros(P, d, dtype=dtype, device=device).scatter_(-1, agg.last_block, 1.0)
+        delta = A * keep.unsqueeze(-2)
+        dbar = (delta * good).sum(-2) / n_g[:, None]
+        z = u - dbar
+        z_sq += (z * z).sum(-1)
+        # the rows' differences, from the gradients (the memory cancels; exact even when it is
+        # huge), and the ratio only where they are resolved against the memory
+        diff = gamma * (G - (G * good).sum(-2, keepdim=True) / n_g[:, None, None]) * keep.unsqueeze(-2)
+        spread = ((diff * diff).sum(-1, keepdim=True) * good).sum((-2, -1))
+        rhs = 8 * n_g / (2 * n_g - n) ** 2 * spread
+        resolved = (m * m).sum(-1) < 1e20 * spread
+        ratio = torch.where(resolved, (z * z).sum(-1) / rhs, torch.full_like(rhs, math.nan))
+        lr_ratio = torch.maximum(lr_ratio, ratio)  # NaN sticks
+        xi = torch.minimum(xi, (delta * delta).sum((-2, -1)) / (A * A).sum((-2, -1)))
+        x = x - u
+    x_hat = wsum / W
+    out = []
+    for i, st in enumerate(settings):
+        sl = slice(i * S, (i + 1) * S)
+        rec = {"method": method, "beta": beta if method == "bgmd" else None,
+               "noise": st.get("noise", cfg.noise), "psi": st.get("psi", 0.0),
+               "attack": st.get("attack", "none"), "gamma": gamma, "n": n, "d": d, "mu": cfg.mu,
+               "L": cfg.L, "steps": cfg.steps,
+               "final": ((x_hat[sl] - c) ** 2).sum(-1).cpu(), "last": ((x[sl] - c) ** 2).sum(-1).cpu(),
+               "sigma_sq": sigma_sq[sl].cpu()}
+        if method == "bgmd":
+            rec.update(memory_sq=(mem_sq[sl] / cfg.steps).cpu(), xi=xi[sl].cpu(),
+                       z_sq=(z_sq[sl] / cfg.steps).cpu(), lr_ratio=lr_ratio[sl].cpu())
+        out.append(rec)
+    return out
+
+
+def theorem2_bound(*, sigma_sq: float, xi: float, alpha: float, mu: float, L: float,
+                   gamma: float, R0: float = 0.0, T: int = 0, eps: float = 0.0, n_good: int = 1) -> float:
+    """The right-hand side of Theorem 2, eq. (17) of the paper, term by term as printed."""
+    q = 1 - xi ** 2
+    return (16 * R0 / (mu ** 2 * gamma) * (1 - mu * gamma / 2) ** T
+            + 16 * L * gamma * sigma_sq / mu ** 2
+            + 80 * gamma ** 2 * sigma_sq * L ** 2 * q / (mu ** 2 * xi ** 2)
+            + 3072 * sigma_sq / (mu ** 2 * (1 - alpha) ** 2) * (1 + 4 * q / xi ** 2)
+            + 64 * eps ** 2 / (mu ** 2 * gamma ** 2 * n_good ** 2 * (1 - alpha) ** 2))
+
+
+def lemma3_bound(*, sigma_sq: float, xi: float, gamma: float, paper: bool = True) -> float:
+    """Lemma 3: ``4 (1 - xi^2) gamma^2 sigma^2 / xi^2`` as the paper prints it (``paper=True``),
+    or ``4 (1 - xi) gamma^2 sigma^2 / xi^2``, what the error-feedback recursion gives."""
+    q = 1 - xi ** 2 if paper else 1 - xi
+    return 4 * q * gamma ** 2 * sigma_sq / xi ** 2
+
+
+def lemma4_bound(*, sigma_sq: float, xi: float, alpha: float, gamma: float, eps: float = 0.0,
+                 n_good: int = 1) -> float:
+    """Lemma 4: ``96 gamma^2 sigma^2 / (1 - alpha)^2 (1 + 4 (1 - xi^2) / xi^2)
+    + 2 eps^2 / (|G|^2 (1 - alpha)^2)``."""
+    q = 1 - xi ** 2
+    return (96 * gamma ** 2 * sigma_sq / (1 - alpha) ** 2 * (1 + 4 * q / xi ** 2)
+            + 2 * eps ** 2 / (n_good ** 2 * (1 - alpha) ** 2))
+
+
+def convergence_study(config: Union[str, ConvergenceConfig] = "ci", *, device="cpu",
+                      dtype=torch.float64) -> List[dict]:
+    """The chapter's runs (:func:`convergence_run`), field ``sweep``: ``"noise"`` (clean, BGmD at
+    ``beta``, every noise level), ``"beta"`` (clean, every block fraction, GmD being
+    ``beta = 1``), ``"psi"`` (additive corruption at every ``psis`` for BGmD at ``beta``, GmD and
+    SGD) and ``"flip"`` (scaled bit flips at ``flip_psi``, the same three)."""
+    cfg = _conv_config(config)
+    clean = {"noise": cfg.noise, "psi": 0.0, "attack": "none"}
+    attacked = [{"noise": cfg.noise, "psi": p, "attack": "additive"} for p in cfg.psis]
+    flipped = {"noise": cfg.noise, "psi": cfg.flip_psi, "attack": "bit flip"}
+    noisy = [{"noise": s, "psi": 0.0, "attack": "none"} for s in cfg.noise_levels if s != cfg.noise]
+    out = []
+    for method, beta in [("bgmd", b) for b in cfg.betas] + [("sgd", None)]:
+        settings = [clean]
+        if beta in (cfg.beta, 1.0, None):
+            settings += attacked + [flipped]
+        if beta == cfg.beta:
+            settings += noisy
+        for rec in convergence_run(cfg, settings, beta=beta, method=method, device=device, dtype=dtype):
+            sweeps = []
+            if rec["attack"] == "none" and beta == cfg.beta:
+                sweeps.append("noise")
+            if rec["attack"] == "none" and rec["noise"] == cfg.noise and method == "bgmd":
+                sweeps.append("beta")
+            if rec["noise"] == cfg.noise and rec["attack"] in ("none", "additive") and beta in (cfg.beta, 1.0, None):
+                sweeps.append("psi")
+            if rec["attack"] == "bit flip":
+                sweeps.append("flip")
+            for sweep in sweeps:
+                out.append({"sweep": sweep, **rec})
+    return out
+
+
+def _clean(P, cfg, like):
+    noise = torch.full((P,), cfg.noise, device=like.device, dtype=like.dtype)
+    none = torch.zeros(P, dtype=torch.bool, device=like.device)
+    return noise, torch.zeros(P, dtype=torch.long, device=like.device), none, none
+
+
+def descent_check(config: Union[str, ConvergenceConfig] = "ci", *, rho: float = 0.25,
+                  device="cpu", dtype=torch.float64) -> List[dict]:
+    """Lemma 6 by Monte Carlo, on a clean BGmD run (so that ``x~_t = x_t - m_t``, Lemma 5).
+
+    At each step ``t`` of ``descent_states`` the state ``(x_t, m_t)`` is copied ``descent_draws``
+    times and one more BGmD step is drawn for every copy (fresh noise and block). Records:
+    ``lhs`` = the mean of ``f(x~_{t+1})`` and its standard error ``se``, ``rhs`` = the lemma's
+    right-hand side with the means of ``||g_t||^2`` and ``||z_t||^2`` over the copies
+    (``g_t``: the rows' average, ``z_t = u_t - mean_i Delta_t[i]``)."""
+    cfg = _conv_config(config)
+    if not 0 < rho < 0.5:
+        raise ValueError(f"rho must be in (0, 0.5), got {rho!r}")
+    h, c = quadratic(cfg, device=device, dtype=dtype)
+    gen = _random.generator(cfg.seed + 2)
+    gamma, L, R = 1.0 / (4 * cfg.L), cfg.L, cfg.descent_draws
+
+    def f(v):
+        return 0.5 * (h * (v - c) ** 2).sum(-1)
+
+    x = torch.zeros(1, cfg.d, device=device, dtype=dtype)
+    agg = BGmD(cfg.beta, mode="norm", memory="mean", generator=gen, tol=1e-10, max_iter=2000)
+    records = []
+    for t in range(max(cfg.descent_states) + 1):
+        m = agg.memory if agg.memory is not None else torch.zeros_like(x)
+        if t in cfg.descent_states:
+            probe = BGmD(cfg.beta, mode="norm", memory="mean", generator=gen, tol=1e-10, max_iter=2000)
+            probe.memory = m.expand(R, cfg.d).clone()
+            xs = x.expand(R, cfg.d)
+            G, _ = _rows(xs, h, c, cfg.n, *_clean(R, cfg, xs), gen)
+            u = probe(gamma * G)
+            A = gamma * G + m.unsqueeze(-2)
+            keep = torch.zeros(R, cfg.d, dtype=dtype, device=device).scatter_(-1, probe.last_block, 1.0)
+            z = u - (A * keep.unsqueeze(-2)).mean(-2)
+            g = G.mean(-2)
+            x_tilde = x - m
+            nxt = f(x_tilde - gamma * g - z)
+            grad = h * (x - c)
+            rhs = (f(x_tilde) - (0.5 - rho) * gamma / 2 * (grad * grad).sum(-1)
+                   + 1.5 * gamma * L ** 2 * ((x_tilde - x) ** 2).sum(-1)
+                   + L * gamma ** 2 * (g * g).sum(-1).mean()
+                   + (L + 1 / (2 * rho * gamma) + 1 / (2 * gamma)) * (z * z).sum(-1).mean())
+            records.append({"t": t, "lhs": nxt.mean().item(), "se": (nxt.std() / math.sqrt(R)).item(),
+                            "rhs": rhs.item(), "f_tilde": f(x_tilde).item()})
+        G, _ = _rows(x, h, c, cfg.n, *_clean(1, cfg, x), gen)
+        x = x - agg(gamma * G)
+    return records
+
+
+def robustness_check(trials: int = 200, *, n_good: int = 12, n_bad: int = 7, d: int = 5,
+                     seed: int = 0, dtype=torch.float64) -> List[dict]:
+    """Lopuhaa-Rousseeuw's bound (eq. (22) of the paper, epsilon = 0), deterministic: for good
+    points ``y_i`` (``i in G``) and any others, the geometric median ``z`` of all satisfies
+    ``||z - ybar_G||^2 <= 8 |G| / (|G| - |B|)^2 sum_{i in G} ||y_i - ybar_G||^2``. One record
+    per adversary (``"far"``: all bad points at one far point; ``"spread"``: far and scattered;
+    ``"near"``: a cluster just outside the good points, where the bound is closest): the
+    largest ratio of the two sides over ``trials`` draws, and the largest ratio to Minsker's
+    bound ``C_psi r`` (``r`` the largest good distance from ``ybar_G``)."""
+    from ..medians import geometric_median
+    from .gm_breakdown import minsker_constant
+
+    gen = _random.generator(seed)
+    Y = _random.randn((trials, n_good, d), generator=gen, dtype=dtype)
+    ybar = Y.mean(-2)
+    u = _random.randn((trials, 1, d), generator=gen, dtype=dtype)
+    u = u / torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+    r = torch.linalg.vector_norm(Y - ybar.unsqueeze(-2), dim=-1).amax(-1)
+    spread = ((Y - ybar.unsqueeze(-2)) ** 2).sum((-2, -1))
+    lr = 8 * n_good / (n_good - n_bad) ** 2 * spread
+    psi = n_bad / (n_good + n_bad)
+    out = []
+    for name in ("far", "spread", "near"):
+        if name == "far":
+            B = ybar.unsqueeze(-2) + 1e6 * u.expand(trials, n_bad, d)
+        elif name == "spread":
+            B = 1e6 * _random.randn((trials, n_bad, d), generator=gen, dtype=dtype)
+        else:
+            B = ybar.unsqueeze(-2) + 1.5 * r[:, None, None] * u.expand(trials, n_bad, d)
+        z = geometric_median(torch.cat([Y, B], -2), tol=1e-12, max_iter=20_000).median
+        err = ((z - ybar) ** 2).sum(-1)
+        out.append({"adversary": name, "psi": psi, "ratio": (err / lr).max().item(),
+                    "minsker_ratio": (err.sqrt() / (minsker_constant(psi) * r)).max().item()})
+    return out

@@ -33,10 +33,12 @@ from .bgmd import (
     plot_cost,
     plot_gap_traces,
     plot_gm_scenes,
+    plot_gm_zoom,
     plot_ablation,
     plot_accuracy_vs_time,
     plot_memory_identity,
     plot_residual_training,
+    plot_theorem_sweeps,
 )
 from .sample_median_sgd import (
     plot_gm_passes,

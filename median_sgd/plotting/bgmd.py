@@ -13,6 +13,7 @@ from .robust_mean import plot_quantile_curves
 __all__ = [
     "method_style",
     "plot_gm_scenes",
+    "plot_gm_zoom",
     "plot_breakdown_curves",
     "plot_gap_traces",
     "plot_cost",
@@ -22,6 +23,7 @@ __all__ = [
     "plot_residual_training",
     "plot_accuracy_vs_time",
     "plot_ablation",
+    "plot_theorem_sweeps",
 ]
 
 # Aggregators of the BGmD paper; the estimators of part I keep their colours.
@@ -43,42 +45,84 @@ def method_style(name: str) -> dict:
     return estimator_style(name)
 
 
+def _legend(ax: plt.Axes, legend: str, *, ncols: int = 3, fontsize: float = 8.5) -> None:
+    """``legend="axes"``: a legend inside ``ax``; ``"figure"``: one legend for the whole figure,
+    below the panels (``loc="outside lower center"``: needs ``layout="constrained"``), built from
+    the labelled artists of all its axes, each label once; ``"none"``: no legend."""
+    if legend not in ("axes", "figure", "none"):
+        raise ValueError(f"legend must be 'axes', 'figure' or 'none', got {legend!r}")
+    for a in ax.figure.axes:
+        if a.get_legend() is not None:
+            a.get_legend().remove()
+    if legend == "axes":
+        ax.legend(fontsize=fontsize)
+    elif legend == "figure":
+        seen = {}
+        for a in ax.figure.axes:
+            for h, label in zip(*a.get_legend_handles_labels()):
+                seen.setdefault(label, h)
+        loc = "outside lower center" if ax.figure.get_layout_engine() is not None else "lower center"
+        ax.figure.legend(list(seen.values()), list(seen), loc=loc, ncols=ncols, fontsize=fontsize,
+                         frameon=False)
+
+
 def plot_gm_scenes(scenes: List[dict], axes: Optional[Sequence[plt.Axes]] = None, *, lim: float = 25.0,
-                   zoom: float = 1.2):
-    """Fig. 5 of the BGmD paper: one panel per corrupted fraction, the mean against the geometric
-    median; an inset zooms on the population mean (the star)."""
+                   legend: str = "figure"):
+    """Fig. 5 of the BGmD paper: one panel per corrupted fraction, the points with the mean and
+    the geometric median (:func:`plot_gm_zoom` draws the estimates close up)."""
     if axes is None:
-        _, axes = plt.subplots(1, len(scenes), figsize=(3.2 * len(scenes), 3.4))
-    axes = np.atleast_1d(axes)
+        _, axes = plt.subplots(2, (len(scenes) + 1) // 2, figsize=(6.6, 7.0), layout="constrained")
+    axes = np.atleast_1d(axes).ravel()
     for ax, scene in zip(axes, scenes):
         pts, bad = scene["points"].numpy(), scene["is_bad"].numpy()
-        inset = ax.inset_axes([0.6, 0.6, 0.38, 0.38])
-        for target, size in ((ax, 6), (inset, 10)):
-            target.scatter(pts[~bad, 0], pts[~bad, 1], s=size, color="tab:blue", alpha=0.5,
-                           label="uncorrupted")
-            target.scatter(pts[bad, 0], pts[bad, 1], s=size, color="tab:gray", alpha=0.6,
-                           label="corrupted")
-            target.scatter(*scene["true_mean"].numpy(), s=120, marker="*", color="black", zorder=5,
-                           label="population mean")
-            for name, est in scene["estimates"].items():
-                target.scatter(*est.numpy(), s=55, zorder=6, edgecolor="white", linewidth=0.7,
-                               label=f"sample {name}", **estimator_style(name))
+        ax.scatter(pts[~bad, 0], pts[~bad, 1], s=6, color="tab:blue", alpha=0.5, label="uncorrupted")
+        ax.scatter(pts[bad, 0], pts[bad, 1], s=6, color="tab:gray", alpha=0.6, label="corrupted")
+        ax.scatter(*scene["true_mean"].numpy(), s=120, marker="*", color="black", zorder=5,
+                   label="population mean")
+        for name, est in scene["estimates"].items():
+            ax.scatter(*est.numpy(), s=55, zorder=6, edgecolor="white", linewidth=0.7,
+                       label=f"sample {name}", **estimator_style(name))
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
-        inset.set_xlim(-zoom, zoom)
-        inset.set_ylim(-zoom, zoom)
-        inset.set_xticks([])
-        inset.set_yticks([])
-        ax.indicate_inset_zoom(inset, edgecolor="0.4")
         label = "clean data" if scene["fraction"] == 0 else f"{scene['fraction']:.0%} corruption"
-        ax.set_title(label, fontsize=9)
-        ax.tick_params(labelsize=7)
-    axes[0].legend(loc="lower left", fontsize=6, framealpha=0.9)
+        ax.set_title(label)
+    _legend(axes[0], legend, ncols=3)
     return axes
 
 
-def plot_breakdown_curves(records: List[dict], mode: str, ax: Optional[plt.Axes] = None) -> plt.Axes:
+def plot_gm_zoom(scenes: List[dict], ax: Optional[plt.Axes] = None, *, zoom: float = 1.0,
+                 legend: str = "axes") -> plt.Axes:
+    """Fig. 5 close up: the uncorrupted points of the first scene and, for every scene, its mean
+    (cross) and geometric median (plus), labelled by the corrupted fraction, around the
+    population mean (star)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.6, 3.4), layout="constrained")
+    first = scenes[0]
+    pts, bad = first["points"].numpy(), first["is_bad"].numpy()
+    ax.scatter(pts[~bad, 0], pts[~bad, 1], s=6, color="tab:blue", alpha=0.35, label="uncorrupted")
+    ax.scatter(*first["true_mean"].numpy(), s=120, marker="*", color="black", zorder=5,
+               label="population mean")
+    for i, scene in enumerate(scenes):
+        shade = plt.cm.viridis(0.85 * i / max(1, len(scenes) - 1))
+        for name, est in scene["estimates"].items():
+            style = estimator_style(name)
+            ax.scatter(*est.numpy(), s=60, zorder=6, marker=style["marker"], color=style["color"],
+                       edgecolor=shade, linewidth=1.6,
+                       label=f"sample {name}" if i == 0 else None)
+            below = name == "geometric median"  # the medians crowd: their labels below
+            ax.annotate(f"{scene['fraction']:.0%}", est.numpy(), xytext=(5, -10 if below else 4),
+                        textcoords="offset points", fontsize=8, color=style["color"])
+    ax.set_xlim(-zoom, zoom)
+    ax.set_ylim(-zoom, zoom)
+    ax.set_aspect("equal")
+    ax.grid(True, alpha=0.3)
+    _legend(ax, legend)
+    return ax
+
+
+def plot_breakdown_curves(records: List[dict], mode: str, ax: Optional[plt.Axes] = None, *,
+                          legend: str = "axes") -> plt.Axes:
     """Error against the corrupted fraction (median and 10-90% band over seeds) for one corruption
     ``mode``, with the median over seeds of Minsker's bound on the geometric median's error."""
     rows = [r for r in records if r["mode"] == mode]
@@ -88,14 +132,15 @@ def plot_breakdown_curves(records: List[dict], mode: str, ax: Optional[plt.Axes]
             label=r"bound $C_\psi\, r$ (median)")
     ax.set_xlabel(r"corrupted fraction $\psi$")
     ax.set_ylabel(r"$\|\hat m - \mu\|_2$")
-    ax.legend(fontsize=8)
+    _legend(ax, legend)
     return ax
 
 
-def plot_gap_traces(traces: Dict[str, Iterable[float]], ax: Optional[plt.Axes] = None) -> plt.Axes:
+def plot_gap_traces(traces: Dict[str, Iterable[float]], ax: Optional[plt.Axes] = None, *,
+                    legend: str = "axes") -> plt.Axes:
     """Relative objective gap ``f(z_k)/f* - 1`` against the iteration ``k``, one curve per label."""
     if ax is None:
-        _, ax = plt.subplots(figsize=(6, 4))
+        _, ax = plt.subplots(figsize=(6.6, 3.2), layout="constrained")
     for i, (label, gaps) in enumerate(traces.items()):
         gaps = np.asarray(list(gaps), dtype=float)
         ks = np.arange(len(gaps))
@@ -105,16 +150,16 @@ def plot_gap_traces(traces: Dict[str, Iterable[float]], ax: Optional[plt.Axes] =
     ax.set_xlabel("Weiszfeld iteration $k$")
     ax.set_ylabel(r"$f(z_k)/f^\star - 1$")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, legend, ncols=4)
     return ax
 
 
 def plot_cost(records: List[dict], sweep: str, ax: Optional[plt.Axes] = None, *,
-              methods: Optional[Iterable[str]] = None) -> plt.Axes:
+              methods: Optional[Iterable[str]] = None, legend: str = "axes") -> plt.Axes:
     """Measured seconds against the swept size (log-log), one line per method, with a dashed
     slope-1 reference through the last point of the first method."""
     if ax is None:
-        _, ax = plt.subplots(figsize=(6, 4))
+        _, ax = plt.subplots(figsize=(6.6, 3.2), layout="constrained")
     rows = [r for r in records if r.get("sweep") == sweep and "seconds" in r]
     names = list(dict.fromkeys(r["method"] for r in rows)) if methods is None else list(methods)
     for i, name in enumerate(names):
@@ -126,7 +171,7 @@ def plot_cost(records: List[dict], sweep: str, ax: Optional[plt.Axes] = None, *,
     ax.set_xlabel(sweep)
     ax.set_ylabel("seconds")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, legend, ncols=4)
     return ax
 
 
@@ -140,11 +185,12 @@ _SELECTION_STYLE = {
 }
 
 
-def plot_contraction(records: List[dict], profile: str, ax: Optional[plt.Axes] = None) -> plt.Axes:
+def plot_contraction(records: List[dict], profile: str, ax: Optional[plt.Axes] = None, *,
+                     legend: str = "axes", ylabel: bool = True) -> plt.Axes:
     """Lemma 1: the relative residual ``1 - xi`` against ``beta = k/d`` for every selection rule
     (mean over the draws, 10-90% band) with the bound ``1 - k/d``, for one column profile."""
     if ax is None:
-        _, ax = plt.subplots(figsize=(5, 4))
+        _, ax = plt.subplots(figsize=(4, 3.2), layout="constrained")
     rows = [r for r in records if r["profile"] == profile]
     for name in dict.fromkeys(r["selection"] for r in rows):
         pts = sorted((r for r in rows if r["selection"] == name), key=lambda r: r["beta"])
@@ -158,19 +204,20 @@ def plot_contraction(records: List[dict], profile: str, ax: Optional[plt.Axes] =
     ax.plot(*zip(*bound), "k-", linewidth=1.2, alpha=0.6, label=r"bound $1 - k/d$")
     ax.set_xscale("log")
     ax.set_xlabel(r"$\beta = k/d$")
-    ax.set_ylabel(r"$1 - \xi = \|G - C_k(G)\|_F^2 / \|G\|_F^2$")
-    ax.set_title(f"column norms: {profile}", fontsize=9)
+    if ylabel:
+        ax.set_ylabel(r"$1 - \xi$")
+    ax.set_title(profile)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, legend, ncols=5)
     return ax
 
 
 def plot_memory_identity(runs: Dict[str, List[dict]], ax: Optional[plt.Axes] = None, *,
-                         floor: float = 1e-18) -> plt.Axes:
+                         floor: float = 1e-18, legend: str = "axes") -> plt.Axes:
     """Lemma 5: ``||x_t - x~_t - m_t|| / max ||m||`` along BGmD runs, with the virtual sequence
     built from averages over all rows (solid) and over the good rows only (dashed)."""
     if ax is None:
-        _, ax = plt.subplots(figsize=(6, 4))
+        _, ax = plt.subplots(figsize=(6.6, 3.2), layout="constrained")
     for i, (label, rows) in enumerate(runs.items()):
         color = plt.cm.tab10(i)
         ts = [r["t"] for r in rows]
@@ -181,15 +228,16 @@ def plot_memory_identity(runs: Dict[str, List[dict]], ax: Optional[plt.Axes] = N
     ax.set_xlabel("step $t$")
     ax.set_ylabel(r"$\|x_t - \tilde x_t - m_t\| \,/\, \max_s \|m_s\|$")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, legend, ncols=2)
     return ax
 
 
-def plot_bgmd_cost(records: List[dict], solver: str, ax: Optional[plt.Axes] = None) -> plt.Axes:
+def plot_bgmd_cost(records: List[dict], solver: str, ax: Optional[plt.Axes] = None, *,
+                   legend: str = "axes", ylabel: bool = True) -> plt.Axes:
     """Proposition 1 measured: seconds per aggregation against ``beta = k/d`` for BGmD and its two
     parts (block selection, Gm of the block), with GmD and the mean as horizontal lines."""
     if ax is None:
-        _, ax = plt.subplots(figsize=(6, 4))
+        _, ax = plt.subplots(figsize=(4, 3.2), layout="constrained")
     styles = {"BGmD": method_style("BGmD"),
               "block selection": {"color": "tab:gray", "marker": "s"},
               "Gm of the block": {"color": "tab:olive", "marker": "^"}}
@@ -203,9 +251,10 @@ def plot_bgmd_cost(records: List[dict], solver: str, ax: Optional[plt.Axes] = No
             ax.axhline(r["seconds"], color=method_style("GmD" if name == "GmD" else "SGD")["color"],
                        linestyle=linestyle, linewidth=1.2, label=f"{name} (all d coordinates)")
     ax.set_xlabel(r"$\beta = k/d$")
-    ax.set_ylabel("seconds per aggregation")
+    if ylabel:
+        ax.set_ylabel("seconds per aggregation")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, legend, ncols=3)
     return ax
 
 
@@ -215,12 +264,13 @@ def _beta_color(label: str, betas: Sequence[float]):
     return plt.cm.viridis(0.15 + 0.7 * rank / max(1, len(betas) - 1))
 
 
-def plot_residual_training(records: List[dict], setup: str, axes: Optional[Sequence[plt.Axes]] = None):
+def plot_residual_training(records: List[dict], setup: str, axes: Optional[Sequence[plt.Axes]] = None, *,
+                           legend: str = "figure"):
     """Figs. 7-8 of the BGmD paper: (a) the relative residual ``1 - xi`` of BGmD's block (dashed:
     the bound ``1 - beta``), (b) test accuracy and (c) training loss against the iteration, for
     BGmD with several ``beta = k/d`` and SGD."""
     if axes is None:
-        _, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        _, axes = plt.subplots(1, 3, figsize=(6.6, 2.6), layout="constrained")
     rows = [r for r in records if r["setup"] == setup]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     betas = [float(m.split("=")[1]) for m in methods if m.startswith("BGmD")]
@@ -237,11 +287,12 @@ def plot_residual_training(records: List[dict], setup: str, axes: Optional[Seque
         axes[1].plot(it, [100 * r["test_accuracy"] for r in pts], color=color, label=label)
         axes[2].plot(it, [r["train_loss"] for r in pts], color=color, label=label)
     axes[0].set_ylim(0, 1)
-    for ax, ylabel in zip(axes, (r"relative residual $1 - \xi$", "test accuracy (%)", "training loss")):
+    titles = (r"residual $1 - \xi$ (dashed: $1 - \beta$)", "test accuracy (%)", "training loss")
+    for ax, title in zip(axes, titles):
         ax.set_xlabel("iteration")
-        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+    _legend(axes[-1], legend, ncols=4)
     return axes
 
 
@@ -309,3 +360,45 @@ def plot_ablation(records: List[dict], ax: Optional[plt.Axes] = None, *, experim
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     return ax
+
+
+# ------------------------------------------------------------------ chapter "BGmD's convergence theory"
+
+
+def plot_theorem_sweeps(records: List[dict], axes: Optional[Sequence[plt.Axes]] = None, *,
+                        legend: str = "figure"):
+    """Theorem 2 measured: ``E||x^_T - x*||^2`` (mean over seeds, with the seeds' range) against
+    (a) the noise variance, (b) the block fraction ``beta`` and (c) the corrupted fraction
+    (additive corruption) for BGmD, GmD (``beta = 1``) and SGD."""
+    if axes is None:
+        _, axes = plt.subplots(1, 3, figsize=(6.6, 2.6), layout="constrained")
+
+    def band(ax, rows, x, **style):
+        rows = sorted(rows, key=lambda r: r[x])
+        xs = [r[x] ** 2 if x == "noise" else r[x] for r in rows]
+        ax.plot(xs, [r["final"].mean().item() for r in rows], markersize=4, **style)
+        ax.fill_between(xs, [r["final"].min().item() for r in rows],
+                        [r["final"].max().item() for r in rows], color=style["color"], alpha=0.15,
+                        linewidth=0)
+
+    bgmd = method_style("BGmD")
+    band(axes[0], [r for r in records if r["sweep"] == "noise"], "noise", **bgmd)
+    axes[0].set_xscale("log")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel(r"noise variance $s^2$")
+    axes[0].set_ylabel(r"$\|\hat x_T - x^\star\|^2$")
+    band(axes[1], [r for r in records if r["sweep"] == "beta"], "beta", **bgmd)
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel(r"$\beta = k/d$")
+    psi_rows = [r for r in records if r["sweep"] == "psi"]
+    for name, pick in (("BGmD", lambda r: r["method"] == "bgmd" and r["beta"] < 1),
+                       ("GmD", lambda r: r["method"] == "bgmd" and r["beta"] == 1),
+                       ("SGD", lambda r: r["method"] == "sgd")):
+        band(axes[2], [r for r in psi_rows if pick(r)], "psi", label=name, **method_style(name))
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel(r"corrupted fraction $\psi$")
+    for ax, title in zip(axes, ("noise", "block", "corruption")):
+        ax.set_title(title)
+        ax.grid(True, which="major", alpha=0.3)
+    _legend(axes[2], legend, ncols=3)
+    return axes
