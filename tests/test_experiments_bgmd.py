@@ -155,12 +155,42 @@ def test_configs():
     assert agg.k == 0.2 and agg.memory_rule is None and agg.gm_options == {"max_iter": 7}
 
 
+def test_attacks_and_blocks_draw_on_a_cpu_generator(digits, monkeypatch):
+    # so that a GPU run corrupts the same rows and samples as the CPU run of the book
+    seen = []
+
+    class Spy:
+        def __init__(self, attack):
+            self.attack = attack
+
+        def batch(self, x, y, *, generator=None):
+            seen.append(generator.device.type)
+            return self.attack.batch(x, y, generator=generator)
+
+        def gradients(self, G, *, generator=None):
+            seen.append(generator.device.type)
+            return self.attack.gradients(G, generator=generator)
+
+    real = bt.make_attack
+    monkeypatch.setattr(bt, "make_attack", lambda name, psi: Spy(real(name, psi)))
+    m = bt.method("bgmd", k=0.1)
+    assert m.build(generator=torch.Generator()).generator.device.type == "cpu"
+    bt.train(small(epochs=0.05), m, "bit_flip", 0.25, data=digits)
+    assert seen and set(seen) == {"cpu"}
+
+
 @pytest.mark.cuda  # so that `pytest -m cuda` (scripts/gpu-check) runs it
 def test_train_on_cuda(digits):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     rec = bt.train(small(), bt.method("bgmd", k=0.1), "bit_flip", 0.25, data=digits, device="cuda")
     assert not rec[-1]["diverged"]
+    # the same draws as on the CPU: after one step under bit flips (which rows are flipped
+    # decides the update), the test loss agrees to rounding
+    one = small(epochs=1e-9, eval_every=1)
+    cpu, gpu = (bt.train(one, bt.method("mean"), "bit_flip", 0.25, data=digits, device=dev)[-1]
+                for dev in ("cpu", "cuda"))
+    assert gpu["test_loss"] == pytest.approx(cpu["test_loss"], rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------
