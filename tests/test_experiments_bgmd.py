@@ -265,6 +265,11 @@ def test_memory_figures(fixed):
     mean_rows = sorted((r for r in fixed["final"] if r["method"] == line.get_label()),
                        key=lambda r: r["psi"])
     assert list(line.get_ydata()) == [r["median"] for r in mean_rows]
+    assert axes[0].figure.get_figwidth() <= 6.6 and len(axes[0].figure.legends) == 1
+    only = bm.fixed_gradient_check(tiny_memory_config(steps=10), methods=["SGD"])["final"]
+    assert {r["method"] for r in only} == {"SGD"}
+    with pytest.raises(ValueError):
+        bm.fixed_gradient_check(tiny_memory_config(steps=10), methods=["Krum"])
     axes = plot_memory_curves(fixed["curves"], 0.1)
     assert len(axes) == 2 and len(axes[0].get_lines()) == len(bm.RULES) + 3
     records = [dict(method="A", psi=0.0, iteration=i, test_accuracy=0.5, diverged=False) for i in (1, 2)]
