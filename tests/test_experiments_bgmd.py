@@ -155,12 +155,42 @@ def test_configs():
     assert agg.k == 0.2 and agg.memory_rule is None and agg.gm_options == {"max_iter": 7}
 
 
+def test_attacks_and_blocks_draw_on_a_cpu_generator(digits, monkeypatch):
+    # so that a GPU run corrupts the same rows and samples as the CPU run of the book
+    seen = []
+
+    class Spy:
+        def __init__(self, attack):
+            self.attack = attack
+
+        def batch(self, x, y, *, generator=None):
+            seen.append(generator.device.type)
+            return self.attack.batch(x, y, generator=generator)
+
+        def gradients(self, G, *, generator=None):
+            seen.append(generator.device.type)
+            return self.attack.gradients(G, generator=generator)
+
+    real = bt.make_attack
+    monkeypatch.setattr(bt, "make_attack", lambda name, psi: Spy(real(name, psi)))
+    m = bt.method("bgmd", k=0.1)
+    assert m.build(generator=torch.Generator()).generator.device.type == "cpu"
+    bt.train(small(epochs=0.05), m, "bit_flip", 0.25, data=digits)
+    assert seen and set(seen) == {"cpu"}
+
+
 @pytest.mark.cuda  # so that `pytest -m cuda` (scripts/gpu-check) runs it
 def test_train_on_cuda(digits):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     rec = bt.train(small(), bt.method("bgmd", k=0.1), "bit_flip", 0.25, data=digits, device="cuda")
     assert not rec[-1]["diverged"]
+    # the same draws as on the CPU: after one step under bit flips (which rows are flipped
+    # decides the update), the test loss agrees to rounding
+    one = small(epochs=1e-9, eval_every=1)
+    cpu, gpu = (bt.train(one, bt.method("mean"), "bit_flip", 0.25, data=digits, device=dev)[-1]
+                for dev in ("cpu", "cuda"))
+    assert gpu["test_loss"] == pytest.approx(cpu["test_loss"], rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,6 +265,11 @@ def test_memory_figures(fixed):
     mean_rows = sorted((r for r in fixed["final"] if r["method"] == line.get_label()),
                        key=lambda r: r["psi"])
     assert list(line.get_ydata()) == [r["median"] for r in mean_rows]
+    assert axes[0].figure.get_figwidth() <= 6.6 and len(axes[0].figure.legends) == 1
+    only = bm.fixed_gradient_check(tiny_memory_config(steps=10), methods=["SGD"])["final"]
+    assert {r["method"] for r in only} == {"SGD"}
+    with pytest.raises(ValueError):
+        bm.fixed_gradient_check(tiny_memory_config(steps=10), methods=["Krum"])
     axes = plot_memory_curves(fixed["curves"], 0.1)
     assert len(axes) == 2 and len(axes[0].get_lines()) == len(bm.RULES) + 3
     records = [dict(method="A", psi=0.0, iteration=i, test_accuracy=0.5, diverged=False) for i in (1, 2)]

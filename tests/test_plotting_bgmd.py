@@ -103,9 +103,18 @@ def test_training_figures():
     axes = plot_accuracy_vs_time(records, "bit_flip")
     assert [ax.get_title() for ax in axes] == ["no corruption", "20% corruption"]
     assert "SGD" in lines_by_label(axes[0]) and "GmD" in lines_by_label(axes[1])
+    # four fractions: two rows of two panels in the column, one legend below them
+    more = [dict(r, psi=p, attack="bit_flip") for p in (0.1, 0.4) for r in records if r["psi"] > 0]
+    more += [dict(r, psi=0.3, attack="impulse") for r in records if r["psi"] > 0]  # another attack
+    axes = plot_accuracy_vs_time(records + more, "bit_flip")
+    fig = axes[0].figure
+    assert len(axes) == 4 and fig.get_figwidth() <= 6.6
+    assert axes[3].get_title() == "40% corruption"
+    assert len(fig.legends) == 1 and not any(ax.get_legend() for ax in axes)
     fig6 = [dict(experiment="fig6", method=m, iteration=i, test_accuracy=0.1 * i)
             for m in ("BGmD 0.05 M", "BGmD 0.05", "GmD") for i in (1, 2)]
     ax = plot_ablation(fig6)
+    assert ax.figure.get_figwidth() <= 6.6 and len(ax.figure.legends) == 1
     styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
     assert styles == {r"BGmD $\beta$ = 0.05 with memory": "-", r"BGmD $\beta$ = 0.05, no memory": "--",
                       "GmD": ":"}

@@ -9,9 +9,10 @@ stream is the one ``torch.Generator().manual_seed(seed)`` always gave.
 
 The price is a host-to-device copy per draw. The experiments draw small tensors (at most a few
 megabytes per call); on CUDA the copy goes through pinned memory with ``non_blocking=True``, so
-it does not make the host wait for the device (no synchronisation inside the loops). Long
-training loops that draw whole gradient matrices at every step (``bgmd_training``) keep a
-generator on the device instead.
+it does not make the host wait for the device (no synchronisation inside the loops). The
+training loop of ``bgmd_training`` does the same through the attacks' and BGmD's own draws (a
+CPU generator, moved); its largest draw, additive gradient noise on the whole ``(b, d)`` matrix,
+is a CPU ``randn`` of ``b d`` values per step.
 """
 
 from __future__ import annotations

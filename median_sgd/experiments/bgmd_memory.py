@@ -29,7 +29,7 @@ Two studies:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -152,7 +152,8 @@ def _quantiles(x: torch.Tensor) -> dict:
 
 
 def fixed_gradient_check(cfg: MemoryConfig, *, device="cpu", dtype=torch.float64,
-                         progress: bool = False) -> Dict[str, List[dict]]:
+                         progress: bool = False,
+                         methods: Optional[Sequence[str]] = None) -> Dict[str, List[dict]]:
     """The fixed-gradient study: ``{"final": [...], "curves": [...]}`` tidy records.
 
     ``final``, one record per (method, sigma, psi): quantiles over seeds of the relative error of
@@ -163,14 +164,25 @@ def fixed_gradient_check(cfg: MemoryConfig, *, device="cpu", dtype=torch.float64
     ``||f * g|| / ||g||`` (``f_j``: fraction of steps coordinate ``j`` was outside the block;
     ``outside``) and, for the mean rule, the error predicted from it, ``(scale + 1) (b / n)
     ||f * g|| / ||g||`` with ``b = floor(psi n)`` flipped rows (``predicted``).
-    ``curves``: the median error over seeds every ``curve_every`` steps.
+    ``curves``: the median error over seeds every ``curve_every`` steps. ``methods``: the labels
+    to run (:func:`rule_label` of the memory rules, ``"GmD"``, ``"CmD"``, ``"SGD"``; default all).
     """
     device = torch.device(device)
     labels, g, s, sigma = _problems(cfg, device, dtype)
     P = len(labels)
     g_norm = torch.linalg.vector_norm(g, dim=-1)
     gm_options = {"tol": cfg.gm_tol, "max_iter": cfg.gm_max_iter}
-    methods = [(rule_label(r), r) for r in RULES] + [(name, None) for name in REFERENCES]
+    every = [(rule_label(r), r) for r in RULES] + [(name, None) for name in REFERENCES]
+    if methods is None:
+        methods = every
+    else:
+        if isinstance(methods, str):
+            raise TypeError("methods must be a sequence of labels, not a string")
+        known = dict(every)
+        unknown = [m for m in methods if m not in known]
+        if unknown or not methods:
+            raise ValueError(f"methods must be a non-empty subset of {list(known)}, got {methods!r}")
+        methods = [(m, known[m]) for m in methods]
     final, curves = [], []
     bar = None
     if progress:

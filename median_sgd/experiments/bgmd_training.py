@@ -301,7 +301,10 @@ def train(
 
     ``data`` (loaded from ``cfg.dataset`` when not given) is moved to ``device``. The seed fixes
     the model's initialisation, the batches, the attack's draws, BGmD's block sampling and
-    dropout; torch's global random state is restored afterwards. ``sync_timing=True`` waits for
+    dropout; torch's global random state is restored afterwards. All but dropout (LeNet's, on
+    the device's global generator) are drawn on CPU generators and moved, so a run on a GPU
+    draws the same batches, corrupted samples and rows and block keys as on the CPU; what
+    differs is rounding, which a long run can amplify. ``sync_timing=True`` waits for
     the GPU around the aggregator so that ``aggregation_s`` is exact on CUDA (on the CPU it is
     always exact).
     """
@@ -316,9 +319,12 @@ def train(
         model = build_model(cfg.model, data).to(device)
         model.train()
         gen_cpu = torch.Generator().manual_seed(seed + 1)
-        gen_dev = torch.Generator(device=device).manual_seed(seed + 2)
+        # The attack's draws and BGmD's block keys: a CPU generator too, drawn on the CPU and
+        # moved (attacks._draw, bgmd._exponential), so that a GPU run corrupts the same rows
+        # and samples as the CPU run. (On the CPU: the stream of the former device generator.)
+        gen_draw = torch.Generator().manual_seed(seed + 2)
         gm_options = {"max_iter": cfg.gm_max_iter, "tol": cfg.gm_tol}
-        agg = method.build(generator=gen_dev, gm_options=gm_options)
+        agg = method.build(generator=gen_draw, gm_options=gm_options)
         sampler = _ClientSampler(data, cfg, gen_cpu)
         total = max(1, int(round(cfg.epochs * sampler.per_epoch)))
         params = [p for p in model.parameters() if p.requires_grad]
@@ -338,9 +344,9 @@ def train(
             start = time.perf_counter()
             lr = _lr_at(cfg, t - 1, sampler.per_epoch, total)
             idx = sampler.next().to(device)
-            xb, yb = atk.batch(data.x_train[idx], data.y_train[idx], generator=gen_dev)
+            xb, yb = atk.batch(data.x_train[idx], data.y_train[idx], generator=gen_draw)
             G, losses = client_gradients(model, data.normalize(xb), yb, mode=cfg.grad_mode)
-            G = atk.gradients(G, generator=gen_dev)
+            G = atk.gradients(G, generator=gen_draw)
             if sync_timing and device.type == "cuda":
                 torch.cuda.synchronize(device)
             a0 = time.perf_counter()

@@ -7,7 +7,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ._style import estimator_style
+from ._style import COLUMN_WIDTH, estimator_style
 from .robust_mean import plot_quantile_curves
 
 __all__ = [
@@ -303,14 +303,17 @@ def plot_accuracy_vs_time(records: List[dict], attack: str, axes: Optional[Seque
                           experiment: str = "table2", methods: Optional[Iterable[str]] = None):
     """Figs. 1-3 of the BGmD paper: test accuracy against training wall-clock time, one panel per
     corrupted fraction (the clean runs in the first panel), one line per method (seed 0). A run
-    that diverged ends with a cross."""
+    that diverged ends with a cross at 0. Without ``axes``: a column-wide figure (two rows of two
+    panels for the paper's four fractions) with one legend below the panels."""
+    from .bgmd_memory import _grid, _legend
+
     rows = [r for r in records if r.get("experiment", experiment) == experiment]
     first_seed = min(r["seed"] for r in rows)
     rows = [r for r in rows if r["seed"] == first_seed]
-    psis = sorted({r["psi"] for r in rows})
+    psis = sorted({r["psi"] for r in rows if r["psi"] == 0 or r["attack"] == attack})
     if axes is None:
-        _, axes = plt.subplots(1, len(psis), figsize=(3.3 * len(psis), 3.3), sharey=True)
-    axes = np.atleast_1d(axes)
+        axes = _grid(len(psis), row_height=2.2, sharex=True, sharey=True)
+    axes = np.atleast_1d(axes).ravel()
     names = list(dict.fromkeys(r["method"] for r in rows)) if methods is None else list(methods)
     for ax, psi in zip(axes, psis):
         wanted = "none" if psi == 0 else attack
@@ -325,21 +328,41 @@ def plot_accuracy_vs_time(records: List[dict], attack: str, axes: Optional[Seque
                     color=style["color"], marker=style["marker"], markersize=3, label=name)
             if pts[-1]["diverged"]:
                 ax.plot([pts[-1]["time_s"]], [0], marker="x", color=style["color"], markersize=8,
-                        linestyle="none")
-        ax.set_title("no corruption" if psi == 0 else f"{psi:.0%} corruption", fontsize=9)
-        ax.set_xlabel("training time (s)")
+                        linestyle="none", clip_on=False)
+        ax.set_title("no corruption" if psi == 0 else f"{psi:.0%} corruption")
         ax.set_ylim(0, 100)
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("test accuracy (%)")
-    axes[0].legend(fontsize=7, loc="lower right")
+    for ax in axes:
+        spec = ax.get_subplotspec()
+        if spec is None or spec.is_first_col():
+            ax.set_ylabel("test accuracy (%)")
+        if spec is None or spec.is_last_row():
+            ax.set_xlabel("training time (s)")
+    by_label = {}
+    for ax in axes:
+        for line in ax.get_lines():
+            if not line.get_label().startswith("_"):
+                by_label.setdefault(line.get_label(), line)
+    handles, labels = list(by_label.values()), list(by_label)
+    if _constrained(axes[0]):  # one legend, below the panels
+        axes[0].figure.legend(handles, labels, loc="outside lower center", ncol=len(labels))
+    else:
+        axes[0].legend(handles, labels, loc="lower right")
     return axes
+
+
+def _constrained(ax) -> bool:
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    return isinstance(ax.figure.get_layout_engine(), ConstrainedLayoutEngine)
 
 
 def plot_ablation(records: List[dict], ax: Optional[plt.Axes] = None, *, experiment: str = "fig6") -> plt.Axes:
     """Fig. 6 of the BGmD paper: test accuracy against the iteration for BGmD with several
-    ``beta = k/d``, with memory (solid, label ending in "M") and without (dashed), and GmD."""
+    ``beta = k/d``, with memory (solid, label ending in "M") and without (dashed), and GmD.
+    Without ``ax``: a column-wide figure with the legend below the panel."""
     if ax is None:
-        _, ax = plt.subplots(figsize=(6, 4))
+        _, ax = plt.subplots(figsize=(COLUMN_WIDTH, 3.4), layout="constrained")
     rows = [r for r in records if r.get("experiment", experiment) == experiment]
     names = list(dict.fromkeys(r["method"] for r in rows))
     betas = sorted({float(n.split()[1]) for n in names if n.startswith("BGmD")})
@@ -358,7 +381,10 @@ def plot_ablation(records: List[dict], ax: Optional[plt.Axes] = None, *, experim
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    if _constrained(ax):
+        ax.figure.legend(loc="outside right center")
+    else:
+        ax.legend()
     return ax
 
 

@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ._style import COLUMN_WIDTH, ROW_HEIGHT
 from .bgmd import method_style
 
 __all__ = ["memory_style", "plot_memory_errors", "plot_memory_curves", "plot_memory_training"]
@@ -33,16 +34,28 @@ def _names(records: List[dict]) -> List[str]:
     return list(dict.fromkeys(r["method"] for r in records))
 
 
-def _legend(axes) -> None:
+def _legend(axes, ncol: int = 3) -> None:
     """One legend for all panels: below them with a constrained layout, else beside the last."""
     from matplotlib.layout_engine import ConstrainedLayoutEngine
 
     fig = axes[0].figure
     handles, labels = axes[0].get_legend_handles_labels()
     if isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine):
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(ncol, len(labels)))
     else:
-        axes[-1].legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        axes[-1].legend(handles, labels, loc="center left", bbox_to_anchor=(1.02, 0.5))
+
+
+def _grid(panels: int, row_height: float = ROW_HEIGHT, **kw):
+    """A column-wide figure of ``panels`` panels, at most 2 per row for 4 panels and 3 otherwise,
+    with room below for the legend (constrained layout)."""
+    cols = 2 if panels == 4 else min(3, panels)
+    rows = -(-panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(COLUMN_WIDTH, rows * row_height + 0.8),
+                             layout="constrained", squeeze=False, **kw)
+    for ax in axes.ravel()[panels:]:
+        ax.set_visible(False)
+    return axes.ravel()[:panels]
 
 
 def plot_memory_errors(final: List[dict], axes: Optional[Sequence[plt.Axes]] = None):
@@ -50,7 +63,7 @@ def plot_memory_errors(final: List[dict], axes: Optional[Sequence[plt.Axes]] = N
     one panel per noise level sigma; the band is the spread over seeds (10%-90%)."""
     sigmas = sorted({r["sigma"] for r in final})
     if axes is None:
-        _, axes = plt.subplots(1, len(sigmas), figsize=(4.6 * len(sigmas), 3.8), sharey=True)
+        axes = _grid(len(sigmas), sharey=True)
     axes = np.atleast_1d(axes).ravel()
     for ax, sigma in zip(axes, sigmas):
         for name in _names(final):
@@ -63,9 +76,9 @@ def plot_memory_errors(final: List[dict], axes: Optional[Sequence[plt.Axes]] = N
                             color=style["color"], alpha=0.15, linewidth=0)
         ax.set_yscale("log")
         ax.set_xlabel(r"corrupted rows $\psi$ (%)")
-        ax.set_title(rf"noise $\sigma = {sigma:g}$", fontsize=10)
+        ax.set_title(rf"noise $\sigma = {sigma:g}$")
         ax.grid(True, which="major", alpha=0.3)
-    axes[0].set_ylabel("relative error of the average update")
+    axes[0].set_ylabel("relative error of the\naverage update")
     _legend(axes)
     return axes
 
@@ -77,7 +90,7 @@ def plot_memory_curves(curves: List[dict], sigma: float, axes: Optional[Sequence
     rows = [r for r in curves if r["sigma"] == sigma]
     psis = sorted({r["psi"] for r in rows}) if psis is None else list(psis)
     if axes is None:
-        _, axes = plt.subplots(1, len(psis), figsize=(3.4 * len(psis), 3.3), sharey=True)
+        axes = _grid(len(psis), row_height=2.3, sharex=True, sharey=True)
     axes = np.atleast_1d(axes).ravel()
     for ax, psi in zip(axes, psis):
         for name in _names(rows):
@@ -88,11 +101,13 @@ def plot_memory_curves(curves: List[dict], sigma: float, axes: Optional[Sequence
             ax.plot([r["step"] for r in pts], [r["error"] for r in pts], label=name, **style)
         ax.set_yscale("log")
         ax.set_xlabel("step $t$")
-        ax.set_title(rf"$\psi = {100 * psi:g}\%$", fontsize=10)
+        ax.set_title(rf"$\psi = {100 * psi:g}\%$")
         ax.grid(True, which="major", alpha=0.3)
     for ax in axes:
         if ax.get_subplotspec() is None or ax.get_subplotspec().is_first_col():
-            ax.set_ylabel("relative error of the average update")
+            ax.set_ylabel("relative error of the\naverage update")
+        if ax.get_subplotspec() is not None and not ax.get_subplotspec().is_last_row():
+            ax.set_xlabel("")
     _legend(axes)
     return axes
 
@@ -103,7 +118,7 @@ def plot_memory_training(records: List[dict], axes: Optional[Sequence[plt.Axes]]
     chance level 0.1 (its accuracy is undefined)."""
     psis = sorted({r["psi"] for r in records})
     if axes is None:
-        _, axes = plt.subplots(1, len(psis), figsize=(3.4 * len(psis), 3.3), sharey=True)
+        axes = _grid(len(psis), sharey=True)
     axes = np.atleast_1d(axes).ravel()
     for ax, psi in zip(axes, psis):
         for name in _names(records):
@@ -121,10 +136,10 @@ def plot_memory_training(records: List[dict], axes: Optional[Sequence[plt.Axes]]
                         color=style["color"], linestyle="none")
         ax.set_xlabel("iteration")
         ax.set_ylim(0, 1)
-        ax.set_title(rf"scaled bit flip, $\psi = {100 * psi:g}\%$" if psi else "clean", fontsize=10)
+        ax.set_title(rf"bit flip, $\psi = {100 * psi:g}\%$" if psi else "clean")
         ax.grid(True, alpha=0.3)
     for ax in axes:
         if ax.get_subplotspec() is None or ax.get_subplotspec().is_first_col():
             ax.set_ylabel("test accuracy")
-    _legend(axes)
+    _legend(axes, ncol=2)
     return axes
