@@ -57,6 +57,8 @@ CHAPTERS = sorted(BOOK.glob("[0-9][0-9]_*.ipynb"))
 ALLOW: dict[tuple[str, str], str] = {
     ("01", "20%"): "robust_mean's trim = 0.2 (the trimmed mean drops 20% at each end)",
     ("01", "25%"): "a corruption fraction of robust_mean's breakdown_fractions grid",
+    ("05", "0.01"): "the absolute slack of the fixed-point assert (3 standard errors + 0.01)",
+    ("05", "9.5"): "sample_median_sgd's start = 3 in each of dim = 10 coordinates: |e_0| = 3 sqrt(10) = 9.49",
     ("06", "80%"): "in_the_wild's test_fraction = 0.2: the train/test split",
     ("06", "20%"): "in_the_wild's test_fraction = 0.2 and corrupt_prob = 0.2",
     ("08", "0.3"): "beyond's lp_threshold = 0.3 (the error that defines 'speed')",
