@@ -22,7 +22,7 @@ def tiny_config():
 
 
 def test_paper_tables_are_complete():
-    for name, table in be.PAPER_TABLES.items():
+    for _, table in be.PAPER_TABLES.items():
         assert ("none", 0.0) in table
         for key, row in table.items():
             assert key[0] in be.ATTACK_NAMES and set(row) == {"SGD", "CmD", "BGmD", "GmD"}

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from median_sgd.experiments import aggregation_cost, bgmd_theory, gm_breakdown  # noqa: E402
+from median_sgd.experiments import bgmd_theory, gm_breakdown  # noqa: E402
 from median_sgd.plotting import (  # noqa: E402
     method_style,
     plot_ablation,

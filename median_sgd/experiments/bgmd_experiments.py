@@ -255,7 +255,7 @@ def comparison_table(records: List[dict], experiment: str, *, paper: Optional[st
             entry = ours.get((attack, psi, m))
             cells.append("n/a" if entry is None else "div." if entry["diverged"]
                          else f"{entry['accuracy']:.1f}")
-        ref = ["-" if row[m] is None else f"{row[m][0]:.1f}" for m in methods]
+        ref = ["-" if (paper_cell := row[m]) is None else f"{paper_cell[0]:.1f}" for m in methods]
         label = "-" if psi == 0 else f"{psi:.0%}"
         lines.append(f"{_SHORT_NAMES[attack]:16s}{label:>4s}" + "".join(f"{c:>6s}" for c in cells)
                      + " | " + "".join(f"{c:>6s}" for c in ref))

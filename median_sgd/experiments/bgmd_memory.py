@@ -29,7 +29,7 @@ Two studies:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -117,7 +117,7 @@ def _rows_stream(cfg: MemoryConfig, g, s, sigma, labels, device):
     """The T gradient matrices (P, n, d), the same sequence for every rule (one seeded generator)."""
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
     P, n = len(labels), cfg.rows
-    groups = {}
+    groups: Dict[float, List[int]] = {}
     for j, (_, p, _) in enumerate(labels):
         groups.setdefault(p, []).append(j)
     for _ in range(cfg.steps):
@@ -169,12 +169,11 @@ def fixed_gradient_check(cfg: MemoryConfig, *, device="cpu", dtype=torch.float64
     """
     device = torch.device(device)
     labels, g, s, sigma = _problems(cfg, device, dtype)
-    P = len(labels)
     g_norm = torch.linalg.vector_norm(g, dim=-1)
-    gm_options = {"tol": cfg.gm_tol, "max_iter": cfg.gm_max_iter}
-    every = [(rule_label(r), r) for r in RULES] + [(name, None) for name in REFERENCES]
+    gm_options: Dict[str, Any] = {"tol": cfg.gm_tol, "max_iter": cfg.gm_max_iter}
+    every: List[Tuple[str, Optional[str]]] = [(rule_label(r), r) for r in RULES] + [(name, None) for name in REFERENCES]
     if methods is None:
-        methods = every
+        runs = every
     else:
         if isinstance(methods, str):
             raise TypeError("methods must be a sequence of labels, not a string")
@@ -182,15 +181,15 @@ def fixed_gradient_check(cfg: MemoryConfig, *, device="cpu", dtype=torch.float64
         unknown = [m for m in methods if m not in known]
         if unknown or not methods:
             raise ValueError(f"methods must be a non-empty subset of {list(known)}, got {methods!r}")
-        methods = [(m, known[m]) for m in methods]
+        runs = [(m, known[m]) for m in methods]
     final, curves = [], []
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(methods) * cfg.steps, desc="fixed gradient", unit="step")
+        bar = tqdm(total=len(runs) * cfg.steps, desc="fixed gradient", unit="step")
     with value_checks(False):
-        for label, rule in methods:
+        for label, rule in runs:
             is_bgmd = label.startswith("BGmD")
             agg = BGmD(cfg.k, mode=cfg.mode, memory=rule,
                        generator=torch.Generator().manual_seed(cfg.seed + 2),  # CPU keys, moved
@@ -201,10 +200,13 @@ def fixed_gradient_check(cfg: MemoryConfig, *, device="cpu", dtype=torch.float64
             err_t = []
             for t, G in enumerate(_rows_stream(cfg, g, s, sigma, labels, device), start=1):
                 if is_bgmd:
+                    assert agg is not None  # built above for every BGmD label
                     u = agg(G)
-                    total_a += _rule_aggregate(G, agg.last_block, rule, gm_options)
+                    block = agg.last_block
+                    assert block is not None  # set by every call
+                    total_a += _rule_aggregate(G, block, rule, gm_options)
                     outside += 1.0
-                    outside.scatter_(-1, agg.last_block, outside.gather(-1, agg.last_block) - 1.0)
+                    outside.scatter_(-1, block, outside.gather(-1, block) - 1.0)
                 elif label == "GmD":
                     u = geometric_median(G, **gm_options).median
                 elif label == "CmD":
@@ -216,7 +218,7 @@ def fixed_gradient_check(cfg: MemoryConfig, *, device="cpu", dtype=torch.float64
                     err_t.append((t, torch.linalg.vector_norm(total_u / t - g, dim=-1) / g_norm))
                 if bar is not None:
                     bar.update(1)
-            memory = agg.memory if is_bgmd and agg.memory is not None else torch.zeros_like(g)
+            memory = agg.memory if agg is not None and agg.memory is not None else torch.zeros_like(g)
             flushed = torch.linalg.vector_norm((total_u + memory) / cfg.steps - g, dim=-1) / g_norm
             memory_rel = torch.linalg.vector_norm(memory, dim=-1) / g_norm
             if is_bgmd:

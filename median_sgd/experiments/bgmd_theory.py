@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch.nn import functional as F
@@ -198,7 +198,7 @@ def contraction_study(config: Union[str, BGmDTheoryConfig] = "ci", *, device="cp
     cfg = _config(config)
     gen = _random.generator(cfg.seed)  # CPU draws, moved: the same blocks on every device
     records = []
-    for p, profile in enumerate(PROFILES):
+    for _, profile in enumerate(PROFILES):
         Z = _random.randn((cfg.n, cfg.d), generator=gen, device=device, dtype=dtype)
         G = Z * column_profile(profile, cfg.d, device=device, dtype=dtype)
         # select_block sees G only through its column norms: a (1, d) matrix with the same
@@ -317,7 +317,7 @@ def residual_configs(config: Union[str, BGmDTheoryConfig] = "ci") -> Dict[str, b
     cfg = _config(config)
     methods = tuple(bgmd_training.method("bgmd", f"BGmD beta={b:g}", k=float(b))
                     for b in cfg.residual_betas) + (bgmd_training.method("mean", "SGD"),)
-    base = dict(dataset=cfg.residual_data, clients=10, batch_size=cfg.residual_batch_size,
+    base: Dict[str, Any] = dict(dataset=cfg.residual_data, clients=10, batch_size=cfg.residual_batch_size,
                 methods=methods, attacks=(), psis=(0.0,), seeds=(cfg.seed,), momentum=0.9)
     return {
         "large": bgmd_training.BGmDTrainingConfig(model="lenet", epochs=cfg.residual_epochs_large,
@@ -482,7 +482,9 @@ def convergence_run(config: Union[str, ConvergenceConfig] = "ci", settings: Opti
         mem_sq += (m * m).sum(-1)
         A = gamma * G + m.unsqueeze(-2)
         u = agg(gamma * G)
-        keep = torch.zeros(P, d, dtype=dtype, device=device).scatter_(-1, agg.last_block, 1.0)
+        block = agg.last_block
+        assert block is not None  # set by every call
+        keep = torch.zeros(P, d, dtype=dtype, device=device).scatter_(-1, block, 1.0)
         delta = A * keep.unsqueeze(-2)
         dbar = (delta * good).sum(-2) / n_g[:, None]
         z = u - dbar
@@ -574,7 +576,7 @@ def convergence_study(config: Union[str, ConvergenceConfig] = "ci", *, device="c
     return out
 
 
-def _clean(P, cfg, like):
+def _clean(P, cfg, like) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     noise = torch.full((P,), cfg.noise, device=like.device, dtype=like.dtype)
     none = torch.zeros(P, dtype=torch.bool, device=like.device)
     return noise, torch.zeros(P, dtype=torch.long, device=like.device), none, none
@@ -611,7 +613,9 @@ def descent_check(config: Union[str, ConvergenceConfig] = "ci", *, rho: float = 
             G, _ = _rows(xs, h, c, cfg.n, *_clean(R, cfg, xs), gen)
             u = probe(gamma * G)
             A = gamma * G + m.unsqueeze(-2)
-            keep = torch.zeros(R, cfg.d, dtype=dtype, device=device).scatter_(-1, probe.last_block, 1.0)
+            block = probe.last_block
+            assert block is not None  # set by every call
+            keep = torch.zeros(R, cfg.d, dtype=dtype, device=device).scatter_(-1, block, 1.0)
             z = u - (A * keep.unsqueeze(-2)).mean(-2)
             g = G.mean(-2)
             x_tilde = x - m

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from .._checks import value_checks
 from ..aggregators import make_aggregator
 from ..attacks import make_attack
-from ..data.images import ImageData, iid_split, load_images, shard_split
+from ..data.images import ImageData, load_images, shard_split
 from ..models.cnn import LeNet, TinyCNN, count_parameters, resnet18
 from . import SCALES
 

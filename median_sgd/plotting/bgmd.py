@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -52,16 +52,18 @@ def _legend(ax: plt.Axes, legend: str, *, ncols: int = 3, fontsize: float = 8.5)
     if legend not in ("axes", "figure", "none"):
         raise ValueError(f"legend must be 'axes', 'figure' or 'none', got {legend!r}")
     for a in ax.figure.axes:
-        if a.get_legend() is not None:
-            a.get_legend().remove()
+        old = a.get_legend()
+        if old is not None:
+            old.remove()
     if legend == "axes":
         ax.legend(fontsize=fontsize)
     elif legend == "figure":
-        seen = {}
+        seen: Dict[str, Any] = {}
         for a in ax.figure.axes:
             for h, label in zip(*a.get_legend_handles_labels()):
                 seen.setdefault(label, h)
-        loc = "outside lower center" if ax.figure.get_layout_engine() is not None else "lower center"
+        loc: Literal["outside lower center", "lower center"] = (
+            "outside lower center" if ax.figure.get_layout_engine() is not None else "lower center")
         ax.figure.legend(list(seen.values()), list(seen), loc=loc, ncols=ncols, fontsize=fontsize,
                          frameon=False)
 
@@ -72,8 +74,8 @@ def plot_gm_scenes(scenes: List[dict], axes: Optional[Sequence[plt.Axes]] = None
     the geometric median (:func:`plot_gm_zoom` draws the estimates close up)."""
     if axes is None:
         _, axes = plt.subplots(2, (len(scenes) + 1) // 2, figsize=(6.6, 7.0), layout="constrained")
-    axes = np.atleast_1d(axes).ravel()
-    for ax, scene in zip(axes, scenes):
+    panels = np.atleast_1d(axes).ravel()
+    for ax, scene in zip(panels, scenes):
         pts, bad = scene["points"].numpy(), scene["is_bad"].numpy()
         ax.scatter(pts[~bad, 0], pts[~bad, 1], s=6, color="tab:blue", alpha=0.5, label="uncorrupted")
         ax.scatter(pts[bad, 0], pts[bad, 1], s=6, color="tab:gray", alpha=0.6, label="corrupted")
@@ -87,8 +89,8 @@ def plot_gm_scenes(scenes: List[dict], axes: Optional[Sequence[plt.Axes]] = None
         ax.set_aspect("equal")
         label = "clean data" if scene["fraction"] == 0 else f"{scene['fraction']:.0%} corruption"
         ax.set_title(label)
-    _legend(axes[0], legend, ncols=3)
-    return axes
+    _legend(panels[0], legend, ncols=3)
+    return panels
 
 
 def plot_gm_zoom(scenes: List[dict], ax: Optional[plt.Axes] = None, *, zoom: float = 1.0,
@@ -305,7 +307,7 @@ def plot_accuracy_vs_time(records: List[dict], attack: str, axes: Optional[Seque
     corrupted fraction (the clean runs in the first panel), one line per method (seed 0). A run
     that diverged ends with a cross at 0. Without ``axes``: a column-wide figure (two rows of two
     panels for the paper's four fractions) with one legend below the panels."""
-    from .bgmd_memory import _grid, _legend
+    from .bgmd_memory import _grid
 
     rows = [r for r in records if r.get("experiment", experiment) == experiment]
     first_seed = min(r["seed"] for r in rows)
@@ -313,9 +315,9 @@ def plot_accuracy_vs_time(records: List[dict], attack: str, axes: Optional[Seque
     psis = sorted({r["psi"] for r in rows if r["psi"] == 0 or r["attack"] == attack})
     if axes is None:
         axes = _grid(len(psis), row_height=2.2, sharex=True, sharey=True)
-    axes = np.atleast_1d(axes).ravel()
+    panels = np.atleast_1d(axes).ravel()
     names = list(dict.fromkeys(r["method"] for r in rows)) if methods is None else list(methods)
-    for ax, psi in zip(axes, psis):
+    for ax, psi in zip(panels, psis):
         wanted = "none" if psi == 0 else attack
         for name in names:
             pts = sorted((r for r in rows if r["psi"] == psi and r["attack"] == wanted and r["method"] == name),
@@ -332,23 +334,23 @@ def plot_accuracy_vs_time(records: List[dict], attack: str, axes: Optional[Seque
         ax.set_title("no corruption" if psi == 0 else f"{psi:.0%} corruption")
         ax.set_ylim(0, 100)
         ax.grid(True, alpha=0.3)
-    for ax in axes:
+    for ax in panels:
         spec = ax.get_subplotspec()
         if spec is None or spec.is_first_col():
             ax.set_ylabel("test accuracy (%)")
         if spec is None or spec.is_last_row():
             ax.set_xlabel("training time (s)")
-    by_label = {}
-    for ax in axes:
+    by_label: Dict[str, Any] = {}
+    for ax in panels:
         for line in ax.get_lines():
             if not line.get_label().startswith("_"):
                 by_label.setdefault(line.get_label(), line)
     handles, labels = list(by_label.values()), list(by_label)
-    if _constrained(axes[0]):  # one legend, below the panels
-        axes[0].figure.legend(handles, labels, loc="outside lower center", ncol=len(labels))
+    if _constrained(panels[0]):  # one legend, below the panels
+        panels[0].figure.legend(handles, labels, loc="outside lower center", ncol=len(labels))
     else:
-        axes[0].legend(handles, labels, loc="lower right")
-    return axes
+        panels[0].legend(handles, labels, loc="lower right")
+    return panels
 
 
 def _constrained(ax) -> bool:

@@ -64,8 +64,8 @@ def plot_memory_errors(final: List[dict], axes: Optional[Sequence[plt.Axes]] = N
     sigmas = sorted({r["sigma"] for r in final})
     if axes is None:
         axes = _grid(len(sigmas), sharey=True)
-    axes = np.atleast_1d(axes).ravel()
-    for ax, sigma in zip(axes, sigmas):
+    panels = np.atleast_1d(axes).ravel()
+    for ax, sigma in zip(panels, sigmas):
         for name in _names(final):
             rows = sorted((r for r in final if r["method"] == name and r["sigma"] == sigma),
                           key=lambda r: r["psi"])
@@ -78,9 +78,9 @@ def plot_memory_errors(final: List[dict], axes: Optional[Sequence[plt.Axes]] = N
         ax.set_xlabel(r"corrupted rows $\psi$ (%)")
         ax.set_title(rf"noise $\sigma = {sigma:g}$")
         ax.grid(True, which="major", alpha=0.3)
-    axes[0].set_ylabel("relative error of the\naverage update")
-    _legend(axes)
-    return axes
+    panels[0].set_ylabel("relative error of the\naverage update")
+    _legend(panels)
+    return panels
 
 
 def plot_memory_curves(curves: List[dict], sigma: float, axes: Optional[Sequence[plt.Axes]] = None,
@@ -91,8 +91,8 @@ def plot_memory_curves(curves: List[dict], sigma: float, axes: Optional[Sequence
     psis = sorted({r["psi"] for r in rows}) if psis is None else list(psis)
     if axes is None:
         axes = _grid(len(psis), row_height=2.3, sharex=True, sharey=True)
-    axes = np.atleast_1d(axes).ravel()
-    for ax, psi in zip(axes, psis):
+    panels = np.atleast_1d(axes).ravel()
+    for ax, psi in zip(panels, psis):
         for name in _names(rows):
             pts = sorted((r for r in rows if r["method"] == name and r["psi"] == psi),
                          key=lambda r: r["step"])
@@ -103,13 +103,13 @@ def plot_memory_curves(curves: List[dict], sigma: float, axes: Optional[Sequence
         ax.set_xlabel("step $t$")
         ax.set_title(rf"$\psi = {100 * psi:g}\%$")
         ax.grid(True, which="major", alpha=0.3)
-    for ax in axes:
+    for ax in panels:
         if ax.get_subplotspec() is None or ax.get_subplotspec().is_first_col():
             ax.set_ylabel("relative error of the\naverage update")
         if ax.get_subplotspec() is not None and not ax.get_subplotspec().is_last_row():
             ax.set_xlabel("")
-    _legend(axes)
-    return axes
+    _legend(panels)
+    return panels
 
 
 def plot_memory_training(records: List[dict], axes: Optional[Sequence[plt.Axes]] = None):
@@ -119,8 +119,8 @@ def plot_memory_training(records: List[dict], axes: Optional[Sequence[plt.Axes]]
     psis = sorted({r["psi"] for r in records})
     if axes is None:
         axes = _grid(len(psis), sharey=True)
-    axes = np.atleast_1d(axes).ravel()
-    for ax, psi in zip(axes, psis):
+    panels = np.atleast_1d(axes).ravel()
+    for ax, psi in zip(panels, psis):
         for name in _names(records):
             rows = sorted((r for r in records if r["method"] == name and r["psi"] == psi),
                           key=lambda r: r["iteration"])
@@ -138,8 +138,8 @@ def plot_memory_training(records: List[dict], axes: Optional[Sequence[plt.Axes]]
         ax.set_ylim(0, 1)
         ax.set_title(rf"bit flip, $\psi = {100 * psi:g}\%$" if psi else "clean")
         ax.grid(True, alpha=0.3)
-    for ax in axes:
+    for ax in panels:
         if ax.get_subplotspec() is None or ax.get_subplotspec().is_first_col():
             ax.set_ylabel("test accuracy")
-    _legend(axes, ncol=2)
-    return axes
+    _legend(panels, ncol=2)
+    return panels
