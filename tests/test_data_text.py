@@ -26,9 +26,11 @@ from median_sgd.data.text import (
     download_file,
     fetch_text_dataset,
     load_text_corpus,
+    docstrings_corpus,
     normalize_to_ptb_format,
     pydoc_corpus,
     segment_ids,
+    stdlib_docstrings,
     tokenize_lines,
     verify_file,
 )
@@ -115,6 +117,37 @@ def test_pydoc_corpus_is_offline_english_in_ptb_format():
     counts = torch.bincount(ids, minlength=corpus.vocab_size)
     assert counts[1] > 20 * counts[100]
     assert load_text_corpus("pydoc").fingerprint == corpus.fingerprint
+
+
+def test_stdlib_docstrings_are_read_without_importing_and_drop_examples(tmp_path):
+    (tmp_path / "alpha.py").write_text(
+        '"""Alpha module.\n\nIt has two paragraphs."""\n'
+        'import this_module_does_not_exist\n'
+        'class A:\n    """A class.\n\n    >>> A()\n    ... more\n    Kept line."""\n'
+        '    def f(self):\n        """Method doc."""\n', encoding="utf-8")
+    (tmp_path / "_private.py").write_text('"""Private, left out."""\n', encoding="utf-8")
+    (tmp_path / "broken.py").write_text('"""Broken."""\ndef (:\n', encoding="utf-8")
+    docs = stdlib_docstrings(tmp_path)
+    assert docs == ["Alpha module.\n\nIt has two paragraphs.", "A class.\n\nKept line.",
+                    "Method doc."]
+    with pytest.raises(FileNotFoundError, match="no standard-library modules"):
+        stdlib_docstrings(tmp_path / "empty")
+
+
+def test_docstrings_corpus_is_a_second_offline_english_text_larger_than_pydoc(monkeypatch):
+    corpus, pydoc = docstrings_corpus(), pydoc_corpus()
+    assert corpus.name == "docstrings" and corpus.vocab[0] == EOS and UNK in corpus.vocab
+    assert {"the", "a", "of", "to"} <= set(corpus.vocab[:20])
+    # a different text: most of its words are not in the help topics, and it is larger
+    new = set(corpus.vocab) - set(pydoc.vocab)
+    assert len(new) > 0.5 * corpus.vocab_size
+    assert corpus["train"].numel() > 1.5 * pydoc["train"].numel()
+    assert corpus.vocab_size > 1.5 * pydoc.vocab_size
+    assert not any(">>>" in w for w in corpus.vocab)
+    counts = torch.bincount(corpus["train"], minlength=corpus.vocab_size)
+    assert counts[1] > 20 * counts[100]
+    monkeypatch.setattr(text, "docstrings_corpus", lambda: corpus)
+    assert load_text_corpus("docstrings") is corpus
 
 
 def test_segment_ids_are_non_overlapping_windows():

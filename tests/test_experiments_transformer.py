@@ -53,6 +53,14 @@ def test_scales_differ_only_in_data_and_sizes():
     assert (paper.seq_len, paper.d_model, paper.nhead, paper.d_hid, paper.nlayers) == (35, 200, 2, 200, 2)
 
 
+def test_each_scale_names_a_corpus_for_fig_3_and_fig_4():
+    for scale, cfg in tg.CONFIGS.items():
+        figs = tg.FIGURE_CORPORA[scale]
+        assert set(figs) == {"Fig. 3", "Fig. 4"} and tuple(figs.values()) == cfg.corpora
+    assert tg.FIGURE_CORPORA["ci"]["Fig. 4"] == "docstrings"
+    assert tg.FIGURE_CORPORA["paper"]["Fig. 4"] == "wikitext2"
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="corpora"):
         tg.TransformerGradientsConfig(corpora=("imdb",))
@@ -213,6 +221,13 @@ def test_figures_draw_from_the_records(tiny_result):
     axes = plot_noise_kurtosis(r.kurtosis, r.groups["pydoc"], corpus="pydoc")
     assert len(axes) == 2
     plot_zipf(torch.bincount(r.corpora["pydoc"]["train"]))
+    from median_sgd.plotting import COLUMN_WIDTH
+
+    for axes in (plot_estimation_error(r.curves, corpus="pydoc", tau=1e-2),
+                 plot_tau_sweep(r.curves, corpus="pydoc", iterations=(2, TINY.iterations))):
+        fig = axes[0].figure  # sized for the column, one legend for the figure
+        assert fig.get_size_inches()[0] <= COLUMN_WIDTH + 1e-9 and len(fig.legends) == 1
+        assert all(ax.get_legend() is None for ax in axes)
     with pytest.raises(ValueError, match="no curves"):
         plot_estimation_error(r.curves, corpus="ptb", tau=1e-2, batch_sizes=(4,))
     plt.close("all")

@@ -38,7 +38,7 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 from .._checks import value_checks
-from ..data.text import TextCorpus, load_text_corpus, pydoc_corpus, segment_ids
+from ..data.text import TextCorpus, load_text_corpus, segment_ids
 from ..estimators import spp_step
 from ..medians import coordinate_median, geometric_median
 from ..models.transformer import TransformerLM
@@ -46,6 +46,7 @@ from . import SCALES
 
 __all__ = [
     "ESTIMATORS",
+    "FIGURE_CORPORA",
     "TransformerGradientsConfig",
     "CONFIGS",
     "TransformerGradientsResult",
@@ -59,7 +60,15 @@ __all__ = [
 #: name -> divergence of the SPP step (``spp_step(m, g, tau, div)``): the paper's three methods.
 ESTIMATORS: Dict[str, str] = {"momentum": "sq", "CClip": "l1", "VClip": "l2"}
 
-_CORPORA = ("pydoc", "ptb", "wikitext2")
+#: the corpora a config can name: the paper's Fig. 3 (PTB) and Fig. 4 (WikiText-2), and their
+#: offline stand-ins at the ``ci`` scale (CPython's help topics and the standard library's
+#: docstrings, see :mod:`median_sgd.data.text`)
+_CORPORA = ("pydoc", "docstrings", "ptb", "wikitext2")
+#: the corpus of each of the paper's figures, at each scale
+FIGURE_CORPORA: Dict[str, Dict[str, str]] = {
+    "ci": {"Fig. 3": "pydoc", "Fig. 4": "docstrings"},
+    "paper": {"Fig. 3": "ptb", "Fig. 4": "wikitext2"},
+}
 
 
 @dataclass(frozen=True)
@@ -110,11 +119,12 @@ class TransformerGradientsConfig:
 
 
 CONFIGS: Dict[str, TransformerGradientsConfig] = {
-    # About a minute on two CPU cores: CPython's help text instead of PTB/WikiText-2, a 32-wide
-    # model, segments of 16 tokens, the batch sizes divided by 4 (the corpus has ~4,400 segments,
-    # so 1024 would be a quarter of it), 300 iterations and one seed.
+    # Offline stand-ins for PTB (Fig. 3) and WikiText-2 (Fig. 4): CPython's help text and the
+    # standard library's docstrings (median_sgd.data.text); a 32-wide model, segments of 16
+    # tokens, the batch sizes divided by 4 (the help text has ~4,400 segments, so 1024 would be
+    # a quarter of it), 300 iterations and one seed.
     "ci": TransformerGradientsConfig(
-        corpora=("pydoc",),
+        corpora=("pydoc", "docstrings"),
         seq_len=16,
         d_model=32,
         d_hid=64,
@@ -142,8 +152,6 @@ def _config(config: Union[str, TransformerGradientsConfig]) -> TransformerGradie
 
 
 def _load_corpus(name: str, cfg: TransformerGradientsConfig) -> TextCorpus:
-    if name == "pydoc":
-        return pydoc_corpus()
     return load_text_corpus(name, root=cfg.data_root)
 
 

@@ -8,7 +8,7 @@ from typing import Iterable, List, Optional, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ._style import estimator_style
+from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style
 
 __all__ = [
     "noise_style",
@@ -33,6 +33,21 @@ def _p_label(p: float) -> str:
     return r"$\infty$" if math.isinf(p) else f"{p:g}"
 
 
+def _figure_legend(axes: Sequence[plt.Axes], ncol: int, handles=None, labels=None, **kwargs) -> None:
+    """One legend for the figure: below the panels with a constrained layout, else beside the
+    last panel."""
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    axes = list(axes)
+    fig = axes[0].figure
+    if handles is None:
+        handles, labels = axes[0].get_legend_handles_labels()
+    if isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine):
+        fig.legend(handles, labels, loc="outside lower center", ncol=ncol, **kwargs)
+    else:
+        axes[-1].legend(handles, labels, loc="center left", bbox_to_anchor=(1.02, 0.5), **kwargs)
+
+
 def _rows(records: List[dict], **where) -> List[dict]:
     rows = [r for r in records if all(r[k] == v for k, v in where.items())]
     if not rows:
@@ -41,12 +56,13 @@ def _rows(records: List[dict], **where) -> List[dict]:
 
 
 def plot_lp_errors(records: List[dict], *, rule: str, ax: Optional[plt.Axes] = None,
-                   noises: Optional[Iterable[str]] = None) -> plt.Axes:
+                   noises: Optional[Iterable[str]] = None, legend: bool = True) -> plt.Axes:
     """Final relative error (median over seeds, min-max band) against p, one line per noise model.
 
-    ``p`` is drawn at evenly spaced positions (``inf`` last)."""
+    ``p`` is drawn at evenly spaced positions (``inf`` last). ``legend=False`` leaves the legend
+    out (for a figure of several panels with one legend)."""
     if ax is None:
-        _, ax = plt.subplots(figsize=(5.5, 4))
+        _, ax = plt.subplots(figsize=(0.6 * COLUMN_WIDTH, ROW_HEIGHT), layout="constrained")
     ps = sorted({r["p"] for r in records})
     x = np.arange(len(ps))
     noises = list(dict.fromkeys(r["noise"] for r in records)) if noises is None else list(noises)
@@ -61,48 +77,87 @@ def plot_lp_errors(records: List[dict], *, rule: str, ax: Optional[plt.Axes] = N
     ax.set_xlabel(r"$p$ (SPP on $\mathcal{D} = \|\cdot\|_p$)")
     ax.set_ylabel(r"final $\|m_T - \hat g\|_2 / \|\hat g\|_2$")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    if legend:
+        ax.legend()
     return ax
 
 
-def plot_lp_tradeoff(records: List[dict], *, rule: str, ax: Optional[plt.Axes] = None,
-                     noises: Optional[Iterable[str]] = None, steps: Optional[int] = None) -> plt.Axes:
-    """Robustness against speed: final error (y) against the iterations needed to reach the
-    threshold (x), a point per p (labelled), a line per noise model. ``p`` that never reach the
-    threshold are drawn at ``steps`` (if given) with open markers."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(5.5, 4))
+def _p_colors(ps: Sequence[float]) -> dict:
+    """A colour per p: a sequential ramp over the finite p, black for ``inf``."""
+    finite = [p for p in ps if not math.isinf(p)]
+    ramp = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, max(len(finite), 1)))
+    colors = {p: ramp[i] for i, p in enumerate(finite)}
+    colors.update({p: "black" for p in ps if math.isinf(p)})
+    return colors
+
+
+def plot_lp_tradeoff(records: List[dict], *, rule: str, axes: Optional[Sequence[plt.Axes]] = None,
+                     noises: Optional[Iterable[str]] = None,
+                     steps: Optional[int] = None) -> Sequence[plt.Axes]:
+    """Robustness against speed, one panel per noise model: final error (y) against the
+    iterations needed to reach the threshold (x), a point per p, joined in the order of p.
+
+    The colour of a point is its p (one legend for the figure, no labels on the points, so
+    close points stay readable); ``p`` that never reach the threshold are drawn at ``steps``
+    (if given) with open markers, or left out. Without ``axes`` the panels are a 2-column grid
+    spanning the book's column, each with its own scales."""
     noises = list(dict.fromkeys(r["noise"] for r in records)) if noises is None else list(noises)
-    for noise in noises:
+    if axes is None:
+        rows = math.ceil(len(noises) / 2)
+        _, grid = plt.subplots(rows, 2, figsize=(COLUMN_WIDTH, 2.3 * rows + 0.5), squeeze=False,
+                               layout="constrained")
+        for ax in grid.ravel()[len(noises):]:
+            ax.set_visible(False)
+        axes = list(grid.ravel()[:len(noises)])
+    axes = list(axes)
+    if len(axes) != len(noises):
+        raise ValueError(f"got {len(axes)} axes for {len(noises)} noise models")
+    ps = sorted({r["p"] for r in records})
+    colors = _p_colors(ps)
+    for ax, noise in zip(axes, noises):
         rows = sorted(_rows(records, rule=rule, noise=noise), key=lambda r: r["p"])
-        style = noise_style(noise)
         xs = [r["steps_to_threshold"] if r["steps_to_threshold"] is not None else steps for r in rows]
         keep = [(x, r) for x, r in zip(xs, rows) if x is not None]
-        ax.plot([x for x, _ in keep], [r["median"] for _, r in keep], color=style["color"],
-                linewidth=1, alpha=0.7, label=noise)
+        ax.plot([x for x, _ in keep], [r["median"] for _, r in keep], color="0.6", linewidth=1,
+                zorder=1)
         for x, r in keep:
             reached = r["steps_to_threshold"] is not None
-            ax.plot([x], [r["median"]], marker=style["marker"], markersize=6, color=style["color"],
-                    markerfacecolor=style["color"] if reached else "white")
-            ax.annotate(_p_label(r["p"]), (x, r["median"]), textcoords="offset points",
-                        xytext=(4, 3), fontsize=7, color=style["color"])
-    ax.set_yscale("log")
-    ax.set_xlabel("iterations until the median error first reaches the threshold")
-    ax.set_ylabel("final relative error (median)")
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
-    return ax
+            ax.scatter([x], [r["median"]], s=36, marker=noise_style(noise)["marker"], zorder=2,
+                       color=colors[r["p"]] if reached else "white", edgecolors=colors[r["p"]],
+                       linewidths=1.2)
+        ax.set_yscale("log")
+        ax.set_title(noise)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.margins(x=0.12, y=0.12)
+    for ax in axes:
+        if ax.get_subplotspec().is_last_row() or ax is axes[-1]:
+            ax.set_xlabel("iterations to the threshold")
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("final error (median)")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], linestyle="none", marker="o", markersize=6, color=colors[p])
+               for p in ps]
+    labels = [f"p = {_p_label(p)}" for p in ps]
+    if steps is not None:
+        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=6, color="0.3",
+                              markerfacecolor="white"))
+        labels.append(f"never (drawn at {steps})")
+    _figure_legend(axes, ncol=min(len(labels), 4), handles=handles, labels=labels)
+    return axes
 
 
 def plot_batch_size(records: List[dict], *, axes: Optional[Sequence[plt.Axes]] = None,
                     estimators: Sequence[str] = ("momentum", "VClip", "CClip"),
                     aggregators: Sequence[str] = ("mean", "coordinate median")) -> Sequence[plt.Axes]:
     """Final relative error against the sample size n per iteration, one panel per noise level
-    (1/alpha); colour = estimator, solid = mean of the n samples, dashed = their coordinate median."""
+    (1/alpha); colour = estimator, solid = mean of the n samples, dashed = their coordinate median.
+
+    Without ``axes`` the panels span the book's column and one legend sits below them."""
     inv_alphas = sorted({r["inv_alpha"] for r in records})
     if axes is None:
-        _, axes = plt.subplots(1, len(inv_alphas), figsize=(4 * len(inv_alphas), 3.6), sharey=True,
-                               squeeze=False, layout="constrained")
+        _, axes = plt.subplots(1, len(inv_alphas), figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.7),
+                               sharey=True, squeeze=False, layout="constrained")
         axes = axes[0]
     lines = {"mean": "-", "coordinate median": "--"}
     for ax, inv_alpha in zip(axes, inv_alphas):
@@ -113,24 +168,24 @@ def plot_batch_size(records: List[dict], *, axes: Optional[Sequence[plt.Axes]] =
                               key=lambda r: r["n"])
                 ax.plot([r["n"] for r in rows], [r["median"] for r in rows], linestyle=lines[agg],
                         color=style["color"], marker=style["marker"], markersize=4,
-                        label=f"{est}, {agg}")
+                        label=f"{est}, {'median' if agg == 'coordinate median' else agg}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ns = sorted({r["n"] for r in records})
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.minorticks_off()
-        ax.set_title(rf"$1/\alpha$ = {inv_alpha:g} ($\alpha$ = {1 / inv_alpha:.3g})", fontsize=10)
+        ax.set_title(rf"$\alpha$ = {1 / inv_alpha:.3g}")
         ax.set_xlabel("samples per iteration $n$")
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel("final relative error (median)")
-    axes[-1].legend(fontsize=7)
+    _figure_legend(axes, ncol=len(estimators))
     return axes
 
 
 def plot_clip21(result: dict, ax: Optional[plt.Axes] = None) -> plt.Axes:
     """``||grad f(x_t)||`` of GD, per-worker clipped GD and Clip21 (log scale)."""
     if ax is None:
-        _, ax = plt.subplots(figsize=(5.5, 4))
+        _, ax = plt.subplots(figsize=(0.75 * COLUMN_WIDTH, ROW_HEIGHT), layout="constrained")
     colors = {"GD": "tab:gray", "clipped GD": "tab:olive", "Clip21": estimator_style("VClip")["color"]}
     for name, values in result["grad_norm"].items():
         ax.plot(np.arange(len(values)), values.numpy(), label=name, color=colors.get(name))
@@ -138,14 +193,14 @@ def plot_clip21(result: dict, ax: Optional[plt.Axes] = None) -> plt.Axes:
     ax.set_xlabel("iteration $t$")
     ax.set_ylabel(r"$\|\nabla f(x_t)\|_2$")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend()
     return ax
 
 
 def plot_centered_clipping(result: dict, ax: Optional[plt.Axes] = None) -> plt.Axes:
     """Distance of the centred-clipping iterates to the geometric median: median and max over seeds."""
     if ax is None:
-        _, ax = plt.subplots(figsize=(5.5, 4))
+        _, ax = plt.subplots(figsize=(0.75 * COLUMN_WIDTH, ROW_HEIGHT), layout="constrained")
     dist = result["distance"]
     t = np.arange(dist.shape[0])
     color = estimator_style("geometric median")["color"]
@@ -155,5 +210,5 @@ def plot_centered_clipping(result: dict, ax: Optional[plt.Axes] = None) -> plt.A
     ax.set_xlabel("iteration $t$")
     ax.set_ylabel(r"$\|m_t - \mathrm{GM}\|_2$")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend()
     return ax

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from ._style import estimator_style
+from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style
 
 __all__ = [
     "summarize_curves",
@@ -19,6 +19,26 @@ __all__ = [
 ]
 
 _ERROR_LABEL = r"$\|m_t - \hat g\|_2 \,/\, \|\hat g\|_2$"
+
+
+def _panels(n: int, height: float = ROW_HEIGHT, **kwargs) -> Sequence[plt.Axes]:
+    """A row of ``n`` panels spanning the book's column, with a constrained layout."""
+    _, axes = plt.subplots(1, n, figsize=(COLUMN_WIDTH, height), squeeze=False,
+                           layout="constrained", **kwargs)
+    return list(axes[0])
+
+
+def _legend(axes: Sequence[plt.Axes], ncol: int, **kwargs) -> None:
+    """One legend for the figure: below the panels with a constrained layout (nothing hidden),
+    else beside the last panel."""
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    fig = axes[0].figure
+    handles, labels = axes[0].get_legend_handles_labels()
+    if isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine):
+        fig.legend(handles, labels, loc="outside lower center", ncol=ncol, **kwargs)
+    else:
+        axes[-1].legend(handles, labels, loc="center left", bbox_to_anchor=(1.02, 0.5), **kwargs)
 
 
 def summarize_curves(curves: List[dict], **where) -> Dict[str, np.ndarray]:
@@ -50,13 +70,14 @@ def plot_estimation_error(
     logy: bool = True,
 ) -> Sequence[plt.Axes]:
     """Figs. 3-4: relative error against the iteration, one panel per batch size, one line per
-    estimator (median over seeds) and its min-max band over seeds."""
+    estimator (median over seeds) and its min-max band over seeds.
+
+    Without ``axes``, the panels span the book's column in one row and the legend (its title
+    gives ``tau``) sits below them."""
     if batch_sizes is None:
         batch_sizes = _values(curves, "batch_size", corpus=corpus)
     if axes is None:
-        _, axes = plt.subplots(1, len(batch_sizes), figsize=(4.2 * len(batch_sizes), 3.4),
-                               sharey=True, squeeze=False)
-        axes = axes[0]
+        axes = _panels(len(batch_sizes), ROW_HEIGHT + 0.3, sharey=True)
     if len(axes) != len(batch_sizes):
         raise ValueError(f"got {len(axes)} axes for {len(batch_sizes)} batch sizes")
     for ax, b in zip(axes, batch_sizes):
@@ -69,11 +90,11 @@ def plot_estimation_error(
                 ax.fill_between(t, s["min"], s["max"], color=style["color"], alpha=0.2, linewidth=0)
         if logy:
             ax.set_yscale("log")
-        ax.set_title(f"batch size {b}", fontsize=10)
+        ax.set_title(f"batch size {b}")
         ax.set_xlabel("iteration $t$")
         ax.grid(True, which="both", alpha=0.25)
     axes[0].set_ylabel(_ERROR_LABEL)
-    axes[0].legend(fontsize=8, title=rf"$\tau = {tau:g}$", title_fontsize=8)
+    _legend(axes, ncol=len(estimators), title=rf"$\tau = {tau:g}$")
     return axes
 
 
@@ -87,13 +108,13 @@ def plot_tau_sweep(
     axes: Optional[Sequence[plt.Axes]] = None,
 ) -> Sequence[plt.Axes]:
     """Relative error at the given iterations against ``tau`` (log-log), one panel per batch size:
-    a line per estimator and iteration (solid for the last iteration, dashed for earlier ones)."""
+    a line per estimator and iteration (solid for the last iteration, dashed for earlier ones).
+
+    Without ``axes``, the panels span the book's column and the legend sits below them."""
     if batch_sizes is None:
         batch_sizes = _values(curves, "batch_size", corpus=corpus)
     if axes is None:
-        _, axes = plt.subplots(1, len(batch_sizes), figsize=(4.2 * len(batch_sizes), 3.4),
-                               sharey=True, squeeze=False)
-        axes = axes[0]
+        axes = _panels(len(batch_sizes), ROW_HEIGHT + 0.6, sharey=True)
     if len(axes) != len(batch_sizes):
         raise ValueError(f"got {len(axes)} axes for {len(batch_sizes)} batch sizes")
     iterations = sorted(iterations)
@@ -109,11 +130,11 @@ def plot_tau_sweep(
                         linestyle=dashes[it], label=f"{name}, $t = {it}$")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(f"batch size {b}", fontsize=10)
+        ax.set_title(f"batch size {b}")
         ax.set_xlabel(r"$\tau$")
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel(_ERROR_LABEL)
-    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    _legend(axes, ncol=len(estimators))
     return axes
 
 
@@ -127,7 +148,9 @@ def plot_noise_kurtosis(
     bins: int = 40,
 ) -> Sequence[plt.Axes]:
     """Histograms (log-spaced bins) of the per-coordinate kurtosis of the mini-batch noise, one
-    step line per batch size, in one panel per group of parameters; Gaussian noise has 3."""
+    step line per batch size, in one panel per group of parameters; Gaussian noise has 3.
+
+    Without ``axes``, the panels span the book's column and the legend sits below them."""
     if panels is None:
         panels = {"embedding and decoder": ("embedding", "decoder"),
                   "transformer layers": ("transformer layers",)}
@@ -135,8 +158,7 @@ def plot_noise_kurtosis(
     if not batch_sizes:
         raise ValueError(f"no kurtosis for corpus {corpus!r}")
     if axes is None:
-        _, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), squeeze=False)
-        axes = axes[0]
+        axes = _panels(len(panels), ROW_HEIGHT + 0.3)
     if len(axes) != len(panels):
         raise ValueError(f"got {len(axes)} axes for {len(panels)} panels")
     values = {}
@@ -155,25 +177,29 @@ def plot_noise_kurtosis(
                     weights=np.full(len(v), 1.0 / len(v)), label=f"batch size {b}")
         ax.axvline(3.0, color="black", linestyle="--", linewidth=1, label="Gaussian (3)")
         ax.set_xscale("log")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel(r"kurtosis $\mathbb{E}[\xi_i^4] / \mathbb{E}[\xi_i^2]^2$ of a coordinate")
+        ax.set_title(title)
+        ax.set_xlabel(r"kurtosis $\mathbb{E}[\xi_i^4] / \mathbb{E}[\xi_i^2]^2$")
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel("fraction of coordinates")
-    axes[-1].legend(fontsize=8)
+    _legend(axes, ncol=len(batch_sizes) + 1)
     return axes
 
 
-def plot_zipf(counts: torch.Tensor, ax: Optional[plt.Axes] = None, *, label: str = "corpus") -> plt.Axes:
-    """Word frequency against frequency rank (log-log), with the Zipf line ``p_k ∝ 1/k`` through rank 1."""
+def plot_zipf(counts: torch.Tensor, ax: Optional[plt.Axes] = None, *, label: str = "corpus",
+              color: str = "tab:blue", reference: bool = True) -> plt.Axes:
+    """Word frequency against frequency rank (log-log), with the Zipf line ``p_k ∝ 1/k`` through
+    rank 1 (``reference=False`` leaves it out: several corpora on one axes, one line each)."""
     if ax is None:
-        _, ax = plt.subplots(figsize=(4.5, 3.4))
+        _, ax = plt.subplots(figsize=(0.6 * COLUMN_WIDTH, ROW_HEIGHT), layout="constrained")
     freq = torch.sort(counts.double(), descending=True).values
     freq = (freq[freq > 0] / freq.sum()).numpy()
     rank = np.arange(1, len(freq) + 1)
-    ax.loglog(rank, freq, color="tab:blue", linewidth=1.5, label=label)
-    ax.loglog(rank, freq[0] / rank, color="black", linestyle="--", linewidth=1, label=r"$p_k \propto 1/k$")
+    ax.loglog(rank, freq, color=color, linewidth=1.5, label=label)
+    if reference:
+        ax.loglog(rank, freq[0] / rank, color=color, linestyle="--", linewidth=1,
+                  label=rf"$p_k \propto 1/k$ ({label})")
     ax.set_xlabel("frequency rank $k$")
     ax.set_ylabel("relative frequency $p_k$")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend()
     return ax
