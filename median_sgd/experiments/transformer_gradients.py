@@ -182,7 +182,8 @@ def mean_gradient(
         loss = model.loss(segments[:, :-1], segments[:, 1:])
         grad = parameters_to_vector(torch.autograd.grad(loss, params))
         return loss.detach(), grad
-    total_loss, total = 0.0, None
+    total_loss: torch.Tensor | float = 0.0
+    total: Optional[torch.Tensor] = None
     for start in range(0, n, chunk):
         part = segments[start:start + chunk]
         loss = model.loss(part[:, :-1], part[:, 1:])
@@ -190,6 +191,7 @@ def mean_gradient(
         total = g if total is None else total + g
         total_loss = total_loss + loss.detach().double() * (part.shape[0] / n)
     dtype = params[0].dtype
+    assert isinstance(total_loss, torch.Tensor) and total is not None  # n >= 1: one chunk ran
     return total_loss.to(dtype), total.to(dtype)
 
 
@@ -324,7 +326,7 @@ def run(
                 with value_checks(False):  # inputs are finite by construction; no host syncs
                     for t in range(cfg.iterations):
                         g = minibatch_gradient(model, segments[batches[t]], cfg.chunk)
-                        if t < keep:
+                        if kept is not None and t < keep:
                             kept[t] = g
                         delta = (g - g_hat).double()
                         noise[t] = torch.linalg.vector_norm(delta) / g_norm
@@ -347,7 +349,7 @@ def run(
                         })
                 result.noise.append({"corpus": corpus_name, "batch_size": batch_size, "seed": seed,
                                      "noise": noise.tolist()})
-                if keep:
+                if kept is not None:
                     estimates = {
                         "mean": kept.mean(dim=0),
                         "coordinate median": coordinate_median(kept),

@@ -103,8 +103,8 @@ def plot_lp_tradeoff(records: List[dict], *, rule: str, axes: Optional[Sequence[
     spanning the book's column, each with its own scales."""
     noises = list(dict.fromkeys(r["noise"] for r in records)) if noises is None else list(noises)
     if axes is None:
-        rows = math.ceil(len(noises) / 2)
-        _, grid = plt.subplots(rows, 2, figsize=(COLUMN_WIDTH, 2.3 * rows + 0.5), squeeze=False,
+        n_rows = math.ceil(len(noises) / 2)
+        _, grid = plt.subplots(n_rows, 2, figsize=(COLUMN_WIDTH, 2.3 * n_rows + 0.5), squeeze=False,
                                layout="constrained")
         for ax in grid.ravel()[len(noises):]:
             ax.set_visible(False)
@@ -130,9 +130,10 @@ def plot_lp_tradeoff(records: List[dict], *, rule: str, axes: Optional[Sequence[
         ax.grid(True, which="major", alpha=0.3)
         ax.margins(x=0.12, y=0.12)
     for ax in axes:
-        if ax.get_subplotspec().is_last_row() or ax is axes[-1]:
+        spec = ax.get_subplotspec()
+        if spec is None or spec.is_last_row() or ax is axes[-1]:
             ax.set_xlabel("iterations to the threshold")
-        if ax.get_subplotspec().is_first_col():
+        if spec is None or spec.is_first_col():
             ax.set_ylabel("final error (median)")
     from matplotlib.lines import Line2D
 
@@ -156,9 +157,9 @@ def plot_batch_size(records: List[dict], *, axes: Optional[Sequence[plt.Axes]] =
     Without ``axes`` the panels span the book's column and one legend sits below them."""
     inv_alphas = sorted({r["inv_alpha"] for r in records})
     if axes is None:
-        _, axes = plt.subplots(1, len(inv_alphas), figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.7),
+        _, grid = plt.subplots(1, len(inv_alphas), figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.7),
                                sharey=True, squeeze=False, layout="constrained")
-        axes = axes[0]
+        axes = grid[0]
     lines = {"mean": "-", "coordinate median": "--"}
     for ax, inv_alpha in zip(axes, inv_alphas):
         for est in estimators:

@@ -191,8 +191,8 @@ def plot_zipf(counts: torch.Tensor, ax: Optional[plt.Axes] = None, *, label: str
     rank 1 (``reference=False`` leaves it out: several corpora on one axes, one line each)."""
     if ax is None:
         _, ax = plt.subplots(figsize=(0.6 * COLUMN_WIDTH, ROW_HEIGHT), layout="constrained")
-    freq = torch.sort(counts.double(), descending=True).values
-    freq = (freq[freq > 0] / freq.sum()).numpy()
+    sorted_counts = torch.sort(counts.double(), descending=True).values
+    freq = (sorted_counts[sorted_counts > 0] / sorted_counts.sum()).numpy()
     rank = np.arange(1, len(freq) + 1)
     ax.loglog(rank, freq, color=color, linewidth=1.5, label=label)
     if reference:
