@@ -842,7 +842,8 @@ class Clip21(Optimizer):
             with torch.autocast(device_type, dtype=torch.float16):
                 loss = loss_fn(model, batch)
             scaler.scale(loss).backward()
-            scaler.step(opt.worker(i))         # unscale, check, worker_step(i) unless Inf/NaN
+            # unscale, check, then worker_step(i) unless Inf/NaN:
+            scaler.step(opt.worker(i))
             scaler.update()
         opt.step()
 

@@ -31,7 +31,14 @@ def glue(name: str, value: Any, display: bool = False) -> Any:
         return value
     if get_ipython() is None:
         return value
-    mimebundle, metadata = format_display_data(value)
+    # A numpy or one-element torch scalar is glued as the Python number it holds: its repr
+    # ("np.float64(0.5)", "tensor(0.5)") is not a number myst-nb's `{glue:text}`k:.2f`` can format.
+    shown = value
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        shown = value.item()
+    elif type(value).__module__.startswith("torch") and hasattr(value, "numel") and value.numel() == 1:
+        shown = value.item()
+    mimebundle, metadata = format_display_data(shown)
     mime_prefix = "" if display else _GLUE_PREFIX
     metadata["scrapbook"] = dict(name=name, mime_prefix=mime_prefix)
     ipy_display({mime_prefix + k: v for k, v in mimebundle.items()}, raw=True, metadata=metadata)
