@@ -1,4 +1,4 @@
-"""The loader of the benchmark results (benchmarks/results/*.json) and the figures of chapter 14."""
+"""The loader of the benchmark results (benchmarks/results/*.json) and the figures of the chapter "How fast is a median?"."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The figures of chapter 13 (plotting.scaling_out), on small synthetic records."""
+"""The figures of the chapter "Scaling out" (plotting.scaling_out), on small synthetic records."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Scaling out: DDP training through a Byzantine rank with robust communication hooks (chapter 13).
+"""Scaling out: DDP training through a Byzantine rank with robust communication hooks (the chapter "Scaling out").
 
 ``run(config)`` starts ``world_size`` processes on this machine (``torch.multiprocessing`` spawn,
 ``gloo`` on the CPU or ``nccl`` with one GPU per rank), and in them:

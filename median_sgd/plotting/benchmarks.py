@@ -1,4 +1,4 @@
-"""Figures of chapter 14 ("How fast is a median?") and the loader of the benchmark results they draw.
+"""Figures of the chapter "How fast is a median?" and the loader of the benchmark results they draw.
 
 The numbers come from ``python -m benchmarks`` (the repository's ``benchmarks/`` package), which
 writes one JSON file per suite and device to ``benchmarks/results/``; the chapter draws the

@@ -1,4 +1,4 @@
-"""Figures of chapter 13 (scaling out: robust DDP communication hooks through a Byzantine rank)."""
+"""Figures of the chapter "Scaling out" (robust DDP communication hooks through a Byzantine rank)."""
 
 from __future__ import annotations
 
