@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["COLUMN_WIDTH", "ROW_HEIGHT", "book_style", "estimator_style"]
+__all__ = ["COLUMN_WIDTH", "ROW_HEIGHT", "book_style", "estimator_style", "figure_legend"]
 
 _COLORS = {
     "mean": "tab:red",
@@ -63,3 +63,28 @@ def book_style() -> None:
         return
     if get_ipython() is not None:
         set_matplotlib_formats("retina")
+
+
+def figure_legend(axes, ncol: int = 3, handles=None, labels=None, **kwargs) -> None:
+    """The book's one legend per figure: below the panels (``loc="outside lower center"``, so it
+    hides no data) when the figure has a constrained layout, else beside the last panel.
+
+    ``handles``/``labels`` default to the labelled artists of every panel, each label once (a line
+    drawn in only some panels still gets its entry); at most ``ncol`` columns, never more columns
+    than entries. Other keywords go to ``legend``.
+    """
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    axes = list(axes)
+    if handles is None:
+        seen: dict = {}
+        for ax in axes:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                seen.setdefault(label, handle)
+        handles, labels = list(seen.values()), list(seen)
+    fig = axes[0].figure
+    ncol = max(1, min(ncol, len(labels)))
+    if isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine):
+        fig.legend(handles, labels, loc="outside lower center", ncol=ncol, **kwargs)
+    else:
+        axes[-1].legend(handles, labels, loc="center left", bbox_to_anchor=(1.02, 0.5), **kwargs)

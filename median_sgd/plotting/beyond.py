@@ -8,7 +8,7 @@ from typing import Iterable, List, Optional, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style
+from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style, figure_legend
 
 __all__ = [
     "noise_style",
@@ -31,21 +31,6 @@ def noise_style(name: str) -> dict:
 
 def _p_label(p: float) -> str:
     return r"$\infty$" if math.isinf(p) else f"{p:g}"
-
-
-def _figure_legend(axes: Sequence[plt.Axes], ncol: int, handles=None, labels=None, **kwargs) -> None:
-    """One legend for the figure: below the panels with a constrained layout, else beside the
-    last panel."""
-    from matplotlib.layout_engine import ConstrainedLayoutEngine
-
-    axes = list(axes)
-    fig = axes[0].figure
-    if handles is None:
-        handles, labels = axes[0].get_legend_handles_labels()
-    if isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine):
-        fig.legend(handles, labels, loc="outside lower center", ncol=ncol, **kwargs)
-    else:
-        axes[-1].legend(handles, labels, loc="center left", bbox_to_anchor=(1.02, 0.5), **kwargs)
 
 
 def _rows(records: List[dict], **where) -> List[dict]:
@@ -144,7 +129,7 @@ def plot_lp_tradeoff(records: List[dict], *, rule: str, axes: Optional[Sequence[
         handles.append(Line2D([], [], linestyle="none", marker="o", markersize=6, color="0.3",
                               markerfacecolor="white"))
         labels.append(f"never (drawn at {steps})")
-    _figure_legend(axes, ncol=min(len(labels), 4), handles=handles, labels=labels)
+    figure_legend(axes, ncol=4, handles=handles, labels=labels)
     return axes
 
 
@@ -179,7 +164,7 @@ def plot_batch_size(records: List[dict], *, axes: Optional[Sequence[plt.Axes]] =
         ax.set_xlabel("samples per iteration $n$")
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel("final relative error (median)")
-    _figure_legend(axes, ncol=len(estimators))
+    figure_legend(axes, len(estimators), *axes[0].get_legend_handles_labels())
     return axes
 
 

@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ._style import COLUMN_WIDTH, ROW_HEIGHT
+from ._style import COLUMN_WIDTH, ROW_HEIGHT, figure_legend
 from .bgmd import method_style
 
 __all__ = ["memory_style", "plot_memory_errors", "plot_memory_curves", "plot_memory_training"]
@@ -32,18 +32,6 @@ def memory_style(name: str) -> dict:
 
 def _names(records: List[dict]) -> List[str]:
     return list(dict.fromkeys(r["method"] for r in records))
-
-
-def _legend(axes, ncol: int = 3) -> None:
-    """One legend for all panels: below them with a constrained layout, else beside the last."""
-    from matplotlib.layout_engine import ConstrainedLayoutEngine
-
-    fig = axes[0].figure
-    handles, labels = axes[0].get_legend_handles_labels()
-    if isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine):
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(ncol, len(labels)))
-    else:
-        axes[-1].legend(handles, labels, loc="center left", bbox_to_anchor=(1.02, 0.5))
 
 
 def _grid(panels: int, row_height: float = ROW_HEIGHT, **kw):
@@ -79,7 +67,7 @@ def plot_memory_errors(final: List[dict], axes: Optional[Sequence[plt.Axes]] = N
         ax.set_title(rf"noise $\sigma = {sigma:g}$")
         ax.grid(True, which="major", alpha=0.3)
     panels[0].set_ylabel("relative error of the\naverage update")
-    _legend(panels)
+    figure_legend(panels, 3, *panels[0].get_legend_handles_labels())
     return panels
 
 
@@ -108,7 +96,7 @@ def plot_memory_curves(curves: List[dict], sigma: float, axes: Optional[Sequence
             ax.set_ylabel("relative error of the\naverage update")
         if ax.get_subplotspec() is not None and not ax.get_subplotspec().is_last_row():
             ax.set_xlabel("")
-    _legend(panels)
+    figure_legend(panels, 3, *panels[0].get_legend_handles_labels())
     return panels
 
 
@@ -141,5 +129,5 @@ def plot_memory_training(records: List[dict], axes: Optional[Sequence[plt.Axes]]
     for ax in panels:
         if ax.get_subplotspec() is None or ax.get_subplotspec().is_first_col():
             ax.set_ylabel("test accuracy")
-    _legend(panels, ncol=2)
+    figure_legend(panels, 2, *panels[0].get_legend_handles_labels())
     return panels

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
-from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style
+from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style, figure_legend
 
 __all__ = ["training_style", "plot_training_curves", "plot_sweep"]
 
@@ -84,19 +84,8 @@ def plot_training_curves(
             ax.set_ylim(*ylim)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel(_LABELS.get(metric, metric))
-    _figure_legend(axes)
+    figure_legend(axes, frameon=False)
     return axes
-
-
-def _figure_legend(axes: Sequence[plt.Axes], ncol: int = 3) -> None:
-    """One legend below the panels, with every label of every panel once (outside the data:
-    ``loc="outside lower center"``, which needs a figure with ``layout="constrained"``)."""
-    handles: dict[str, Any] = {}
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-    axes[0].figure.legend(list(handles.values()), list(handles.keys()),
-                          loc="outside lower center", ncol=min(ncol, len(handles)), frameon=False)
 
 
 def plot_sweep(
@@ -141,5 +130,5 @@ def plot_sweep(
         ax.set_xlabel("value / default" if relative_to is not None else "value")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("final test accuracy" if metric == "accuracy_mean" else metric)
-    _figure_legend(axes, ncol=2)  # some lines are not in every panel
+    figure_legend(axes, ncol=2, frameon=False)  # some lines are not in every panel
     return axes

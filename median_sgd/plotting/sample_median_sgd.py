@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
-from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style
+from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style, figure_legend
 
 __all__ = [
     "plot_stationary_spread",
@@ -28,17 +28,6 @@ _GM_STYLES = {
     "SPP, tau0/p": {"color": "tab:green", "marker": "P", "linestyle": "-"},
     "SGD, tau0/p": {"color": "yellowgreen", "marker": "+", "linestyle": "--"},
 }
-
-
-def _legend_below(axes: Sequence[plt.Axes], ncol: int) -> None:
-    """One legend for the figure, under its panels (outside the data: ``loc="outside lower
-    center"``, which needs ``layout="constrained"``), each label of every panel once."""
-    handles: dict[str, Any] = {}
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-    axes[0].figure.legend(list(handles.values()), list(handles.keys()),
-                          loc="outside lower center", ncol=min(ncol, len(handles)), frameon=False)
 
 
 def _one_axes(ax: Optional[plt.Axes], height: float) -> plt.Axes:
@@ -113,7 +102,7 @@ def plot_stationary_spread(
     for i, ax in enumerate(axes):
         if i % 2 == 0:
             ax.set_ylabel(r"median $|e_T|$, $h = h_{\min}$")
-    _legend_below(axes, ncol=2)
+    figure_legend(axes, ncol=2, frameon=False)
     return axes
 
 
@@ -147,7 +136,7 @@ def plot_sgd_final_error(
     ax.set_xlabel(r"$1/\alpha$ (heavier tails to the right)")
     ax.set_ylabel(r"final $\|w_T - w^\star\|_2$")
     ax.grid(True, which="major", alpha=0.3)
-    _legend_below([ax], ncol=3)
+    figure_legend([ax], ncol=3, frameon=False)
     return ax
 
 
@@ -190,7 +179,7 @@ def plot_sgd_curves(
         ax.set_title(rf"$\alpha = {alpha:g}$")
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel(r"$\|w_t - w^\star\|_2$")
-    _legend_below(axes, ncol=4)
+    figure_legend(axes, ncol=4, frameon=False)
     return axes
 
 
@@ -216,7 +205,7 @@ def plot_sample_size(records: List[dict], ax: Optional[plt.Axes] = None) -> plt.
     ax.set_xlabel("samples per step $n = 2k + 1$")
     ax.set_ylabel(r"final $\|w_T - w^\star\|_2$")
     ax.grid(True, which="major", alpha=0.3)
-    _legend_below([ax], ncol=2)
+    figure_legend([ax], ncol=2, frameon=False)
     return ax
 
 
@@ -253,7 +242,7 @@ def plot_skew_fixed_points(
     ax.set_xlabel("samples per step $n$")
     ax.set_ylabel(r"$h_j (\bar w_j - w^\star_j) / \sigma_0$")
     ax.grid(True, which="major", alpha=0.3)
-    _legend_below([ax], ncol=2)
+    figure_legend([ax], ncol=2, frameon=False)
     return ax
 
 
@@ -274,5 +263,5 @@ def plot_gm_passes(records: List[dict], ax: Optional[plt.Axes] = None, *, floor:
     ax.set_xlabel("passes over the sample (Weiszfeld: iterations)")
     ax.set_ylabel(r"$(f(m) - f^\star) / f^\star$")
     ax.grid(True, which="major", alpha=0.3)
-    _legend_below([ax], ncol=3)
+    figure_legend([ax], ncol=3, frameon=False)
     return ax

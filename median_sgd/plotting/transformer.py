@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style
+from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style, figure_legend
 
 __all__ = [
     "summarize_curves",
@@ -26,19 +26,6 @@ def _panels(n: int, height: float = ROW_HEIGHT, **kwargs) -> Sequence[plt.Axes]:
     _, axes = plt.subplots(1, n, figsize=(COLUMN_WIDTH, height), squeeze=False,
                            layout="constrained", **kwargs)
     return list(axes[0])
-
-
-def _legend(axes: Sequence[plt.Axes], ncol: int, **kwargs) -> None:
-    """One legend for the figure: below the panels with a constrained layout (nothing hidden),
-    else beside the last panel."""
-    from matplotlib.layout_engine import ConstrainedLayoutEngine
-
-    fig = axes[0].figure
-    handles, labels = axes[0].get_legend_handles_labels()
-    if isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine):
-        fig.legend(handles, labels, loc="outside lower center", ncol=ncol, **kwargs)
-    else:
-        axes[-1].legend(handles, labels, loc="center left", bbox_to_anchor=(1.02, 0.5), **kwargs)
 
 
 def summarize_curves(curves: List[dict], **where) -> Dict[str, np.ndarray]:
@@ -94,7 +81,7 @@ def plot_estimation_error(
         ax.set_xlabel("iteration $t$")
         ax.grid(True, which="both", alpha=0.25)
     axes[0].set_ylabel(_ERROR_LABEL)
-    _legend(axes, ncol=len(estimators), title=rf"$\tau = {tau:g}$")
+    figure_legend(axes, len(estimators), *axes[0].get_legend_handles_labels(), title=rf"$\tau = {tau:g}$")
     return axes
 
 
@@ -134,7 +121,7 @@ def plot_tau_sweep(
         ax.set_xlabel(r"$\tau$")
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel(_ERROR_LABEL)
-    _legend(axes, ncol=len(estimators))
+    figure_legend(axes, len(estimators), *axes[0].get_legend_handles_labels())
     return axes
 
 
@@ -181,7 +168,7 @@ def plot_noise_kurtosis(
         ax.set_xlabel(r"kurtosis $\mathbb{E}[\xi_i^4] / \mathbb{E}[\xi_i^2]^2$")
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel("fraction of coordinates")
-    _legend(axes, ncol=len(batch_sizes) + 1)
+    figure_legend(axes, len(batch_sizes) + 1, *axes[0].get_legend_handles_labels())
     return axes
 
 
