@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import torch
+
 __all__ = ["glue"]
 
 # myst_nb.ext.glue.GLUE_PREFIX: the mime-type prefix of a value glued without being displayed.
@@ -33,11 +36,8 @@ def glue(name: str, value: Any, display: bool = False) -> Any:
         return value
     # A numpy or one-element torch scalar is glued as the Python number it holds: its repr
     # ("np.float64(0.5)", "tensor(0.5)") is not a number myst-nb's `{glue:text}`k:.2f`` can format.
-    shown = value
-    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        shown = value.item()
-    elif type(value).__module__.startswith("torch") and hasattr(value, "numel") and value.numel() == 1:
-        shown = value.item()
+    scalar = isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+    shown = value.item() if scalar else value
     mimebundle, metadata = format_display_data(shown)
     mime_prefix = "" if display else _GLUE_PREFIX
     metadata["scrapbook"] = dict(name=name, mime_prefix=mime_prefix)
