@@ -147,3 +147,55 @@ def check_choice(value, name: str, choices) -> str:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
     return value
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """A hyperparameter of the wrong type (a bool, a string, None where a number is needed).
+
+    A ``TypeError`` as Python's convention asks, and a ``ValueError`` too, because earlier
+    versions raised ``ValueError`` for some of these and callers may catch that.
+    """
+
+
+def _bound(lo, hi, lo_open: bool, hi_open: bool) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return ""
+
+
+def check_real(
+    x,
+    name: str,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    integer: bool = False,
+) -> float | int:
+    """A finite Python real number (``integer=True``: an integer) with ``lo <= x <= hi``.
+
+    ``lo_open``/``hi_open`` make a bound strict (``lo=0, lo_open=True`` is ``x > 0``). Returns
+    ``float(x)`` (``int(x)`` for integers). Bools are rejected (``True`` is not a step size); so
+    are tensors: hyperparameters are plain numbers, checked without a host synchronisation.
+    Wrong types raise :class:`ArgumentTypeError`, values out of range ``ValueError``; both
+    messages name the argument and the allowed range.
+    """
+    kind = "an integer" if integer else "a finite number"
+    bound = _bound(lo, hi, lo_open, hi_open)
+    wanted = f"{name} must be {kind}{' ' + bound if bound else ''}"
+    want_type = numbers.Integral if integer else numbers.Real
+    if isinstance(x, bool) or not isinstance(x, want_type):
+        raise ArgumentTypeError(f"{wanted}, got {x!r} ({type(x).__name__})")
+    value: float | int = int(x) if integer else float(x)
+    if not math.isfinite(value):
+        raise ValueError(f"{wanted}, got {x!r}")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ValueError(f"{wanted}, got {x!r}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise ValueError(f"{wanted}, got {x!r}")
+    return value

@@ -347,3 +347,32 @@ def test_value_checks_are_per_thread():
         t.start()
         t.join()
     assert seen["raised"] is True
+
+
+def test_check_real_bounds_types_and_messages():
+    from median_sgd._checks import ArgumentTypeError, check_real
+
+    assert check_real(3, "tau", 0, lo_open=True) == 3.0
+    assert isinstance(check_real(3, "tau", 0, lo_open=True), float)
+    assert check_real(0, "trim", 0, 0.5, hi_open=True) == 0.0
+    assert check_real(4, "max_iter", 1, integer=True) == 4
+    assert isinstance(check_real(4, "max_iter", 1, integer=True), int)
+    with pytest.raises(ValueError, match=r"tau must be a finite number > 0, got 0"):
+        check_real(0, "tau", 0, lo_open=True)
+    with pytest.raises(ValueError, match=r"trim must be a finite number in \[0, 0.5\), got 0.5"):
+        check_real(0.5, "trim", 0, 0.5, hi_open=True)
+    with pytest.raises(ValueError, match=r"<= 1"):
+        check_real(1.5, "p", hi=1)
+    with pytest.raises(ValueError, match="finite"):
+        check_real(float("nan"), "eps")
+    with pytest.raises(ValueError, match="finite"):
+        check_real(float("inf"), "eps", 0)
+    for bad in (True, "1", None, torch.tensor(1.0)):
+        with pytest.raises(TypeError, match="eps must be"):
+            check_real(bad, "eps", 0)
+        with pytest.raises(ArgumentTypeError):
+            check_real(bad, "eps", 0)
+    with pytest.raises(ValueError, match="an integer >= 1"):
+        check_real(2.0, "max_iter", 1, integer=True)  # ArgumentTypeError is a ValueError too
+    with pytest.raises(ValueError, match="an integer >= 1, got 0"):
+        check_real(0, "max_iter", 1, integer=True)
