@@ -191,7 +191,7 @@ def check_real(
     want_type = numbers.Integral if integer else numbers.Real
     if isinstance(x, bool) or not isinstance(x, want_type):
         raise ArgumentTypeError(f"{wanted}, got {x!r} ({type(x).__name__})")
-    value: float | int = int(x) if integer else float(x)
+    value: float | int = int(x) if integer else float(x)  # type: ignore[call-overload]
     if not math.isfinite(value):
         raise ValueError(f"{wanted}, got {x!r}")
     if lo is not None and (value < lo or (lo_open and value == lo)):
