@@ -32,7 +32,7 @@ def prox_l1(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     """Soft thresholding: ``prox_{tau ||.||_1}(v)_i = sign(v_i) max(|v_i| - tau, 0)``."""
     check_vector(v, "v")
     tau = check_tau(tau, v)
-    return torch.sign(v) * torch.clamp_min(v.abs() - _in_range(tau, v.dtype), 0.0)
+    return torch.sign(v) * torch.clamp_min(v.abs() - radius_in_range(tau, v.dtype), 0.0)
 
 
 def prox_l2(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
@@ -49,7 +49,7 @@ def prox_sq(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     """Shrinkage: ``prox_{tau ||.||^2 / 2}(v) = v / (1 + tau)``."""
     check_vector(v, "v")
     tau = check_tau(tau, v)
-    return v / (1.0 + _in_range(tau, v.dtype))
+    return v / (1.0 + radius_in_range(tau, v.dtype))
 
 
 def clip_l1(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
@@ -112,7 +112,7 @@ def _power_of_two_scale(a: torch.Tensor, tiny: bool) -> torch.Tensor:
     return s if tiny else s.clamp(max=1.0)
 
 
-def _in_range(tau: Scalar, dtype: torch.dtype) -> Scalar:
+def radius_in_range(tau: Scalar, dtype: torch.dtype) -> Scalar:
     """A Python ``tau`` above the largest value of ``dtype`` becomes what it rounds to there (inf).
 
     PyTorch refuses to convert such a number into a tensor's dtype (``RuntimeError``); as a
@@ -135,26 +135,41 @@ def _times(v: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 def _clip_l1(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     if isinstance(tau, float):
-        tau = _in_range(tau, v.dtype)
+        tau = radius_in_range(tau, v.dtype)
         return torch.clamp(v, -tau, tau)  # type: ignore[arg-type]  # a float: clamp takes numbers
     return torch.minimum(torch.maximum(v, -tau), tau)  # type: ignore[arg-type]  # a tensor here
 
 
-def _clip_l2(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
-    norm, scale, vs = l2_norm(v)
+def l2_step_weight(norm: torch.Tensor, scale: Optional[torch.Tensor], tau: Scalar, *,
+                   clip: bool = True, of_scaled: bool = False) -> torch.Tensor:
+    """The weight ``f`` of the step ``f v`` along ``v`` with ``||v||_2 = norm / scale`` (:func:`l2_norm`).
+
+    ``clip=True``: ``tau / max(tau, ||v||)`` (:func:`clip_l2`: exactly 1 inside the ball);
+    ``clip=False``: ``tau / ||v||``, and 0 where ``v = 0`` (a step of length ``tau`` along ``v``,
+    the subgradient 0 chosen at the kink). With ``of_scaled`` the weight applies to the scaled
+    vector ``v scale`` instead, so it never leaves the range (``tau / ||v||`` itself can be below
+    the smallest normal number when ``||v||`` overflows). The one clipping rule of the package:
+    :func:`clip_l2`, the estimators' ``"l2"`` steps and Clip21 use it.
+    """
     if scale is None:
-        # 1 where ||v|| <= tau (exactly: no rounding inside the ball), tau / ||v|| outside.
+        if not clip:
+            return torch.where(norm > 0, torch.div(tau, norm), torch.zeros_like(norm))
         # torch.div, not ``tau / tensor``: for a Python number PyTorch evaluates the latter as
         # ``tensor.reciprocal() * tau``, which is not exactly tau / ||v||.
-        if isinstance(tau, float) and tau <= torch.finfo(norm.dtype).max:
-            factor = torch.div(tau, norm.clamp_min(tau))
-        else:  # a tau beyond the dtype's range is inf there, and inf / inf is NaN
-            factor = torch.where(norm <= tau, 1.0, torch.div(tau, norm))
-        return _times(v, factor, v.dtype)
-    # ||v|| = norm / scale: the factor applies to vs = v scale, so it never leaves the range
-    # (tau / ||v|| itself can be below the smallest normal number when ||v|| overflows).
-    factor = torch.where(norm <= tau * scale, 1.0 / scale, torch.div(tau, norm))
-    return _times(vs, factor, v.dtype)
+        if not isinstance(tau, torch.Tensor) and tau <= torch.finfo(norm.dtype).max:
+            return torch.div(tau, norm.clamp_min(tau))
+        return torch.where(norm <= tau, 1.0, torch.div(tau, norm))  # inf / inf would be NaN
+    ratio = torch.div(tau, norm)  # tau / ||v scale||: in range, the scaled norm is ~2**32
+    if clip:
+        inside = norm <= tau * scale
+        return torch.where(inside, 1.0 / scale if of_scaled else 1.0, ratio if of_scaled else ratio * scale)
+    return torch.where(norm > 0, ratio if of_scaled else ratio * scale, 0.0)
+
+
+def _clip_l2(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
+    norm, scale, vs = l2_norm(v)
+    # 1 where ||v|| <= tau (exactly: no rounding inside the ball), tau / ||v|| outside
+    return _times(vs, l2_step_weight(norm, scale, tau, of_scaled=True), v.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

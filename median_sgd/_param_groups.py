@@ -1,0 +1,176 @@
+"""Parameter groups of the optimizers in :mod:`median_sgd.optim`: checking, filling, loading.
+
+The options are plain Python values: checking them costs no synchronisation, so every step
+re-checks them, and a group edited by hand or loaded from a state dict is held to the same
+rules as the constructor's arguments. One :class:`GroupRules` per optimizer names its keys,
+the defaults of options added after a state dict was saved, and the check of one group.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.optimizer import required
+
+from ._checks import check_real
+from ._numerics import host_reads_are_free
+
+__all__ = ["GroupRules", "validated", "check_lr", "lr_value", "nonnegative", "check_flag",
+           "check_foreach", "add_group_validated", "load_validated", "fill_optional",
+           "first_nonfinite_group", "effective_grads"]
+
+# Stand-ins for ``required`` defaults while validating the rest of the constructor's options.
+PLACEHOLDER = {"lr": 0.0, "tau": 1.0, "n_workers": 1}
+
+
+def nonnegative(value, name: str) -> float:
+    """A finite real number ``>= 0``."""
+    return check_real(value, name, lo=0.0)
+
+
+def check_lr(lr) -> None:
+    """``lr``: a real number ``>= 0`` or a one-element floating tensor (as torch.optim accepts).
+
+    A tensor's value is checked only where reading it costs nothing (on the CPU): on a GPU it
+    would be a host synchronisation, and a tensor lr is there for CUDA graphs and schedulers.
+    """
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        if not lr.is_floating_point():
+            raise TypeError(f"a tensor lr must have a real floating dtype, got {lr.dtype}")
+        if host_reads_are_free(lr):
+            nonnegative(float(lr), "lr")
+        return
+    nonnegative(lr, "lr")
+
+
+def lr_value(lr):
+    """A Python float for a number or a CPU tensor (reading it is free); a device tensor as is."""
+    if isinstance(lr, torch.Tensor):
+        return float(lr) if host_reads_are_free(lr) else lr.reshape(())
+    return float(lr)
+
+
+def check_flag(group: dict, name: str) -> None:
+    if not isinstance(group[name], bool):
+        raise TypeError(f"{name} must be a bool, got {group[name]!r}")
+
+
+def check_foreach(group: dict) -> None:
+    if group["foreach"] is not None and not isinstance(group["foreach"], bool):
+        raise TypeError(f"foreach must be None or a bool, got {group['foreach']!r}")
+
+
+def validated(check: Callable[[dict], None], group: dict, keys: Sequence[str], cls: str,
+              index: Optional[int], *, constructing: bool = False) -> None:
+    """Run ``check(group)`` after making sure the group has every key ``cls`` uses.
+
+    Errors name the group (``parameter group 2: unknown div 'l3' ...``). While constructing,
+    the defaults may hold ``required`` (lr, tau): torch asks each group for them.
+    """
+    missing = [k for k in keys if k not in group]
+    where = "the defaults" if constructing else (
+        "a parameter group" if index is None else f"parameter group {index}")
+    if missing:
+        raise ValueError(
+            f"{where} lacks {', '.join(map(repr, missing))}: not a {cls} parameter group "
+            f"(a state dict of another optimizer?)"
+        )
+    if constructing:
+        group = {k: (v if v is not required else PLACEHOLDER[k]) for k, v in group.items()}
+    try:
+        check(group)
+    except (TypeError, ValueError) as e:
+        if constructing:
+            raise
+        raise type(e)(f"{where}: {e}") from None
+
+
+class GroupRules:
+    """One optimizer's group options: ``keys`` (all), ``optional`` (what a saved group without
+    them did before they existed) and ``check(group)`` (raises on a bad option)."""
+
+    def __init__(self, cls: str, keys: Sequence[str], optional: Dict[str, object],
+                 check: Callable[[dict], None]) -> None:
+        self.cls, self.keys, self.optional, self.check = cls, tuple(keys), optional, check
+
+    def validate(self, group: dict, index: Optional[int] = None) -> None:
+        validated(self.check, group, self.keys, self.cls, index)
+
+    def validate_defaults(self, defaults: dict) -> None:
+        validated(self.check, defaults, self.keys, self.cls, None, constructing=True)
+
+
+def check_params(group: dict, name: str) -> None:
+    for p in group["params"]:
+        if not p.is_floating_point():
+            raise TypeError(f"{name} needs real floating-point parameters, got {p.dtype}")
+
+
+def add_group_validated(opt: Optimizer, param_group: dict, validate) -> None:
+    """``Optimizer.add_param_group``, but a group that fails ``validate`` is not kept.
+
+    torch fills in the defaults and appends in one go; a rejected group must not stay behind
+    to be moved by the next ``step()``.
+    """
+    count = len(opt.param_groups)
+    Optimizer.add_param_group(opt, param_group)
+    if len(opt.param_groups) > count:
+        try:
+            validate(opt.param_groups[-1], len(opt.param_groups) - 1)
+            check_params(opt.param_groups[-1], type(opt).__name__)
+        except BaseException:
+            opt.param_groups.pop()
+            raise
+
+
+def load_validated(opt: Optimizer, state_dict: dict, finish) -> None:
+    """``Optimizer.load_state_dict``, then ``finish()`` (fill, validate); on error nothing changes."""
+    before = {"state": opt.state, "param_groups": opt.param_groups}
+    Optimizer.load_state_dict(opt, state_dict)
+    try:
+        finish()
+    except BaseException:
+        Optimizer.__setstate__(opt, before)
+        raise
+
+
+def fill_optional(groups: Sequence[dict], optional: Dict[str, object]) -> None:
+    """Options added after a state dict was saved get the value they had before they existed."""
+    for group in groups:
+        for key, value in optional.items():
+            if key not in group:
+                group[key] = copy.deepcopy(value)
+
+
+def first_nonfinite_group(grads_per_group: Sequence[Tuple[int, List[torch.Tensor]]]) -> Optional[int]:
+    """One host synchronisation for all groups: the index of the first group whose gradients
+    hold NaN or Inf, or None."""
+    flags = []
+    for _, grads in grads_per_group:
+        per_tensor = [torch.isfinite(g).all() for g in grads]
+        device = per_tensor[0].device
+        flags.append(torch.stack([f.to(device) for f in per_tensor]).all())
+    device = flags[0].device
+    ok = torch.stack([f.to(device) for f in flags]).tolist()
+    for (index, _), fine in zip(grads_per_group, ok):
+        if not fine:
+            return index
+    return None
+
+
+def effective_grads(params: List[torch.Tensor], grads: List[torch.Tensor], *, maximize: bool,
+                    weight_decay: float, decoupled: bool, foreach: bool) -> List[torch.Tensor]:
+    """``-g`` for ``maximize``, ``+ weight_decay * w`` for coupled weight decay (new tensors)."""
+    if maximize:
+        grads = list(torch._foreach_neg(grads)) if foreach else [torch.neg(g) for g in grads]
+    if weight_decay != 0 and not decoupled:
+        if foreach:
+            grads = list(torch._foreach_add(grads, params, alpha=weight_decay))
+        else:
+            grads = [torch.add(g, p, alpha=weight_decay) for g, p in zip(grads, params)]
+    return grads
