@@ -503,6 +503,10 @@ class Clip21(Optimizer):
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):  # type: ignore[override]
         """The server's step ``w <- w - lr mean_i g_i``; returns ``closure()`` if given."""
         loss = _closure_loss(closure)
+        self._server_step()
+        return loss
+
+    def _server_step(self) -> None:
         for index, group in enumerate(self.param_groups):
             self._validate_group(group, index)
         for group in self.param_groups:
@@ -511,7 +515,6 @@ class Clip21(Optimizer):
                 state = self.state.get(p)
                 if state and "estimate" in state:
                     weight_step(p, state["estimate"], lr)
-        return loss
 
 
 class _Clip21Worker:
