@@ -9,7 +9,7 @@ the defaults of options added after a state dict was saved, and the check of one
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch.optim import Optimizer
@@ -18,9 +18,9 @@ from torch.optim.optimizer import required
 from ._checks import check_real
 from ._numerics import host_reads_are_free
 
-__all__ = ["GroupRules", "validated", "check_lr", "lr_value", "nonnegative", "check_flag",
-           "check_foreach", "add_group_validated", "load_validated", "fill_optional",
-           "first_nonfinite_group", "effective_grads"]
+__all__ = ["CheckedOptimizer", "GroupRules", "validated", "check_lr", "lr_value", "nonnegative",
+           "check_flag", "check_foreach", "check_step_tau", "add_group_validated", "load_validated",
+           "fill_optional", "first_nonfinite_group", "effective_grads", "grads_of", "closure_loss"]
 
 # Stand-ins for ``required`` defaults while validating the rest of the constructor's options.
 PLACEHOLDER = {"lr": 0.0, "tau": 1.0, "n_workers": 1}
@@ -174,3 +174,77 @@ def effective_grads(params: List[torch.Tensor], grads: List[torch.Tensor], *, ma
         else:
             grads = [torch.add(g, p, alpha=weight_decay) for g, p in zip(grads, params)]
     return grads
+
+
+def check_step_tau(group: dict, params: List[torch.Tensor], cls: str, index: int) -> None:
+    """A step of length tau (the subgradient rules) must be finite in every parameter's dtype."""
+    tau = group["tau"]
+    for dtype in {p.dtype for p in params}:
+        if tau > torch.finfo(dtype).max:
+            raise ValueError(
+                f"parameter group {index}: tau = {tau:g} is beyond the largest {dtype} value "
+                f"({torch.finfo(dtype).max:g}); {cls}(method='sgd') moves the estimate by tau"
+            )
+
+
+def grads_of(params: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The ``.grad`` of parameters known to have one."""
+    return cast(List[torch.Tensor], [p.grad for p in params])
+
+
+def closure_loss(closure: Optional[Callable[[], torch.Tensor]]):
+    """``closure()`` with gradients enabled (None without a closure), as ``Optimizer.step`` does."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+class CheckedOptimizer(Optimizer):
+    """A :class:`torch.optim.Optimizer` whose groups are checked by ``add_param_group``,
+    ``load_state_dict`` and every step. A subclass gives ``_validate_group`` (and may fill
+    options a saved group lacks, ``_fill_loaded``, and check loaded state, ``_check_loaded_state``).
+    """
+
+    def _validate_group(self, group: dict, index: Optional[int] = None) -> None:
+        raise NotImplementedError
+
+    def _fill_loaded(self) -> None:
+        """Fill in options that a loaded (older) state dict's groups lack."""
+
+    def _check_loaded_state(self, p: torch.Tensor, state: dict) -> None:
+        """Raise if a loaded parameter's state does not fit it."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (torch's rules); one whose options are invalid raises and is not added."""
+        add_group_validated(self, param_group, self._validate_group)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict; its options are checked like the constructor's (nothing changes on error).
+
+        Options a saved group lacks because they did not exist yet get their old behaviour
+        (``scope="param"``, no weight decay, ...); a group without a required option (``lr``,
+        ``tau``, ...) is not this optimizer's group (a ``torch.optim.SGD`` state dict, say):
+        ValueError.
+        """
+        def finish():
+            self._fill_loaded()
+            for index, group in enumerate(self.param_groups):
+                self._validate_group(group, index)
+            for p, state in self.state.items():
+                if isinstance(p, torch.Tensor) and isinstance(state, dict):
+                    self._check_loaded_state(p, state)
+
+        load_validated(self, state_dict, finish)
+
+    def _groups_with_grads(self) -> List[Tuple[int, dict, List[torch.Tensor]]]:
+        """Every group checked, before any is modified; those with gradients, with their parameters."""
+        work = []
+        for index, group in enumerate(self.param_groups):
+            self._validate_group(group, index)
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+            if params:
+                work.append((index, group, params))
+        return work

@@ -22,15 +22,15 @@ or ``fixed_iter=False`` for a geometric median), so they can run inside CUDA gra
 from __future__ import annotations
 
 import numbers
-from typing import Callable, List, Optional, cast
+from typing import Callable, List, Optional
 
 import torch
-from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
 from . import _param_groups as groups
 from ._checks import check_choice, check_real, value_checks
-from ._param_groups import GroupRules, check_flag, check_foreach, check_lr, lr_value, nonnegative
+from ._param_groups import (CheckedOptimizer, GroupRules, check_flag, check_foreach, check_lr,
+                            closure_loss, grads_of, lr_value, nonnegative)
 from ._per_sample import sample_gradients
 from .estimators import DIVERGENCES, METHODS, SCOPES, default_foreach, estimator_update, weight_step
 from .medians import coordinate_median, geometric_median, trimmed_mean
@@ -54,40 +54,36 @@ _GM_OPTIONS = ("eps", "tol", "max_iter", "fixed_iter")
 _check_lr, _number, _flag, _validated = check_lr, nonnegative, check_flag, groups.validated
 
 
-def _check_step_tau(group: dict, params: List[torch.Tensor], cls: str, index: int) -> None:
-    """A step of length tau (the subgradient rules) must be finite in every parameter's dtype."""
-    tau = group["tau"]
-    for dtype in {p.dtype for p in params}:
-        if tau > torch.finfo(dtype).max:
-            raise ValueError(
-                f"parameter group {index}: tau = {tau:g} is beyond the largest {dtype} value "
-                f"({torch.finfo(dtype).max:g}); {cls}(method='sgd') moves the estimate by tau"
-            )
-
-
-def _grads(params: List[torch.Tensor]) -> List[torch.Tensor]:
-    return cast(List[torch.Tensor], [p.grad for p in params])
-
-
-def _params_with_grad(group: dict, cls: str) -> List[torch.Tensor]:
-    """The group's parameters that have a gradient (sparse gradients are refused)."""
-    params = [p for p in group["params"] if p.grad is not None]
-    if any(p.grad.is_sparse for p in params):
-        raise TypeError(f"{cls} does not support sparse gradients")
-    return params
-
-
-def _closure_loss(closure):
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
-
 # --------------------------------------------------------------------------------------------
 # SGD along an online median of the gradient
 
 
-class MedianSGD(Optimizer):
+def _check_median_group(group: dict) -> None:
+    check_lr(group["lr"])
+    check_real(group["tau"], "tau", lo=0.0, lo_open=True)
+    check_choice(group["div"], "div", DIVERGENCES)
+    check_choice(group["method"], "method", METHODS)
+    check_choice(group["scope"], "scope", SCOPES)
+    nonnegative(group["weight_decay"], "weight_decay")
+    check_choice(group["init"], "init", INITS)
+    check_choice(group["nonfinite"], "nonfinite", NONFINITE)
+    check_flag(group, "decoupled_weight_decay")
+    check_flag(group, "maximize")
+    check_foreach(group)
+
+
+_MEDIAN_RULES = GroupRules(
+    "MedianSGD",
+    ("lr", "tau", "div", "method", "scope", "weight_decay", "decoupled_weight_decay", "maximize",
+     "init", "nonfinite", "foreach"),
+    # what a saved group without these options did before they existed
+    {"scope": "param", "weight_decay": 0.0, "decoupled_weight_decay": False, "maximize": False,
+     "init": "zeros", "nonfinite": "propagate", "foreach": None},
+    _check_median_group,
+)
+
+
+class MedianSGD(CheckedOptimizer):
     r"""``m <- step(m, g, tau, div)``; ``w <- w - lr m``: SGD along an online median of the gradient.
 
     The workshop paper's method (17) (chapter "Clipping is secretly estimating the median
@@ -182,30 +178,17 @@ class MedianSGD(Optimizer):
         self._scratch: dict = {}  # work buffers of the loop path (not state: never saved)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        """Add a group (torch's rules); one whose options are invalid raises and is not added."""
-        groups.add_group_validated(self, param_group, _MEDIAN_RULES.validate)
+    def _validate_group(self, group: dict, index: Optional[int] = None) -> None:
+        _MEDIAN_RULES.validate(group, index)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict; its options are checked like the constructor's (nothing changes on error).
+    def _fill_loaded(self) -> None:
+        groups.fill_optional(self.param_groups, _MEDIAN_RULES.optional)
 
-        Options a saved group lacks because they did not exist yet get their old behaviour
-        (``scope="param"``, no weight decay, ...); a group without ``lr``, ``tau``, ``div`` or
-        ``method`` is not a MedianSGD group (a ``torch.optim.SGD`` state dict, say): ValueError.
-        """
-        def finish():
-            groups.fill_optional(self.param_groups, _MEDIAN_RULES.optional)
-            for index, group in enumerate(self.param_groups):
-                _MEDIAN_RULES.validate(group, index)
-            for p, state in self.state.items():
-                m = state.get("estimate") if isinstance(state, dict) else None
-                if isinstance(p, torch.Tensor) and m is not None and m.shape != p.shape:
-                    raise ValueError(
-                        f"the state dict's estimate of shape {tuple(m.shape)} does not fit a "
-                        f"parameter of shape {tuple(p.shape)}"
-                    )
-
-        groups.load_validated(self, state_dict, finish)
+    def _check_loaded_state(self, p: torch.Tensor, state: dict) -> None:
+        m = state.get("estimate")
+        if m is not None and m.shape != p.shape:
+            raise ValueError(f"the state dict's estimate of shape {tuple(m.shape)} does not fit a "
+                             f"parameter of shape {tuple(p.shape)}")
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):  # type: ignore[override]
@@ -215,17 +198,12 @@ class MedianSGD(Optimizer):
         its gradients' layout and, for ``nonfinite="raise"``, their values (one host
         synchronisation for all such groups together).
         """
-        loss = _closure_loss(closure)
-        work = []
-        for index, group in enumerate(self.param_groups):
-            _MEDIAN_RULES.validate(group, index)
-            params = _params_with_grad(group, "MedianSGD")
-            if not params:
-                continue
+        loss = closure_loss(closure)
+        work = self._groups_with_grads()
+        for index, group, params in work:
             if group["method"] == "sgd":
-                _check_step_tau(group, params, "MedianSGD", index)
-            work.append((index, group, params))
-        checked = [(index, _grads(params)) for index, group, params in work
+                groups.check_step_tau(group, params, "MedianSGD", index)
+        checked = [(index, grads_of(params)) for index, group, params in work
                    if group["nonfinite"] == "raise"]
         bad = groups.first_nonfinite_group(checked) if checked else None
         if bad is not None:
@@ -242,7 +220,7 @@ class MedianSGD(Optimizer):
         foreach = default_foreach(group["foreach"], params)
         lr, wd = lr_value(group["lr"]), group["weight_decay"]
         decoupled = group["decoupled_weight_decay"]
-        grads = groups.effective_grads(params, _grads(params), maximize=group["maximize"],
+        grads = groups.effective_grads(params, grads_of(params), maximize=group["maximize"],
                                        weight_decay=wd, decoupled=decoupled, foreach=foreach is True)
         mask = group["nonfinite"] == "mask"
         shrink = 1.0 - lr * wd if (wd != 0 and decoupled) else 1.0
@@ -267,35 +245,27 @@ class MedianSGD(Optimizer):
                          scratch=self.__dict__.setdefault("_scratch", {}))
 
 
-def _check_median_group(group: dict) -> None:
-    check_lr(group["lr"])
-    check_real(group["tau"], "tau", lo=0.0, lo_open=True)
-    check_choice(group["div"], "div", DIVERGENCES)
-    check_choice(group["method"], "method", METHODS)
-    check_choice(group["scope"], "scope", SCOPES)
-    nonnegative(group["weight_decay"], "weight_decay")
-    check_choice(group["init"], "init", INITS)
-    check_choice(group["nonfinite"], "nonfinite", NONFINITE)
-    check_flag(group, "decoupled_weight_decay")
-    check_flag(group, "maximize")
-    check_foreach(group)
-
-
-_MEDIAN_RULES = GroupRules(
-    "MedianSGD",
-    ("lr", "tau", "div", "method", "scope", "weight_decay", "decoupled_weight_decay", "maximize",
-     "init", "nonfinite", "foreach"),
-    # what a saved group without these options did before they existed
-    {"scope": "param", "weight_decay": 0.0, "decoupled_weight_decay": False, "maximize": False,
-     "init": "zeros", "nonfinite": "propagate", "foreach": None},
-    _check_median_group,
-)
-
 # --------------------------------------------------------------------------------------------
 # Clip21: one estimator per worker, the server averages
 
 
-class Clip21(Optimizer):
+def _check_clip21_group(group: dict) -> None:
+    check_lr(group["lr"])
+    check_real(group["tau"], "tau", lo=0.0, lo_open=True)
+    check_real(group["n_workers"], "n_workers", lo=1, integer=True)
+    check_choice(group["div"], "div", ("l2", "l1"))
+    check_choice(group["scope"], "scope", SCOPES)
+    check_choice(group["init"], "init", INITS)
+    nonnegative(group["weight_decay"], "weight_decay")
+    check_foreach(group)
+
+
+_CLIP21_RULES = GroupRules(
+    "Clip21", ("lr", "tau", "n_workers", "div", "scope", "init", "weight_decay", "foreach"),
+    {"scope": "global", "init": "zeros", "weight_decay": 0.0, "foreach": None}, _check_clip21_group)
+
+
+class Clip21(CheckedOptimizer):
     r"""Clip21: ``g_i <- g_i + clip(grad_i - g_i)`` per worker, ``w <- w - lr mean_i g_i``.
 
     Khirirat et al. (2023): error feedback for clipping in distributed / federated learning
@@ -394,10 +364,6 @@ class Clip21(Optimizer):
                 if seen.dtype != torch.bool or seen.device.type != "cpu":
                     s["seen"] = seen.to(device="cpu").bool()
 
-    def add_param_group(self, param_group: dict) -> None:
-        """Add a group (torch's rules); one whose options are invalid raises and is not added."""
-        groups.add_group_validated(self, param_group, self._validate_group)
-
     def _validate_group(self, group: dict, index: Optional[int] = None) -> None:
         _CLIP21_RULES.validate(group, index)
         if group["n_workers"] != self.n_workers:
@@ -413,32 +379,29 @@ class Clip21(Optimizer):
         A state dict saved before ``n_workers`` was part of it is read from the shape of its
         ``"workers"`` state.
         """
-        saved = [g.get("n_workers") for g in state_dict.get("param_groups", [])]
-        if any(n is None for n in saved):
+        self._saved_workers = self.n_workers
+        if any(g.get("n_workers") is None for g in state_dict.get("param_groups", [])):
             shapes = {tuple(s["workers"].shape)[:1] for s in state_dict.get("state", {}).values()
                       if isinstance(s, dict) and isinstance(s.get("workers"), torch.Tensor)}
-            inferred = shapes.pop()[0] if len(shapes) == 1 else self.n_workers
+            self._saved_workers = shapes.pop()[0] if len(shapes) == 1 else self.n_workers
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            del self._saved_workers
 
-        def finish():
-            if any(n is None for n in saved):
-                groups.fill_optional(self.param_groups, {"n_workers": inferred})
-            groups.fill_optional(self.param_groups, _CLIP21_RULES.optional)
-            for index, group in enumerate(self.param_groups):
-                self._validate_group(group, index)
-            for p, state in self.state.items():
-                if not (isinstance(p, torch.Tensor) and isinstance(state, dict)):
-                    continue
-                workers, seen = state.get("workers"), state.get("seen")
-                if workers is not None and tuple(workers.shape) != (self.n_workers, *p.shape):
-                    raise ValueError(
-                        f"the state dict's worker estimates of shape {tuple(workers.shape)} do not "
-                        f"fit {self.n_workers} workers of a parameter of shape {tuple(p.shape)}"
-                    )
-                if seen is not None and seen.numel() != self.n_workers:
-                    raise ValueError(f"the state dict's 'seen' flags are for {seen.numel()} "
-                                     f"workers, this Clip21 has {self.n_workers}")
+    def _fill_loaded(self) -> None:
+        groups.fill_optional(self.param_groups, {"n_workers": self._saved_workers, **_CLIP21_RULES.optional})
 
-        groups.load_validated(self, state_dict, finish)
+    def _check_loaded_state(self, p: torch.Tensor, state: dict) -> None:
+        workers, seen = state.get("workers"), state.get("seen")
+        if workers is not None and tuple(workers.shape) != (self.n_workers, *p.shape):
+            raise ValueError(
+                f"the state dict's worker estimates of shape {tuple(workers.shape)} do not "
+                f"fit {self.n_workers} workers of a parameter of shape {tuple(p.shape)}"
+            )
+        if seen is not None and seen.numel() != self.n_workers:
+            raise ValueError(f"the state dict's 'seen' flags are for {seen.numel()} "
+                             f"workers, this Clip21 has {self.n_workers}")
 
     def _state_of(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -469,15 +432,9 @@ class Clip21(Optimizer):
         sent as it is (and the others of the group are clipped together, as usual).
         """
         self._check_worker(worker)
-        work = []
-        for index, group in enumerate(self.param_groups):
-            self._validate_group(group, index)
-            params = _params_with_grad(group, "Clip21")
-            if params:
-                work.append((group, params))
-        for group, params in work:
+        for _, group, params in self._groups_with_grads():
             foreach = default_foreach(group["foreach"], params) is True
-            grads = groups.effective_grads(params, _grads(params), maximize=False,
+            grads = groups.effective_grads(params, grads_of(params), maximize=False,
                                            weight_decay=group["weight_decay"], decoupled=False,
                                            foreach=foreach)
             # the worker's estimates g_i (views, updated in place) and the server's mean g
@@ -502,7 +459,7 @@ class Clip21(Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):  # type: ignore[override]
         """The server's step ``w <- w - lr mean_i g_i``; returns ``closure()`` if given."""
-        loss = _closure_loss(closure)
+        loss = closure_loss(closure)
         self._server_step()
         return loss
 
@@ -532,7 +489,7 @@ class _Clip21Worker:
         return self._opt.state
 
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
-        loss = _closure_loss(closure)
+        loss = closure_loss(closure)
         self._opt.worker_step(self._worker)
         return loss
 
@@ -543,26 +500,11 @@ class _Clip21Worker:
         return f"worker {self._worker} of {self._opt!r}"
 
 
-def _check_clip21_group(group: dict) -> None:
-    check_lr(group["lr"])
-    check_real(group["tau"], "tau", lo=0.0, lo_open=True)
-    check_real(group["n_workers"], "n_workers", lo=1, integer=True)
-    check_choice(group["div"], "div", ("l2", "l1"))
-    check_choice(group["scope"], "scope", SCOPES)
-    check_choice(group["init"], "init", INITS)
-    nonnegative(group["weight_decay"], "weight_decay")
-    check_foreach(group)
-
-
-_CLIP21_RULES = GroupRules(
-    "Clip21", ("lr", "tau", "n_workers", "div", "scope", "init", "weight_decay", "foreach"),
-    {"scope": "global", "init": "zeros", "weight_decay": 0.0, "foreach": None}, _check_clip21_group)
-
 # --------------------------------------------------------------------------------------------
 # SGD along a median across samples
 
 
-class SampleMedianSGD(Optimizer):
+class SampleMedianSGD(CheckedOptimizer):
     r"""``w <- w - lr agg_i(G_i)``: SGD along a median of ``n`` sample gradients (``p.grad_sample``).
 
     The "median across samples" of the full paper (chapter "Clipping is secretly estimating the
@@ -603,18 +545,11 @@ class SampleMedianSGD(Optimizer):
                    constructing=True)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        """Add a group (torch's rules); one whose options are invalid raises and is not added."""
-        groups.add_group_validated(self, param_group, _validate_sample_group)
+    def _validate_group(self, group: dict, index: Optional[int] = None) -> None:
+        _validate_sample_group(group, index)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict; its options are checked like the constructor's (nothing changes on error)."""
-        def finish():
-            groups.fill_optional(self.param_groups, _SAMPLE_OPTIONAL)
-            for index, group in enumerate(self.param_groups):
-                _validate_sample_group(group, index)
-
-        groups.load_validated(self, state_dict, finish)
+    def _fill_loaded(self) -> None:
+        groups.fill_optional(self.param_groups, _SAMPLE_OPTIONAL)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
@@ -629,7 +564,7 @@ class SampleMedianSGD(Optimizer):
 
         Every group (options and ``grad_sample`` shapes) is checked before any is modified.
         """
-        loss = _closure_loss(closure)
+        loss = closure_loss(closure)
         self._step_samples()
         return loss
 

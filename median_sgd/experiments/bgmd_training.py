@@ -195,9 +195,10 @@ def client_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mode
         from ..optim import sample_gradients
 
         b = x.shape[0]
-        losses, grads = sample_gradients(model, F.cross_entropy, x.reshape(-1, *x.shape[2:]),
-                                         y.reshape(-1, *y.shape[2:]), micro_batches=b, store=False)
-        return torch.cat([g.reshape(b, -1) for g in grads], dim=1), losses
+        client_losses, per_param = sample_gradients(
+            model, F.cross_entropy, x.reshape(-1, *x.shape[2:]), y.reshape(-1, *y.shape[2:]),
+            micro_batches=b, store=False)
+        return torch.cat([g.reshape(b, -1) for g in per_param], dim=1), client_losses
     if mode != "loop":
         raise ValueError(f"mode must be 'vmap', 'loop' or 'auto', got {mode!r}")
     rows, losses = [], []
