@@ -15,12 +15,18 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
-from ._checks import check_real
+from ._checks import check_choice, check_real
 from ._numerics import host_reads_are_free
+from .estimators import DIVERGENCES, METHODS, SCOPES
 
-__all__ = ["CheckedOptimizer", "GroupRules", "validated", "check_lr", "lr_value", "nonnegative",
+__all__ = ["MEDIAN_SGD_RULES", "CLIP21_RULES", "NONFINITE", "INITS", "OneWorker", "CheckedOptimizer",
+           "restore_worker_state", "saved_workers", "check_worker_state",
+           "GroupRules", "validated", "check_lr", "lr_value", "nonnegative",
            "check_flag", "check_foreach", "check_step_tau", "add_group_validated", "load_validated",
            "fill_optional", "first_nonfinite_group", "effective_grads", "grads_of", "closure_loss"]
+
+NONFINITE = ("propagate", "raise", "mask")
+INITS = ("zeros", "grad")
 
 # Stand-ins for ``required`` defaults while validating the rest of the constructor's options.
 PLACEHOLDER = {"lr": 0.0, "tau": 1.0, "n_workers": 1}
@@ -248,3 +254,117 @@ class CheckedOptimizer(Optimizer):
             if params:
                 work.append((index, group, params))
         return work
+
+
+class OneWorker:
+    """What ``torch.amp.GradScaler.step`` needs of an optimizer, for one worker of ``opt``
+    (:class:`median_sgd.optim.Clip21`): its ``step()`` is ``opt.worker_step(worker)``."""
+
+    def __init__(self, opt, worker: int) -> None:
+        self._opt, self._worker = opt, worker
+
+    @property
+    def param_groups(self) -> List[dict]:
+        return self._opt.param_groups
+
+    @property
+    def state(self):
+        return self._opt.state
+
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+        loss = closure_loss(closure)
+        self._opt.worker_step(self._worker)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._opt.zero_grad(set_to_none=set_to_none)
+
+    def __repr__(self) -> str:
+        return f"worker {self._worker} of {self._opt!r}"
+
+
+# --------------------------------------------------------------------------------------------
+# Clip21's state: one estimate per worker, and state dicts saved by earlier versions
+
+
+def restore_worker_state(opt: Optimizer) -> None:
+    """After unpickling: ``n_workers`` pickled as an attribute (earlier versions) goes into the
+    groups; the ``"seen"`` flags go back to CPU bools (torch.optim casts loaded floating-point
+    state to each parameter's dtype and device, and the flags are read on the host)."""
+    legacy = opt.__dict__.pop("n_workers", None)
+    if legacy is not None and "n_workers" not in opt.defaults:
+        opt.defaults["n_workers"] = legacy
+        fill_optional(opt.param_groups, {"n_workers": legacy})
+    for s in opt.state.values():
+        if isinstance(s, dict) and isinstance(s.get("seen"), torch.Tensor):
+            seen = s["seen"]
+            if seen.dtype != torch.bool or seen.device.type != "cpu":
+                s["seen"] = seen.to(device="cpu").bool()
+
+
+def saved_workers(state_dict: dict, default: int) -> int:
+    """The number of workers a state dict was saved for: read from the shape of its
+    ``"workers"`` state where its groups lack ``n_workers`` (saved before it was an option)."""
+    if all(g.get("n_workers") is not None for g in state_dict.get("param_groups", [])):
+        return default
+    shapes = {tuple(s["workers"].shape)[:1] for s in state_dict.get("state", {}).values()
+              if isinstance(s, dict) and isinstance(s.get("workers"), torch.Tensor)}
+    return shapes.pop()[0] if len(shapes) == 1 else default
+
+
+def check_worker_state(p: torch.Tensor, state: dict, n_workers: int) -> None:
+    """A loaded parameter's worker estimates and flags must fit ``n_workers`` workers."""
+    workers, seen = state.get("workers"), state.get("seen")
+    if workers is not None and tuple(workers.shape) != (n_workers, *p.shape):
+        raise ValueError(
+            f"the state dict's worker estimates of shape {tuple(workers.shape)} do not "
+            f"fit {n_workers} workers of a parameter of shape {tuple(p.shape)}"
+        )
+    if seen is not None and seen.numel() != n_workers:
+        raise ValueError(f"the state dict's 'seen' flags are for {seen.numel()} "
+                         f"workers, this Clip21 has {n_workers}")
+
+
+# --------------------------------------------------------------------------------------------
+# The options of MedianSGD and Clip21
+
+
+def _check_median_group(group: dict) -> None:
+    check_lr(group["lr"])
+    check_real(group["tau"], "tau", lo=0.0, lo_open=True)
+    check_choice(group["div"], "div", DIVERGENCES)
+    check_choice(group["method"], "method", METHODS)
+    check_choice(group["scope"], "scope", SCOPES)
+    nonnegative(group["weight_decay"], "weight_decay")
+    check_choice(group["init"], "init", INITS)
+    check_choice(group["nonfinite"], "nonfinite", NONFINITE)
+    check_flag(group, "decoupled_weight_decay")
+    check_flag(group, "maximize")
+    check_foreach(group)
+
+
+MEDIAN_SGD_RULES = GroupRules(
+    "MedianSGD",
+    ("lr", "tau", "div", "method", "scope", "weight_decay", "decoupled_weight_decay", "maximize",
+     "init", "nonfinite", "foreach"),
+    # what a saved group without these options did before they existed
+    {"scope": "param", "weight_decay": 0.0, "decoupled_weight_decay": False, "maximize": False,
+     "init": "zeros", "nonfinite": "propagate", "foreach": None},
+    _check_median_group,
+)
+
+
+def _check_clip21_group(group: dict) -> None:
+    check_lr(group["lr"])
+    check_real(group["tau"], "tau", lo=0.0, lo_open=True)
+    check_real(group["n_workers"], "n_workers", lo=1, integer=True)
+    check_choice(group["div"], "div", ("l2", "l1"))
+    check_choice(group["scope"], "scope", SCOPES)
+    check_choice(group["init"], "init", INITS)
+    nonnegative(group["weight_decay"], "weight_decay")
+    check_foreach(group)
+
+
+CLIP21_RULES = GroupRules(
+    "Clip21", ("lr", "tau", "n_workers", "div", "scope", "init", "weight_decay", "foreach"),
+    {"scope": "global", "init": "zeros", "weight_decay": 0.0, "foreach": None}, _check_clip21_group)

@@ -29,10 +29,11 @@ from torch.optim.optimizer import required
 
 from . import _param_groups as groups
 from ._checks import check_choice, check_real, value_checks
-from ._param_groups import (CheckedOptimizer, GroupRules, check_flag, check_foreach, check_lr,
-                            closure_loss, grads_of, lr_value, nonnegative)
+from ._param_groups import (CLIP21_RULES, MEDIAN_SGD_RULES, NONFINITE, CheckedOptimizer,
+                            OneWorker, check_flag, check_lr, closure_loss, grads_of, lr_value,
+                            nonnegative)
 from ._per_sample import sample_gradients
-from .estimators import DIVERGENCES, METHODS, SCOPES, default_foreach, estimator_update, weight_step
+from .estimators import METHODS, SCOPES, default_foreach, estimator_update, weight_step
 from .medians import coordinate_median, geometric_median, trimmed_mean
 
 __all__ = [
@@ -46,8 +47,6 @@ __all__ = [
     "AGGREGATES",
 ]
 
-NONFINITE = ("propagate", "raise", "mask")
-INITS = ("zeros", "grad")
 AGGREGATES = ("mean", "coordinate_median", "trimmed_mean", "geometric_median")
 _GM_OPTIONS = ("eps", "tol", "max_iter", "fixed_iter")
 # the names SampleMedianSGD's group checks use
@@ -56,31 +55,6 @@ _check_lr, _number, _flag, _validated = check_lr, nonnegative, check_flag, group
 
 # --------------------------------------------------------------------------------------------
 # SGD along an online median of the gradient
-
-
-def _check_median_group(group: dict) -> None:
-    check_lr(group["lr"])
-    check_real(group["tau"], "tau", lo=0.0, lo_open=True)
-    check_choice(group["div"], "div", DIVERGENCES)
-    check_choice(group["method"], "method", METHODS)
-    check_choice(group["scope"], "scope", SCOPES)
-    nonnegative(group["weight_decay"], "weight_decay")
-    check_choice(group["init"], "init", INITS)
-    check_choice(group["nonfinite"], "nonfinite", NONFINITE)
-    check_flag(group, "decoupled_weight_decay")
-    check_flag(group, "maximize")
-    check_foreach(group)
-
-
-_MEDIAN_RULES = GroupRules(
-    "MedianSGD",
-    ("lr", "tau", "div", "method", "scope", "weight_decay", "decoupled_weight_decay", "maximize",
-     "init", "nonfinite", "foreach"),
-    # what a saved group without these options did before they existed
-    {"scope": "param", "weight_decay": 0.0, "decoupled_weight_decay": False, "maximize": False,
-     "init": "zeros", "nonfinite": "propagate", "foreach": None},
-    _check_median_group,
-)
 
 
 class MedianSGD(CheckedOptimizer):
@@ -174,15 +148,15 @@ class MedianSGD(CheckedOptimizer):
         defaults = dict(lr=lr, tau=tau, div=div, method=method, scope=scope,
                         weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
                         maximize=maximize, init=init, nonfinite=nonfinite, foreach=foreach)
-        _MEDIAN_RULES.validate_defaults(defaults)
+        MEDIAN_SGD_RULES.validate_defaults(defaults)
         self._scratch: dict = {}  # work buffers of the loop path (not state: never saved)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict, index: Optional[int] = None) -> None:
-        _MEDIAN_RULES.validate(group, index)
+        MEDIAN_SGD_RULES.validate(group, index)
 
     def _fill_loaded(self) -> None:
-        groups.fill_optional(self.param_groups, _MEDIAN_RULES.optional)
+        groups.fill_optional(self.param_groups, MEDIAN_SGD_RULES.optional)
 
     def _check_loaded_state(self, p: torch.Tensor, state: dict) -> None:
         m = state.get("estimate")
@@ -247,22 +221,6 @@ class MedianSGD(CheckedOptimizer):
 
 # --------------------------------------------------------------------------------------------
 # Clip21: one estimator per worker, the server averages
-
-
-def _check_clip21_group(group: dict) -> None:
-    check_lr(group["lr"])
-    check_real(group["tau"], "tau", lo=0.0, lo_open=True)
-    check_real(group["n_workers"], "n_workers", lo=1, integer=True)
-    check_choice(group["div"], "div", ("l2", "l1"))
-    check_choice(group["scope"], "scope", SCOPES)
-    check_choice(group["init"], "init", INITS)
-    nonnegative(group["weight_decay"], "weight_decay")
-    check_foreach(group)
-
-
-_CLIP21_RULES = GroupRules(
-    "Clip21", ("lr", "tau", "n_workers", "div", "scope", "init", "weight_decay", "foreach"),
-    {"scope": "global", "init": "zeros", "weight_decay": 0.0, "foreach": None}, _check_clip21_group)
 
 
 class Clip21(CheckedOptimizer):
@@ -342,7 +300,7 @@ class Clip21(CheckedOptimizer):
         check_real(n_workers, "n_workers", lo=1, integer=True)
         defaults = dict(lr=lr, tau=tau, n_workers=int(n_workers), div=div, scope=scope, init=init,
                         weight_decay=weight_decay, foreach=foreach)
-        _CLIP21_RULES.validate_defaults(defaults)
+        CLIP21_RULES.validate_defaults(defaults)
         super().__init__(params, defaults)
 
     @property
@@ -352,20 +310,10 @@ class Clip21(CheckedOptimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        legacy = self.__dict__.pop("n_workers", None)  # pickled when it was an attribute
-        if legacy is not None and "n_workers" not in self.defaults:
-            self.defaults["n_workers"] = legacy
-            groups.fill_optional(self.param_groups, {"n_workers": legacy})
-        # torch.optim casts loaded floating-point state to each parameter's dtype and device;
-        # "seen" is a bool flag read on the host, so it goes back to a CPU bool tensor.
-        for s in self.state.values():
-            if isinstance(s, dict) and isinstance(s.get("seen"), torch.Tensor):
-                seen = s["seen"]
-                if seen.dtype != torch.bool or seen.device.type != "cpu":
-                    s["seen"] = seen.to(device="cpu").bool()
+        groups.restore_worker_state(self)
 
     def _validate_group(self, group: dict, index: Optional[int] = None) -> None:
-        _CLIP21_RULES.validate(group, index)
+        CLIP21_RULES.validate(group, index)
         if group["n_workers"] != self.n_workers:
             where = "a parameter group" if index is None else f"parameter group {index}"
             raise ValueError(
@@ -379,29 +327,17 @@ class Clip21(CheckedOptimizer):
         A state dict saved before ``n_workers`` was part of it is read from the shape of its
         ``"workers"`` state.
         """
-        self._saved_workers = self.n_workers
-        if any(g.get("n_workers") is None for g in state_dict.get("param_groups", [])):
-            shapes = {tuple(s["workers"].shape)[:1] for s in state_dict.get("state", {}).values()
-                      if isinstance(s, dict) and isinstance(s.get("workers"), torch.Tensor)}
-            self._saved_workers = shapes.pop()[0] if len(shapes) == 1 else self.n_workers
+        self._saved_workers = groups.saved_workers(state_dict, self.n_workers)
         try:
             super().load_state_dict(state_dict)
         finally:
             del self._saved_workers
 
     def _fill_loaded(self) -> None:
-        groups.fill_optional(self.param_groups, {"n_workers": self._saved_workers, **_CLIP21_RULES.optional})
+        groups.fill_optional(self.param_groups, {"n_workers": self._saved_workers, **CLIP21_RULES.optional})
 
     def _check_loaded_state(self, p: torch.Tensor, state: dict) -> None:
-        workers, seen = state.get("workers"), state.get("seen")
-        if workers is not None and tuple(workers.shape) != (self.n_workers, *p.shape):
-            raise ValueError(
-                f"the state dict's worker estimates of shape {tuple(workers.shape)} do not "
-                f"fit {self.n_workers} workers of a parameter of shape {tuple(p.shape)}"
-            )
-        if seen is not None and seen.numel() != self.n_workers:
-            raise ValueError(f"the state dict's 'seen' flags are for {seen.numel()} "
-                             f"workers, this Clip21 has {self.n_workers}")
+        groups.check_worker_state(p, state, self.n_workers)
 
     def _state_of(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -411,14 +347,14 @@ class Clip21(CheckedOptimizer):
             state["seen"] = torch.zeros(self.n_workers, dtype=torch.bool)
         return state
 
-    def worker(self, worker: int) -> "_Clip21Worker":
+    def worker(self, worker: int) -> OneWorker:
         """An optimizer-like view of worker ``worker``: its ``step()`` is ``worker_step(worker)``.
 
         For ``torch.amp.GradScaler.step`` (see the class docstring); it shares this optimizer's
         ``param_groups`` and ``state``.
         """
         self._check_worker(worker)
-        return _Clip21Worker(self, worker)
+        return OneWorker(self, worker)
 
     def _check_worker(self, worker) -> None:
         check_real(worker, "worker", lo=0, hi=self.n_workers - 1, integer=True)
@@ -472,32 +408,6 @@ class Clip21(CheckedOptimizer):
                 state = self.state.get(p)
                 if state and "estimate" in state:
                     weight_step(p, state["estimate"], lr)
-
-
-class _Clip21Worker:
-    """What ``torch.amp.GradScaler.step`` needs of an optimizer, for one Clip21 worker."""
-
-    def __init__(self, opt: Clip21, worker: int) -> None:
-        self._opt, self._worker = opt, worker
-
-    @property
-    def param_groups(self) -> List[dict]:
-        return self._opt.param_groups
-
-    @property
-    def state(self):
-        return self._opt.state
-
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
-        loss = closure_loss(closure)
-        self._opt.worker_step(self._worker)
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self._opt.zero_grad(set_to_none=set_to_none)
-
-    def __repr__(self) -> str:
-        return f"worker {self._worker} of {self._opt!r}"
 
 
 # --------------------------------------------------------------------------------------------
