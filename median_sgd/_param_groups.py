@@ -23,7 +23,7 @@ __all__ = ["MEDIAN_SGD_RULES", "CLIP21_RULES", "NONFINITE", "INITS", "OneWorker"
            "restore_worker_state", "saved_workers", "check_worker_state",
            "GroupRules", "validated", "check_lr", "lr_value", "nonnegative",
            "check_flag", "check_foreach", "check_step_tau", "add_group_validated", "load_validated",
-           "fill_optional", "first_nonfinite_group", "effective_grads", "grads_of", "closure_loss"]
+           "fill_optional", "first_nonfinite_group", "check_finite_grads", "effective_grads", "grads_of", "closure_loss"]
 
 NONFINITE = ("propagate", "raise", "mask")
 INITS = ("zeros", "grad")
@@ -167,6 +167,15 @@ def first_nonfinite_group(grads_per_group: Sequence[Tuple[int, List[torch.Tensor
         if not fine:
             return index
     return None
+
+
+def check_finite_grads(grads_per_group: Sequence[Tuple[int, List[torch.Tensor]]]) -> None:
+    """``nonfinite="raise"``: a ValueError, before any parameter is modified, if a gradient of
+    these groups holds NaN or Inf (one host synchronisation for all of them)."""
+    bad = first_nonfinite_group(grads_per_group) if grads_per_group else None
+    if bad is not None:
+        raise ValueError(f"a gradient in parameter group {bad} contains NaN or Inf values "
+                         f"(nonfinite='raise'; no parameter was modified)")
 
 
 def effective_grads(params: List[torch.Tensor], grads: List[torch.Tensor], *, maximize: bool,

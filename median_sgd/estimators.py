@@ -30,7 +30,7 @@ import torch
 
 from ._checks import Scalar, check_choice, check_same_kind, check_tau, check_vector
 from ._numerics import host_reads_are_free, opmath_dtype, pow2_scale
-from .prox import _check_p, _clip_l1, _clip_l2, _clip_lp, l2_norm, l2_step_weight, radius_in_range
+from .prox import check_p, clip_l1_unchecked, clip_l2_unchecked, clip_lp_unchecked, l2_norm, l2_step_weight, radius_in_range
 
 __all__ = ["DIVERGENCES", "METHODS", "SCOPES", "spp_step", "sgd_step", "spp_step_lp", "sgd_step_lp",
            "lp_norm_grad", "estimator_update", "weight_step", "default_foreach", "SMALL_TENSOR"]
@@ -70,8 +70,8 @@ def spp_step(m: torch.Tensor, g: torch.Tensor, tau: Scalar, div: str) -> torch.T
     if div == "sq":
         return m + (tau / (1.0 + tau)) * delta
     if div == "l2":
-        return m + _clip_l2(delta, tau)
-    return m + _clip_l1(delta, tau)
+        return m + clip_l2_unchecked(delta, tau)
+    return m + clip_l1_unchecked(delta, tau)
 
 
 def sgd_step(m: torch.Tensor, g: torch.Tensor, tau: Scalar, div: str) -> torch.Tensor:
@@ -109,10 +109,10 @@ def spp_step_lp(m: torch.Tensor, g: torch.Tensor, tau: Scalar, p: float) -> torc
     ``spp_step(m, g, tau, "l1")`` and ``spp_step(m, g, tau, "l2")``; ``p = inf`` projects onto the
     ``l_1`` ball.
     """
-    p = _check_p(p)
+    p = check_p(p)
     shape = _check_pair(m, g)
     tau = check_tau(tau, _like(m, shape), "tau")
-    return m + _clip_lp(g - m, tau, p)
+    return m + clip_lp_unchecked(g - m, tau, p)
 
 
 def lp_norm_grad(v: torch.Tensor, p: float) -> torch.Tensor:
@@ -122,7 +122,7 @@ def lp_norm_grad(v: torch.Tensor, p: float) -> torch.Tensor:
     (the minimum-norm subgradient). Computed with ``v`` scaled by its largest entry, so no overflow.
     """
     check_vector(v, "v")
-    return _lp_norm_grad(v, _check_p(p))
+    return _lp_norm_grad(v, check_p(p))
 
 
 def _lp_norm_grad(v: torch.Tensor, p: float) -> torch.Tensor:
@@ -144,7 +144,7 @@ def sgd_step_lp(m: torch.Tensor, g: torch.Tensor, tau: Scalar, p: float) -> torc
     ``p = 1`` is ``sgd_step(m, g, tau, "l1")`` (signed increment) and ``p = 2`` is
     ``sgd_step(m, g, tau, "l2")`` (adaptive momentum), up to rounding.
     """
-    p = _check_p(p)
+    p = check_p(p)
     shape = _check_pair(m, g)
     tau = check_tau(tau, _like(m, shape), "tau", in_range=True)
     return m + tau * _lp_norm_grad(g - m, p)

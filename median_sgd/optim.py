@@ -120,13 +120,10 @@ class MedianSGD(CheckedOptimizer):
             over tensors, ``None`` (default) for foreach on accelerators and, on the CPU, the loop
             for tensors of at least 65,536 elements and multi-tensor kernels for the smaller ones.
 
-    State per parameter: ``"estimate"`` (``m``, the parameter's shape, dtype and device). No step
-    synchronises with the host (except ``nonfinite="raise"``). Norms of ``g - m`` never overflow
-    (nor underflow, where the direction matters): they are scaled by a power of two where the
-    plain sum of squares would (:func:`median_sgd.prox.l2_norm`; on a GPU every ``"l2"`` norm
-    takes that path, a max-magnitude reduction and a scaling pass more, as nothing is read on
-    the host there). The options of every group are checked at every step and on
-    ``load_state_dict`` (Python values only: no synchronisation), before anything is modified.
+    State per parameter: ``"estimate"`` (``m``, the parameter's shape, dtype and device). The
+    step is one :func:`median_sgd.estimators.estimator_update` call per group (norms that never
+    overflow; no host synchronisation except ``nonfinite="raise"``). The options of every group
+    are checked at every step and on ``load_state_dict``, before anything is modified.
     """
 
     def __init__(
@@ -177,14 +174,8 @@ class MedianSGD(CheckedOptimizer):
         for index, group, params in work:
             if group["method"] == "sgd":
                 groups.check_step_tau(group, params, "MedianSGD", index)
-        checked = [(index, grads_of(params)) for index, group, params in work
-                   if group["nonfinite"] == "raise"]
-        bad = groups.first_nonfinite_group(checked) if checked else None
-        if bad is not None:
-            raise ValueError(
-                f"a gradient in parameter group {bad} contains NaN or Inf values "
-                f"(nonfinite='raise'; no parameter was modified)"
-            )
+        groups.check_finite_grads([(index, grads_of(params)) for index, group, params in work
+                                   if group["nonfinite"] == "raise"])
         for _, group, params in work:
             self._step_group(group, params)
         return loss

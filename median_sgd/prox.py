@@ -55,13 +55,13 @@ def prox_sq(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
 def clip_l1(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     """Componentwise clipping: ``clip_{tau,1}(v)_i = min(max(v_i, -tau), tau)``."""
     check_vector(v, "v")
-    return _clip_l1(v, check_tau(tau, v))
+    return clip_l1_unchecked(v, check_tau(tau, v))
 
 
 def clip_l2(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     """Vectorwise clipping: ``clip_{tau,2}(v) = tau / max(tau, ||v||_2) * v`` (exact, 0 -> 0)."""
     check_vector(v, "v")
-    return _clip_l2(v, check_tau(tau, v))
+    return clip_l2_unchecked(v, check_tau(tau, v))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def _times(v: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.T
 # Unchecked kernels, for callers that validated ``v`` and shaped ``tau`` with ``check_tau``.
 
 
-def _clip_l1(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
+def clip_l1_unchecked(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     if isinstance(tau, float):
         tau = radius_in_range(tau, v.dtype)
         return torch.clamp(v, -tau, tau)  # type: ignore[arg-type]  # a float: clamp takes numbers
@@ -166,7 +166,7 @@ def l2_step_weight(norm: torch.Tensor, scale: Optional[torch.Tensor], tau: Scala
     return torch.where(norm > 0, ratio if of_scaled else ratio * scale, 0.0)
 
 
-def _clip_l2(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
+def clip_l2_unchecked(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     norm, scale, vs = l2_norm(v)
     # 1 where ||v|| <= tau (exactly: no rounding inside the ball), tau / ||v|| outside
     return _times(vs, l2_step_weight(norm, scale, tau, of_scaled=True), v.dtype)
@@ -190,7 +190,7 @@ LP_MIN_ABOVE_ONE = 1.01
 _LP_INNER, _LP_OUTER = 8, 12
 
 
-def _check_p(p) -> float:
+def check_p(p) -> float:
     """``p`` must be a real number with ``1 <= p <= LP_MAX_FINITE`` or ``p = inf``."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"p must be a real number, got {type(p).__name__}")
@@ -208,7 +208,7 @@ def _check_p(p) -> float:
 
 def dual_exponent(p: float) -> float:
     """``q`` with ``1/p + 1/q = 1`` (``1 -> inf``, ``inf -> 1``)."""
-    p = _check_p(p)
+    p = check_p(p)
     if p == 1.0:
         return math.inf
     if p == math.inf:
@@ -227,8 +227,8 @@ def clip_lp(v: torch.Tensor, tau: Scalar, p: float) -> torch.Tensor:
     iteration counts (no host synchronisation), accurate to ~1e-14 relative in float64.
     """
     check_vector(v, "v")
-    p = _check_p(p)
-    return _clip_lp(v, check_tau(tau, v), p)
+    p = check_p(p)
+    return clip_lp_unchecked(v, check_tau(tau, v), p)
 
 
 def prox_lp(v: torch.Tensor, tau: Scalar, p: float) -> torch.Tensor:
@@ -237,15 +237,15 @@ def prox_lp(v: torch.Tensor, tau: Scalar, p: float) -> torch.Tensor:
     ``p = 1`` equals :func:`prox_l1` and ``p = 2`` :func:`prox_l2` up to rounding.
     """
     check_vector(v, "v")
-    p = _check_p(p)
-    return v - _clip_lp(v, check_tau(tau, v), p)
+    p = check_p(p)
+    return v - clip_lp_unchecked(v, check_tau(tau, v), p)
 
 
-def _clip_lp(v: torch.Tensor, tau: Scalar, p: float) -> torch.Tensor:
+def clip_lp_unchecked(v: torch.Tensor, tau: Scalar, p: float) -> torch.Tensor:
     if p == 1.0:
-        return _clip_l1(v, tau)
+        return clip_l1_unchecked(v, tau)
     if p == 2.0:
-        return _clip_l2(v, tau)
+        return clip_l2_unchecked(v, tau)
     work = v if v.dtype in (torch.float32, torch.float64) else v.float()
     if p == math.inf:
         out = _project_l1_ball(work, tau)
