@@ -62,7 +62,7 @@ import torch.distributed as dist
 from ._checks import check_choice, check_float_tensor, value_checks
 from .aggregators import _masked_coordinate_median, _masked_trimmed_mean
 from .bgmd import MODES as BLOCK_MODES
-from .bgmd import _select_from_squares, resolve_block_size
+from .bgmd import bgmd_step, resolve_block_size
 from .weiszfeld import CollectiveCounter, ProcessGroupRanks, SimulatedRanks, ranks_weiszfeld
 
 __all__ = ["RULES", "RobustHook", "robust_hook", "SimulatedRanks"]
@@ -327,23 +327,31 @@ class RobustHook:
         # squared column norms ||A[:, j]||^2 of the finite ranks
         sq = ranks.shared(ranks.all_reduce(torch.where(good.unsqueeze(-1), a * a, 0.0),
                                            inplace=True))
-        idx = _select_from_squares(sq, k, self.mode, self._generator(sq.device), self.power)
-        block = a[..., idx]
-        u_block, dropped = self._geometric_median(block, good, ranks)  # the same on every rank
-        out = torch.zeros_like(a).index_copy_(-1, idx, u_block)
-        if self.memory_rule is None:
-            self.memory.pop(key, None)
-        else:
+        dropped = []
+
+        def block_median(idx):  # the same on every rank
+            u_block, dropped_ranks = self._geometric_median(a[..., idx], good, ranks)
+            dropped.append(dropped_ranks)
+            return u_block
+
+        def memory_of(idx):
             if self.memory_rule == "mean":
                 residual, _ = self._mean(a, good, ranks)
             else:
                 residual, _ = self._coordinatewise(a, good, ranks, "coordinate_median")
+            return ranks.shared(residual)
+
+        _, out, memory = bgmd_step(sq, k, self.mode, self._generator(sq.device), self.power,
+                                   block_median, memory_of if self.memory_rule else None)
+        if memory is None:
+            self.memory.pop(key, None)
+        else:
             if key not in self.memory and isinstance(key, tuple):
                 # a rebuilt bucket: forget the memory of the old buckets of its parameters
                 for stale in [k for k in self.memory if isinstance(k, tuple) and set(k) & set(key)]:
                     del self.memory[stale]
-            self.memory[key] = ranks.shared(residual).index_fill(-1, idx, 0.0)
-        return out, dropped
+            self.memory[key] = memory
+        return out, dropped[0]
 
     def _generator(self, device: torch.device) -> Optional[torch.Generator]:
         if self.mode != "norm":
