@@ -121,7 +121,8 @@ def distance_floor(dist, w, w_sum, resolution, eps, *, uniform):
 
 
 def weiszfeld(rows, *, eps: float, tol: float, max_iter: int, fixed_iter: bool,
-              n_iter: Optional[torch.Tensor] = None, budget: Optional[int] = None):
+              n_iter: Optional[torch.Tensor] = None, budget: Optional[int] = None,
+              nu: Optional[float] = None):
     """Smoothed Weiszfeld on the backend ``rows`` from its current iterate: ``(n_iter, done, floor)``.
 
     One iteration: ``r_i = ||x_i - z||``, ``b_i = w_i / max(r_i, nu)`` with the floor
@@ -138,7 +139,8 @@ def weiszfeld(rows, *, eps: float, tol: float, max_iter: int, fixed_iter: bool,
     on how long the others take, and ``fixed_iter=True``, which always runs ``budget`` steps with
     no host synchronisation, gives the adaptive mode's bits). ``n_iter`` (...,) counts the steps
     already taken by a pre-iteration (then ``budget`` is what is left of ``max_iter``). ``floor``
-    is the last iteration's ``nu`` (..., 1).
+    is the last iteration's ``nu`` (..., 1). A given ``nu`` replaces the relative floor
+    ``eps s`` by that absolute one (RFA's smoothing; ``nu = 0``: Weiszfeld's original iteration).
     """
     dist, w, w_sum = rows.distances()
     batch = w_sum.shape
@@ -152,7 +154,10 @@ def weiszfeld(rows, *, eps: float, tol: float, max_iter: int, fixed_iter: bool,
     for it in range(budget):
         if it:
             dist, w, w_sum = rows.distances()
-        smooth = distance_floor(dist, w, w_sum, rows.resolution(), eps, uniform=rows.uniform)
+        if nu is None:
+            smooth = distance_floor(dist, w, w_sum, rows.resolution(), eps, uniform=rows.uniform)
+        else:
+            smooth = dist.new_full((*dist.shape[:-1], 1), nu)
         floor = torch.maximum(smooth, rows.noise())
         beta = w / torch.maximum(dist, floor)
         beta_sum = beta.sum(-1, keepdim=True)

@@ -23,6 +23,7 @@ import torch
 
 from .._checks import check_float_tensor, check_sample_matrix
 from ..medians import geometric_median, geometric_median_objective
+from ..weiszfeld import weiszfeld
 
 __all__ = ["weiszfeld_path", "smoothed_objective", "objective_trace"]
 
@@ -71,13 +72,38 @@ def weiszfeld_path(
         if start.shape != G.shape[:-2] + G.shape[-1:]:
             raise ValueError(f"start must have shape {tuple(G.shape[:-2] + G.shape[-1:])}, got {tuple(start.shape)}")
         z = start.to(G.dtype)
-    path = [z]
-    for _ in range(iters):
-        dist = torch.linalg.vector_norm(G - z.unsqueeze(-2), dim=-1)
-        beta = w / torch.clamp_min(dist, nu)  # nu = 0: 1/0 = inf on a data point, then inf/inf = NaN
-        z = (beta.unsqueeze(-1) * G).sum(-2) / beta.sum(-1, keepdim=True)
-        path.append(z)
+    rows = _PathRows(G, w, z)
+    # tol = -inf: no iterate is ever frozen as converged, the path runs all ``iters`` steps
+    weiszfeld(rows, eps=1.0, tol=-math.inf, max_iter=max(iters, 1), fixed_iter=True,
+              budget=iters, nu=nu)
+    path = rows.path
     return torch.stack(path)
+
+
+class _PathRows:
+    """:func:`median_sgd.weiszfeld.weiszfeld`'s backend for the plain iteration: the rows of ``G``
+    as they are (no scaling, no centring, no rounding floor), every iterate recorded."""
+
+    uniform = False
+
+    def __init__(self, G, w, start) -> None:
+        self.G, self.w, self.w_sum = G, w, w.sum(-1)
+        self.path = [start]
+
+    def distances(self):
+        return torch.linalg.vector_norm(self.G - self.path[-1].unsqueeze(-2), dim=-1), self.w, self.w_sum
+
+    def resolution(self):
+        return 0.0
+
+    def noise(self):
+        return self.w_sum.new_zeros(())
+
+    def step(self, beta, beta_sum, active):
+        # nu = 0: 1/0 = inf on a data point, then inf/inf = NaN (Weiszfeld's original iteration)
+        z = (beta.unsqueeze(-1) * self.G).sum(-2) / beta_sum
+        self.path.append(z)
+        return torch.zeros_like(self.w_sum)
 
 
 def smoothed_objective(
