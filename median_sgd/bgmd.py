@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ._checks import check_choice, check_sample_matrix, value_checks, value_checks_enabled
+from ._checks import check_choice, check_real, check_sample_matrix, value_checks, value_checks_enabled
 from ._numerics import opmath_dtype, to_device
 from ._numerics import pow2_scale as _pow2_scale
 from .medians import GeometricMedianResult, coordinate_median, geometric_median
@@ -51,9 +51,7 @@ def resolve_block_size(k: Union[int, float], d: int) -> int:
         if not 1 <= k <= d:
             raise ValueError(f"k must satisfy 1 <= k <= d = {d}, got {k}")
         return k
-    k = float(k)
-    if not (math.isfinite(k) and 0.0 < k <= 1.0):
-        raise ValueError(f"a fractional k must lie in (0, 1], got {k}")
+    k = check_real(k, "a fractional k", 0.0, 1.0, lo_open=True)
     return max(1, int(math.floor(k * d + 1e-9)))
 
 
@@ -194,13 +192,10 @@ def select_block(
     check_sample_matrix(G)
     check_choice(mode, "mode", MODES)
     _check_generator(generator)
-    if isinstance(power, bool) or not isinstance(power, numbers.Real) or not (
-        math.isfinite(power) and power > 0
-    ):
-        raise ValueError(f"power must be a finite number > 0, got {power!r}")
+    power = check_real(power, "power", 0.0, lo_open=True)
     k = resolve_block_size(k, G.shape[-1])
     sq = column_stats(G)[2]  # squared column norms (scaled: the same order, the same draws)
-    return select_from_squares(sq, k, mode, generator, float(power))
+    return select_from_squares(sq, k, mode, generator, power)
 
 
 class BGmD:
@@ -255,10 +250,7 @@ class BGmD:
         check_choice(mode, "mode", MODES)
         check_choice(memory, "memory", MEMORY_RULES)
         _check_generator(generator)
-        if isinstance(power, bool) or not isinstance(power, numbers.Real) or not (
-            math.isfinite(power) and power > 0
-        ):
-            raise ValueError(f"power must be a finite number > 0, got {power!r}")
+        check_real(power, "power", 0.0, lo_open=True)
         unknown = sorted(set(gm_options) - set(_GM_OPTIONS))
         if unknown:
             raise TypeError(
