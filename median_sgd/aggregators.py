@@ -42,7 +42,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from ._checks import check_sample_matrix, value_checks
-from .bgmd import BGmD, _column_stats, _select_from_squares, resolve_block_size
+from .bgmd import BGmD, column_stats, bgmd_step, resolve_block_size, take_columns, zero_columns
 from .medians import GeometricMedianResult, geometric_median
 
 __all__ = [
@@ -370,7 +370,7 @@ class _WorkersBGmD(BGmD):
     def _dropping_step(self, G, ok, m, k):
         count = ok.sum(-1, keepdim=True)  # (..., 1): the rows that count
         # scaled by s, s^2 (so they cannot overflow); the dropped rows are zero: they add nothing
-        s, colsum, sq = _column_stats(G)
+        s, colsum, sq = column_stats(G)
         if m is not None:  # A = G + 1 m^T over the rows that count
             ms_ = m.to(colsum.dtype) * s.unsqueeze(-1)
             colsum_a = colsum + count * ms_
@@ -378,38 +378,35 @@ class _WorkersBGmD(BGmD):
         else:
             colsum_a = colsum
         sq = torch.nan_to_num(sq, nan=torch.inf)  # an overflowed column (inf - inf) ranks first
-        idx = _select_from_squares(sq, k, self.mode, self.generator, self.power)  # (..., k)
-        if G.dim() == 2:
-            block = G.index_select(-1, idx)
-        else:
-            block = torch.gather(G, -1, idx.unsqueeze(-2).expand(*G.shape[:-1], k))
-        if m is not None:
-            block = block + torch.gather(m, -1, idx).unsqueeze(-2)
-        block_ok = ok & _finite_rows(block)
-        gm = geometric_median(_zero_dropped(block, block_ok), _gm_weights(block_ok, G.dtype),
-                              **self.gm_options)
-        update = G.new_zeros(sq.shape).scatter_(-1, idx, gm.median)
 
-        self._record(sq, idx, gm, G.dtype)
+        def block_median(idx):
+            block = take_columns(G, idx)
+            if m is not None:
+                block = block + torch.gather(m, -1, idx).unsqueeze(-2)
+            block_ok = ok & _finite_rows(block)
+            self.last_gm = geometric_median(_zero_dropped(block, block_ok), _gm_weights(block_ok, G.dtype),
+                                            **self.gm_options)
+            return self.last_gm.median
 
-        rule = self.memory_rule
-        if rule is None:
-            self.memory = None
-            return update
-        if rule == "mean":
-            new = colsum_a / (count.clamp_min(1) * s.unsqueeze(-1))  # exact unscaling (s = 2^k)
-        elif rule == "median":
-            # The coordinate-wise median commutes with adding m_j to a whole column.
-            med = _masked_coordinate_median(G, ok)
-            new = med if m is None else med + m
-        else:  # "gm": the residual rows A - C_k(A), which are zero on the block
-            A = G.clone() if m is None else G + m.unsqueeze(-2)
-            A.scatter_(-1, idx.unsqueeze(-2).expand(*A.shape[:-1], k), 0.0)
-            A_ok = ok & _finite_rows(A)
-            new = geometric_median(_zero_dropped(A, A_ok), _gm_weights(A_ok, G.dtype),
-                                   **self.gm_options).median
-        # a memory that overflowed saturates (the next step drops rows that overflow with it)
-        self.memory = torch.nan_to_num(new.to(G.dtype), nan=0.0).scatter_(-1, idx, 0.0)
+        def memory_of(idx):
+            rule = self.memory_rule
+            if rule == "mean":
+                new = colsum_a / (count.clamp_min(1) * s.unsqueeze(-1))  # exact unscaling (s = 2^k)
+            elif rule == "median":
+                # The coordinate-wise median commutes with adding m_j to a whole column.
+                med = _masked_coordinate_median(G, ok)
+                new = med if m is None else med + m
+            else:  # "gm": the residual rows A - C_k(A), which are zero on the block
+                A = zero_columns(G.clone() if m is None else G + m.unsqueeze(-2), idx)
+                A_ok = ok & _finite_rows(A)
+                new = geometric_median(_zero_dropped(A, A_ok), _gm_weights(A_ok, G.dtype),
+                                       **self.gm_options).median
+            # a memory that overflowed saturates (the next step drops rows that overflow with it)
+            return torch.nan_to_num(new.to(G.dtype), nan=0.0)
+
+        idx, update, self.memory = bgmd_step(sq, k, self.mode, self.generator, self.power,
+                                             block_median, memory_of if self.memory_rule else None)
+        self._record(sq, idx, self.last_gm, G.dtype)
         return update
 
 
