@@ -199,3 +199,10 @@ def check_real(
     if hi is not None and (value > hi or (hi_open and value == hi)):
         raise ValueError(f"{wanted}, got {x!r}")
     return value
+
+
+def check_generator(generator):
+    """``generator`` must be a ``torch.Generator`` or ``None`` (torch's global generator)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
