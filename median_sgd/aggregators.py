@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ._checks import ArgumentTypeError, check_choice, check_real, check_sample_matrix, value_checks
+from ._checks import ArgumentTypeError, check_choice, check_generator, check_real, check_sample_matrix, value_checks
 from .bgmd import MEMORY_RULES, MODES, BGmD, _column_stats, _select_from_squares, resolve_block_size
 from .medians import GeometricMedianResult, geometric_median
 
@@ -185,12 +185,6 @@ def _check_block_size(k):
     return k
 
 
-def _check_generator(generator):
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    return generator
-
-
 # Weiszfeld's options (:func:`median_sgd.geometric_median`, whose defaults these are)
 EPS = _real_option("eps", 1e-8, 0, lo_open=True, doc="smoothing floor, relative to the median distance")
 TOL = _real_option("tol", 1e-6, 0, doc="stopping tolerance of the optimality test")
@@ -210,7 +204,7 @@ K = Option("k", 0.1, _check_block_size, "BGmD's block: int coordinates or float 
 MODE = _choice_option("mode", "norm", MODES, "BGmD's block choice (select_block)")
 MEMORY = _choice_option("memory", "mean", MEMORY_RULES, "BGmD's memory rule")
 POWER = _real_option("power", 2.0, 0, lo_open=True, doc="exponent of the column norms in 'norm' mode")
-GENERATOR = Option("generator", None, _check_generator, "BGmD's block sampler ('norm' mode)")
+GENERATOR = Option("generator", None, check_generator, "BGmD's block sampler ('norm' mode)")
 SEED = _real_option("seed", 0, integer=True, doc="the hook's block sampler seed, the same on every rank")
 F = _real_option("f", REQUIRED, 0, integer=True, label="f (the number of Byzantine rows)",
                  doc="Krum's assumed number of Byzantine rows")
