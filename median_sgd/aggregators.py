@@ -44,6 +44,14 @@ import torch
 
 from ._checks import ArgumentTypeError, check_choice, check_generator, check_real, check_sample_matrix, value_checks
 from .bgmd import MEMORY_RULES, MODES, BGmD, _column_stats, _select_from_squares, resolve_block_size
+from ._masked import (
+    finite_rows,
+    gm_weights,
+    masked_coordinate_median,
+    masked_mean,
+    masked_trimmed_mean,
+    zero_dropped,
+)
 from .medians import GeometricMedianResult, geometric_median
 
 __all__ = [
@@ -212,103 +220,6 @@ M = _real_option("m", 1, 1, integer=True, doc="Krum: rows averaged (multi-Krum)"
 
 
 # --------------------------------------------------------------------------------------------
-# Masked rules: the rows of a (..., n, d) matrix with a (..., n) mask of the rows that count.
-# Shapes never depend on the mask (no boolean indexing, no host synchronisation). On finite data
-# the mean, the medians, Krum and BGmD compute, operation for operation, what the plain functions
-# compute (bit for bit: the training chapters' outputs depend on it); the trimmed mean sums the
-# same values in another order.
-
-
-def _finite_rows(G: torch.Tensor) -> torch.Tensor:
-    """``(..., n)`` bool: the rows of ``G`` whose entries are all finite (their largest magnitude
-    is: NaN and inf propagate through it; one pass, no mask of ``G``'s size)."""
-    return torch.isfinite(G.abs().amax(-1))
-
-
-def _zero_dropped(G: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """``G`` with the rows outside ``ok`` set to 0 (finite placeholders that get weight 0)."""
-    return torch.where(ok.unsqueeze(-1), G, 0)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _sum_rows_over(terms: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """``sum_i terms_i / count`` over dim -2, in the accumulation dtype; 0 where ``count`` is 0.
-
-    ``terms`` (..., n, d) holds 0 in the rows that do not count, ``count`` (..., 1) the number of
-    rows that do. Half precision is summed in float32. The plain ``sum / count`` (what ``mean``
-    computes, bit for bit) overflows only when the terms are huge; there the sum is redone from
-    ``terms / count``, each term at most ``max / count``, whose sum cannot overflow.
-    """
-    acc = _acc_dtype(terms.dtype)
-    safe = count.clamp_min(1)
-    fast = terms.sum(-2, dtype=acc) / safe
-    scaled = (terms.to(acc) / safe.unsqueeze(-1)).sum(-2)
-    out = torch.where(torch.isfinite(fast), fast, scaled)
-    return torch.where(count > 0, out, 0)
-
-
-def _masked_mean(G: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """``mean_{i: ok_i} G_i`` (..., d) in ``G``'s dtype; 0 where no row is ok."""
-    count = ok.sum(-1, keepdim=True)
-    return _sum_rows_over(_zero_dropped(G, ok), count).to(G.dtype)
-
-
-def _sorted_with_dropped_last(G: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """Every column of ``G`` sorted, the rows outside ``ok`` moved to the end (as +inf)."""
-    return torch.where(ok.unsqueeze(-1), G, torch.inf).sort(dim=-2).values
-
-
-def _masked_coordinate_median(G: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """``median_{i: ok_i} G_ij`` per coordinate (..., d); the mean of the two middle values for an
-    even count (as :func:`median_sgd.coordinate_median`); 0 where no row is ok.
-
-    The middle of two values is ``(a + b) / 2``, or ``a / 2 + b / 2`` where ``a + b`` overflows.
-    """
-    n, d = G.shape[-2], G.shape[-1]
-    m = ok.sum(-1, keepdim=True)  # (..., 1) rows that count
-    s = _sorted_with_dropped_last(G, ok)
-    lower = torch.div(m - 1, 2, rounding_mode="floor").clamp_min(0)
-    upper = torch.div(m, 2, rounding_mode="floor").clamp_max(n - 1)
-    shape = (*G.shape[:-2], 1, d)
-    a = s.gather(-2, lower.unsqueeze(-1).expand(shape)).squeeze(-2)
-    b = s.gather(-2, upper.unsqueeze(-1).expand(shape)).squeeze(-2)
-    mid = (a + b) / 2
-    mid = torch.where(torch.isfinite(mid), mid, a / 2 + b / 2)
-    return torch.where(m > 0, mid, 0)
-
-
-def _masked_trimmed_mean(G: torch.Tensor, ok: torch.Tensor, t: int) -> torch.Tensor:
-    """Per coordinate, the mean of the ok values after dropping ``min(t, (m - 1) // 2)`` of them
-    at each end (``m`` ok rows, ``t = floor(trim n)`` for all ``n`` rows); 0 where no row is ok.
-
-    Dropped rows do not lower the number trimmed: the rule still tolerates ``t`` bad values that
-    look finite, however many others were dropped, as long as one value is left (down to the
-    median when fewer than ``2 t + 1`` rows remain).
-    """
-    n = G.shape[-2]
-    m = ok.sum(-1, keepdim=True)  # (..., 1)
-    if t == 0:
-        return _masked_mean(G, ok)
-    trimmed = torch.minimum(torch.div(m - 1, 2, rounding_mode="floor").clamp_min(0),
-                            torch.full_like(m, t))
-    s = _sorted_with_dropped_last(G, ok)
-    pos = torch.arange(n, device=G.device)
-    keep = (pos >= trimmed) & (pos < m - trimmed)  # (..., n): positions t .. m - t - 1
-    terms = torch.where(keep.unsqueeze(-1), s, 0)
-    return _sum_rows_over(terms, m - 2 * trimmed).to(G.dtype)
-
-
-def _gm_weights(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Weights for :func:`geometric_median`: 1 on the ok rows, 0 elsewhere; all 1 where no row is
-    ok (the rows are then zeroed placeholders, whose median is 0)."""
-    w = ok.to(dtype)
-    return torch.where(ok.any(-1, keepdim=True), w, torch.ones_like(w))
-
-
-# --------------------------------------------------------------------------------------------
 # The aggregators
 
 
@@ -334,7 +245,7 @@ class Aggregator:
         """Check the shape and dtype of ``G``; its finite rows (counted in ``last_dropped``)."""
         with value_checks(False):  # NaN and Inf are data here, not a caller's error
             check_sample_matrix(G)
-        ok = _finite_rows(G)
+        ok = finite_rows(G)
         self.last_dropped = G.shape[-2] - ok.sum(-1)
         return ok
 
@@ -345,7 +256,7 @@ class Mean(Aggregator):
     name = "mean"
 
     def __call__(self, G):
-        return _masked_mean(G, self._rows(G))
+        return masked_mean(G, self._rows(G))
 
 
 class CoordinateMedian(Aggregator):
@@ -355,7 +266,7 @@ class CoordinateMedian(Aggregator):
     name = "cmd"
 
     def __call__(self, G):
-        return _masked_coordinate_median(G, self._rows(G))
+        return masked_coordinate_median(G, self._rows(G))
 
 
 class GeometricMedian(Aggregator):
@@ -375,7 +286,7 @@ class GeometricMedian(Aggregator):
 
     def __call__(self, G):
         ok = self._rows(G)
-        self.last_gm = geometric_median(_zero_dropped(G, ok), _gm_weights(ok, G.dtype),
+        self.last_gm = geometric_median(zero_dropped(G, ok), gm_weights(ok, G.dtype),
                                         **self.gm_options)
         return self.last_gm.median
 
@@ -389,7 +300,7 @@ class GeometricMedian(Aggregator):
 class TrimmedMean(Aggregator):
     """Per coordinate, the mean of the finite rows' values after dropping ``floor(trim n)`` at each
     end (``n`` all rows: dropped rows do not lower the number trimmed, see
-    :func:`_masked_trimmed_mean`; at least one value is kept)."""
+    :func:`masked_trimmed_mean`; at least one value is kept)."""
 
     name = "trimmed_mean"
 
@@ -398,7 +309,7 @@ class TrimmedMean(Aggregator):
 
     def __call__(self, G):
         ok = self._rows(G)
-        return _masked_trimmed_mean(G, ok, int(math.floor(self.trim * G.shape[-2])))
+        return masked_trimmed_mean(G, ok, int(math.floor(self.trim * G.shape[-2])))
 
     def __repr__(self) -> str:
         return f"TrimmedMean(trim={self.trim!r})"
@@ -420,7 +331,7 @@ def _krum_scores(G: torch.Tensor, f: int, ok: torch.Tensor) -> torch.Tensor:
     given); ``inf`` for the rows outside ``ok``."""
     n = G.shape[-2]
     work = G if G.dtype in (torch.float32, torch.float64) else G.float()
-    work = _zero_dropped(work, ok)
+    work = zero_dropped(work, ok)
     sq = torch.cdist(work, work).square()  # (..., n, n)
     # Exclude i itself and the dropped rows: push them to +inf (also a distance that overflowed
     # to NaN in cdist's ||a||^2 + ||b||^2 - 2 a.b), then the n - f - 2 smallest of each row.
@@ -452,7 +363,7 @@ def _krum(G: torch.Tensor, f: int, m: int, ok: torch.Tensor) -> torch.Tensor:
     scores = _krum_scores(G, _check_f(f, n), ok)
     best = torch.topk(scores, m, dim=-1, largest=False).indices  # (..., m)
     rows = torch.gather(G, -2, best.unsqueeze(-1).expand(*best.shape, G.shape[-1]))
-    return _masked_mean(rows, torch.gather(ok, -1, best))
+    return masked_mean(rows, torch.gather(ok, -1, best))
 
 
 def krum(G: torch.Tensor, f: int, m: int = 1) -> torch.Tensor:
@@ -478,6 +389,11 @@ class Krum(Aggregator):
 
     def __repr__(self) -> str:
         return f"Krum(f={self.f}, m={self.m})"
+
+
+# _WorkersBGmD's names of the masked rules (the class is moving into the Weiszfeld core)
+_finite_rows, _zero_dropped, _gm_weights = finite_rows, zero_dropped, gm_weights
+_masked_coordinate_median = masked_coordinate_median
 
 
 class _WorkersBGmD(BGmD):

@@ -61,7 +61,8 @@ import torch.distributed as dist
 
 from ._checks import check_float_tensor, value_checks
 from ._numerics import scaled_l2_norm
-from .aggregators import _masked_coordinate_median, _masked_trimmed_mean, get_rule, place_defaults
+from ._masked import masked_coordinate_median, masked_trimmed_mean
+from .aggregators import get_rule, place_defaults
 from .bgmd import _select_from_squares, resolve_block_size
 
 __all__ = ["RULES", "RobustHook", "robust_hook", "SimulatedRanks"]
@@ -388,9 +389,9 @@ class RobustHook:
         ok = received[..., c] > 0.5  # (..., world): which ranks' buckets are finite
         shards = received[..., :c]
         if (rule or self.spec.name) == "coordinate_median":
-            mine = _masked_coordinate_median(shards, ok)
+            mine = masked_coordinate_median(shards, ok)
         else:
-            mine = _masked_trimmed_mean(shards, ok, int(math.floor(self.trim * world)))
+            mine = masked_trimmed_mean(shards, ok, int(math.floor(self.trim * world)))
         return ranks.gather_shards(mine)[..., :n], (~ok).sum(-1)
 
     def _geometric_median(self, y, good, ranks):
