@@ -231,6 +231,14 @@ class Attack:
     kind: ClassVar[str] = "none"
     name: ClassVar[str] = "none"
 
+    def __init_subclass__(cls, *, kind: Optional[str] = None, name: Optional[str] = None,
+                          **kwargs) -> None:
+        # a rule says where it acts and its name in its class line, class X(Attack, kind=...);
+        # a subclass that says nothing keeps its parent's
+        super().__init_subclass__(**kwargs)
+        cls.kind = cls.kind if kind is None else kind
+        cls.name = cls.name if name is None else name
+
     def __post_init__(self):
         _check_psi(self.psi)
         for field in ("scale", "std"):
@@ -274,61 +282,51 @@ class NoAttack(Attack):
 
 
 @dataclass(frozen=True)
-class ScaledBitFlip(Attack):
+class ScaledBitFlip(Attack, kind="gradient", name="bit_flip"):
     """:func:`scaled_bit_flip` on a fresh ``psi``-fraction of the rows: ``g <- -scale g``."""
 
     scale: float = 100.0
-    kind: ClassVar[str] = "gradient"
-    name: ClassVar[str] = "bit_flip"
 
     def _gradients(self, G, mask, generator):
         return scaled_bit_flip(G, mask, self.scale)
 
 
 @dataclass(frozen=True)
-class GradientNoise(Attack):
+class GradientNoise(Attack, kind="gradient", name="gradient_noise"):
     """:func:`gaussian_gradient_noise` on a fresh ``psi``-fraction of the rows: ``g <- g + N(0, std^2)``."""
 
     std: float = 10.0
-    kind: ClassVar[str] = "gradient"
-    name: ClassVar[str] = "gradient_noise"
 
     def _gradients(self, G, mask, generator):
         return gaussian_gradient_noise(G, mask, self.std, generator=generator)
 
 
 @dataclass(frozen=True)
-class FeatureNoise(Attack):
+class FeatureNoise(Attack, kind="feature", name="feature_noise"):
     """:func:`gaussian_feature_noise` on a fresh ``psi``-fraction of the samples."""
 
     std: float = 10.0
     clip: Optional[Tuple[float, float]] = (0.0, 1.0)
-    kind: ClassVar[str] = "feature"
-    name: ClassVar[str] = "feature_noise"
 
     def _batch(self, x, y, mask, generator):
         return gaussian_feature_noise(x, mask, self.std, clip=self.clip, generator=generator), y
 
 
 @dataclass(frozen=True)
-class ImpulseNoise(Attack):
+class ImpulseNoise(Attack, kind="feature", name="impulse"):
     """:func:`salt_and_pepper` (90% of the pixels) on a fresh ``psi``-fraction of the samples."""
 
     amount: float = 0.9
-    kind: ClassVar[str] = "feature"
-    name: ClassVar[str] = "impulse"
 
     def _batch(self, x, y, mask, generator):
         return salt_and_pepper(x, mask, self.amount, generator=generator), y
 
 
 @dataclass(frozen=True)
-class Backdoor(Attack):
+class Backdoor(Attack, kind="label", name="backdoor"):
     """:func:`backdoor` on a fresh ``psi``-fraction of the samples: their label becomes ``target``."""
 
     target: int = 8
-    kind: ClassVar[str] = "label"
-    name: ClassVar[str] = "backdoor"
 
     def _batch(self, x, y, mask, generator):
         return x, backdoor(y, mask, self.target)

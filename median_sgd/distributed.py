@@ -504,28 +504,24 @@ def _distance_floor(dist, ok, z, eps, rounding):
 def robust_hook(rule: str, **options) -> RobustHook:
     """A DDP communication hook that aggregates each gradient bucket robustly across ranks.
 
-    ``ddp_model.register_comm_hook(None, robust_hook("gm"))``. ``rule`` and its options:
+    ``ddp_model.register_comm_hook(None, robust_hook("gm"))``. The rules, their other names
+    (``"geometric_median"`` for ``"gm"``, ``"cmd"``, ...), options and defaults are those of
+    :data:`median_sgd.aggregators.REGISTRY` for the ``"hook"`` (``rule.differences`` says why
+    some defaults differ from :func:`~median_sgd.aggregators.make_aggregator`'s):
 
-    * ``"mean"``: the all-reduce mean (DDP's default behaviour);
-    * ``"coordinate_median"``: per coordinate, the median over ranks (mean of the two middle
-      values for an even world size);
-    * ``"trimmed_mean"``: per coordinate, the mean after dropping ``floor(trim * world_size)``
-      values at each end; ``trim=0.25``;
-    * ``"gm"``: the geometric median of the ranks' bucket vectors by Weiszfeld rounds of
-      all-reduce, with :func:`median_sgd.geometric_median`'s ``eps=1e-8`` (relative smoothing),
-      ``tol=1e-6`` and ``max_iter=8``; ``fixed_iter=True`` (default) always runs ``max_iter``
-      rounds, with no host synchronisation, ``False`` stops once the (all-reduced, hence
-      identical) optimality test passes. ``init="median"`` (default) starts from the
-      coordinate-wise median (robust: the rounds needed do not grow with how far a Byzantine
-      rank's vector is), ``init="mean"`` from the mean (exactly
-      :func:`median_sgd.geometric_median`'s iteration, and RFA's);
-    * ``"bgmd"``: per bucket, ``k`` coordinates (an int, or a float fraction of the bucket:
-      ``k=0.1``) chosen by ``mode`` (``"topk"``: the largest column norms, default; ``"norm"``:
-      norm-proportional sampling with a generator seeded by ``seed`` on every rank; ``power`` as
-      in :func:`median_sgd.select_block`) get the geometric median (the ``"gm"`` options apply),
-      the others go to a memory: ``memory="median"`` (default: the coordinate-wise median over
-      ranks of the memory-augmented gradients), ``"mean"`` (the paper's rule: their mean, which a
-      Byzantine rank controls; see the chapter) or ``None``.
+    * ``"mean"``: the all-reduce mean (DDP's default); ``"coordinate_median"``: per coordinate,
+      the median over ranks; ``"trimmed_mean"``: per coordinate, the mean after dropping
+      ``floor(trim * world_size)`` values at each end (``trim=0.25``);
+    * ``"gm"``: the geometric median by Weiszfeld rounds of all-reduce (``eps=1e-8``,
+      ``tol=1e-6`` as in :func:`median_sgd.geometric_median`; ``max_iter=8`` rounds, all of them
+      with ``fixed_iter=True``, no host synchronisation; ``False`` stops once the all-reduced
+      optimality test passes), from the coordinate-wise median (``init="median"``: the rounds
+      needed do not grow with how far a Byzantine rank is) or the mean (``"mean"``, RFA's);
+    * ``"bgmd"``: per bucket, ``k`` coordinates (int, or fraction: ``k=0.1``) chosen by ``mode``
+      (``"topk"``; ``"norm"`` samples them with a generator seeded by ``seed`` on every rank,
+      ``power`` as in :func:`median_sgd.select_block`) get the geometric median (the ``"gm"``
+      options apply), the others go to a memory: ``memory="median"`` (the coordinate-wise median
+      over ranks), ``"mean"`` (the paper's, which one Byzantine rank controls) or ``None``.
 
     Every rule drops a rank whose bucket holds a NaN or an Inf (weight 0 in that bucket, the same
     on every rank, counted in ``hook.stats["dropped"]``; for ``"bgmd"``, a bucket that overflows
