@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -120,6 +121,9 @@ class Rule:
     aliases: Tuple[str, ...] = ()
     options: Mapping[str, Tuple[Option, ...]] = field(default_factory=dict, hash=False)
     differences: str = ""
+
+    def __post_init__(self) -> None:  # read-only, like the record itself
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
     @property
     def names(self) -> Tuple[str, ...]:

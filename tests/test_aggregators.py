@@ -292,6 +292,8 @@ def test_registry_every_name_resolves_to_one_rule():
         assert get_rule(name, "hook")
     assert set(AGGREGATORS) == {n for r in REGISTRY.values() if "aggregator" in r.places
                                 for n in r.names}
+    with pytest.raises(TypeError):  # read-only: no caller changes a rule for everyone
+        REGISTRY["bgmd"].options["hook"] = ()  # type: ignore[index]
 
 
 def test_registry_options_have_one_default_per_place_and_differences_are_documented():
