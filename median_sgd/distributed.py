@@ -59,24 +59,18 @@ from typing import Dict, Hashable, Optional
 import torch
 import torch.distributed as dist
 
-from ._checks import check_choice, check_float_tensor, value_checks
-from .aggregators import _masked_coordinate_median, _masked_trimmed_mean
-from .bgmd import MODES as BLOCK_MODES
+from ._checks import check_float_tensor, value_checks
+from ._masked import masked_coordinate_median, masked_trimmed_mean
+from .aggregators import get_rule, place_defaults
 from .bgmd import bgmd_step, resolve_block_size
 from .weiszfeld import CollectiveCounter, ProcessGroupRanks, SimulatedRanks, ranks_weiszfeld
 
 __all__ = ["RULES", "RobustHook", "robust_hook", "SimulatedRanks"]
 
+# The hook's names of its rules; the registry (median_sgd.aggregators.REGISTRY) holds their
+# options and defaults, and also takes the other names of each ("geometric_median" for "gm").
 RULES = ("mean", "coordinate_median", "trimmed_mean", "gm", "bgmd")
-MEMORY_RULES = ("median", "mean", None)
-_OPTIONS = {
-    "mean": (),
-    "coordinate_median": (),
-    "trimmed_mean": ("trim",),
-    "gm": ("init", "eps", "tol", "max_iter", "fixed_iter"),
-    "bgmd": ("k", "mode", "memory", "seed", "power", "init", "eps", "tol", "max_iter",
-             "fixed_iter"),
-}
+_DEFAULTS = place_defaults("hook")
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,39 +95,20 @@ class RobustHook:
     """
 
     def __init__(self, rule: str, **options) -> None:
-        check_choice(rule, "rule", RULES)
-        unknown = sorted(set(options) - set(_OPTIONS[rule]))
-        if unknown:
-            raise TypeError(
-                f"unknown option(s) {unknown} for rule {rule!r}; expected some of {list(_OPTIONS[rule])}"
-            )
+        self.spec = get_rule(rule, "hook")
+        settings = {**_DEFAULTS, **self.spec.check(options, "hook")}
         self.rule = rule
-        self.trim = _trim(options.get("trim", 0.25))
-        self.eps = _positive(options.get("eps", 1e-8), "eps")
-        self.tol = _nonnegative(options.get("tol", 1e-6), "tol")
-        self.max_iter = _iterations(options.get("max_iter", 8))
-        self.fixed_iter = _flag(options.get("fixed_iter", True), "fixed_iter")
-        self.init = check_choice(options.get("init", "median"), "init", ("median", "mean"))
-        k = options.get("k", 0.1)
-        if isinstance(k, bool) or not isinstance(k, numbers.Real):
-            raise TypeError(f"k must be an int (coordinates per bucket) or a float fraction, got {k!r}")
-        if not isinstance(k, numbers.Integral):
-            resolve_block_size(k, 1)  # type: ignore[arg-type]  # validates the fraction
-        elif k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self.k = k
-        self.mode = check_choice(options.get("mode", "topk"), "mode", BLOCK_MODES)
-        self.memory_rule = check_choice(options.get("memory", "median"), "memory", MEMORY_RULES)
-        seed = options.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an integer, got {seed!r}")
-        self.seed = int(seed)
-        power = options.get("power", 2.0)
-        if isinstance(power, bool) or not isinstance(power, numbers.Real) or not (
-            math.isfinite(power) and power > 0  # type: ignore[operator]
-        ):
-            raise ValueError(f"power must be a finite number > 0, got {power!r}")
-        self.power = float(power)
+        self.trim: float = settings["trim"]
+        self.eps: float = settings["eps"]
+        self.tol: float = settings["tol"]
+        self.max_iter: int = settings["max_iter"]
+        self.fixed_iter: bool = settings["fixed_iter"]
+        self.init: str = settings["init"]
+        self.k = settings["k"]
+        self.mode: str = settings["mode"]
+        self.memory_rule: Optional[str] = settings["memory"]
+        self.seed: int = settings["seed"]
+        self.power: float = settings["power"]
         self.options = dict(options)
         self.memory: Dict[Hashable, torch.Tensor] = {}
         self._generators: Dict[torch.device, torch.Generator] = {}
@@ -219,8 +194,9 @@ class RobustHook:
     def _fingerprint(self) -> int:
         """A 56-bit hash of the rule and its effective options (the defaults filled in)."""
         attrs = {"memory": "memory_rule"}
-        values = tuple((name, getattr(self, attrs.get(name, name))) for name in _OPTIONS[self.rule])
-        return _hash56(repr((self.rule, values)))
+        values = tuple((o.name, getattr(self, attrs.get(o.name, o.name)))
+                       for o in self.spec.options_in("hook"))
+        return _hash56(repr((self.spec.name, values)))  # aliases of one rule match
 
     def _check_same_hook(self, x: torch.Tensor, ranks: "ProcessGroupRanks") -> None:
         """All-gather (rule and options, length, dtype) once; raise on every rank if they differ."""
@@ -250,13 +226,14 @@ class RobustHook:
     def _aggregate(self, x, ranks, key):
         work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         y = x.to(work)
-        if self.rule == "bgmd":
+        rule = self.spec.name
+        if rule == "bgmd":
             out, dropped = self._bgmd(y, ranks, key)
         else:
             good = _finite(y)
-            if self.rule == "mean":
+            if rule == "mean":
                 out, dropped = self._mean(y, good, ranks)
-            elif self.rule in ("coordinate_median", "trimmed_mean"):
+            elif rule in ("coordinate_median", "trimmed_mean"):
                 out, dropped = self._coordinatewise(y, good, ranks)
             else:
                 out, dropped = self._geometric_median(y, good, ranks)
@@ -296,10 +273,10 @@ class RobustHook:
         received = ranks.all_to_all(chunks)  # (..., world, c + 1): every rank's copy of my shard
         ok = received[..., c] > 0.5  # (..., world): which ranks' buckets are finite
         shards = received[..., :c]
-        if (rule or self.rule) == "coordinate_median":
-            mine = _masked_coordinate_median(shards, ok)
+        if (rule or self.spec.name) == "coordinate_median":
+            mine = masked_coordinate_median(shards, ok)
         else:
-            mine = _masked_trimmed_mean(shards, ok, int(math.floor(self.trim * world)))
+            mine = masked_trimmed_mean(shards, ok, int(math.floor(self.trim * world)))
         return ranks.gather_shards(mine)[..., :n], (~ok).sum(-1)
 
     def _geometric_median(self, y, good, ranks):
@@ -375,28 +352,24 @@ def _hash56(text: str) -> int:
 def robust_hook(rule: str, **options) -> RobustHook:
     """A DDP communication hook that aggregates each gradient bucket robustly across ranks.
 
-    ``ddp_model.register_comm_hook(None, robust_hook("gm"))``. ``rule`` and its options:
+    ``ddp_model.register_comm_hook(None, robust_hook("gm"))``. The rules, their other names
+    (``"geometric_median"`` for ``"gm"``, ``"cmd"``, ...), options and defaults are those of
+    :data:`median_sgd.aggregators.REGISTRY` for the ``"hook"`` (``rule.differences`` says why
+    some defaults differ from :func:`~median_sgd.aggregators.make_aggregator`'s):
 
-    * ``"mean"``: the all-reduce mean (DDP's default behaviour);
-    * ``"coordinate_median"``: per coordinate, the median over ranks (mean of the two middle
-      values for an even world size);
-    * ``"trimmed_mean"``: per coordinate, the mean after dropping ``floor(trim * world_size)``
-      values at each end; ``trim=0.25``;
-    * ``"gm"``: the geometric median of the ranks' bucket vectors by Weiszfeld rounds of
-      all-reduce, with :func:`median_sgd.geometric_median`'s ``eps=1e-8`` (relative smoothing),
-      ``tol=1e-6`` and ``max_iter=8``; ``fixed_iter=True`` (default) always runs ``max_iter``
-      rounds, with no host synchronisation, ``False`` stops once the (all-reduced, hence
-      identical) optimality test passes. ``init="median"`` (default) starts from the
-      coordinate-wise median (robust: the rounds needed do not grow with how far a Byzantine
-      rank's vector is), ``init="mean"`` from the mean (exactly
-      :func:`median_sgd.geometric_median`'s iteration, and RFA's);
-    * ``"bgmd"``: per bucket, ``k`` coordinates (an int, or a float fraction of the bucket:
-      ``k=0.1``) chosen by ``mode`` (``"topk"``: the largest column norms, default; ``"norm"``:
-      norm-proportional sampling with a generator seeded by ``seed`` on every rank; ``power`` as
-      in :func:`median_sgd.select_block`) get the geometric median (the ``"gm"`` options apply),
-      the others go to a memory: ``memory="median"`` (default: the coordinate-wise median over
-      ranks of the memory-augmented gradients), ``"mean"`` (the paper's rule: their mean, which a
-      Byzantine rank controls; see the chapter) or ``None``.
+    * ``"mean"``: the all-reduce mean (DDP's default); ``"coordinate_median"``: per coordinate,
+      the median over ranks; ``"trimmed_mean"``: per coordinate, the mean after dropping
+      ``floor(trim * world_size)`` values at each end (``trim=0.25``);
+    * ``"gm"``: the geometric median by Weiszfeld rounds of all-reduce (``eps=1e-8``,
+      ``tol=1e-6`` as in :func:`median_sgd.geometric_median`; ``max_iter=8`` rounds, all of them
+      with ``fixed_iter=True``, no host synchronisation; ``False`` stops once the all-reduced
+      optimality test passes), from the coordinate-wise median (``init="median"``: the rounds
+      needed do not grow with how far a Byzantine rank is) or the mean (``"mean"``, RFA's);
+    * ``"bgmd"``: per bucket, ``k`` coordinates (int, or fraction: ``k=0.1``) chosen by ``mode``
+      (``"topk"``; ``"norm"`` samples them with a generator seeded by ``seed`` on every rank,
+      ``power`` as in :func:`median_sgd.select_block`) get the geometric median (the ``"gm"``
+      options apply), the others go to a memory: ``memory="median"`` (the coordinate-wise median
+      over ranks), ``"mean"`` (the paper's, which one Byzantine rank controls) or ``None``.
 
     Every rule drops a rank whose bucket holds a NaN or an Inf (weight 0 in that bucket, the same
     on every rank, counted in ``hook.stats["dropped"]``; for ``"bgmd"``, a bucket that overflows
@@ -409,36 +382,3 @@ def robust_hook(rule: str, **options) -> RobustHook:
     """
     return RobustHook(rule, **options)
 
-
-def _trim(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 <= value < 0.5):  # type: ignore[operator]
-        raise ValueError(f"trim must be a number in [0, 0.5), got {value!r}")
-    return float(value)
-
-
-def _positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-        math.isfinite(value) and value > 0  # type: ignore[operator]
-    ):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _nonnegative(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-        math.isfinite(value) and value >= 0  # type: ignore[operator]
-    ):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _iterations(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def _flag(value, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return value

@@ -21,7 +21,6 @@ or ``fixed_iter=False`` for a geometric median), so they can run inside CUDA gra
 
 from __future__ import annotations
 
-import numbers
 from typing import Callable, List, Optional
 
 import torch
@@ -33,6 +32,7 @@ from ._param_groups import (CLIP21_RULES, MEDIAN_SGD_RULES, NONFINITE, CheckedOp
                             OneWorker, check_flag, check_lr, closure_loss, grads_of, lr_value,
                             nonnegative)
 from ._per_sample import sample_gradients
+from .aggregators import REGISTRY, get_rule
 from .estimators import METHODS, SCOPES, default_foreach, estimator_update, weight_step
 from .medians import coordinate_median, geometric_median, trimmed_mean
 
@@ -498,7 +498,7 @@ class SampleMedianSGD(CheckedOptimizer):
 
     @staticmethod
     def _aggregate(group: dict, samples: List[torch.Tensor], n: int) -> List[torch.Tensor]:
-        rule = group["aggregate"]
+        rule = get_rule(group["aggregate"], "optimizer").name  # an alias ("cmd", "gm") as well
         rows = [s.reshape(n, -1) for s in samples]
         if rule == "geometric_median" and group["scope"] == "global":
             G = torch.cat([r.to(rows[0]) for r in rows], dim=1) if len(rows) > 1 else rows[0]
@@ -526,17 +526,14 @@ _SAMPLE_OPTIONAL = {"scope": "global", "trim": 0.1, "gm_options": {"max_iter": 1
 
 def _check_sample_group(group: dict) -> None:
     _check_lr(group["lr"])
-    check_choice(group["aggregate"], "aggregate", AGGREGATES)
+    # the rules, their names and their options: the registry of median_sgd.aggregators
+    get_rule(group["aggregate"], "optimizer", what="aggregate")
     check_choice(group["scope"], "scope", SCOPES)
-    trim = group["trim"]
-    if isinstance(trim, bool) or not isinstance(trim, numbers.Real) or not (0.0 <= trim < 0.5):  # type: ignore[operator]
-        raise ValueError(f"trim must be a number in [0, 0.5), got {trim!r}")
+    REGISTRY["trimmed_mean"].check({"trim": group["trim"]}, "optimizer")
     options = group["gm_options"]
     if not isinstance(options, dict):
         raise TypeError(f"gm_options must be a dict, got {type(options).__name__}")
-    unknown = sorted(set(options) - set(_GM_OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown geometric_median option(s) {unknown}; expected some of {list(_GM_OPTIONS)}")
+    REGISTRY["geometric_median"].check(options, "optimizer")
     _number(group["weight_decay"], "weight_decay")
     _flag(group, "maximize")
 
