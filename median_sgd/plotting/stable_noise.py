@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import cm, colors
 
-from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style
+from ._style import COLUMN_WIDTH, estimator_style, panel_row
 
 __all__ = ["plot_final_error", "plot_convergence"]
 
@@ -82,12 +82,7 @@ def plot_convergence(
     Without ``axes`` the panels share one row of the book's column (constrained layout)."""
     if inv_alphas is None:
         inv_alphas = sorted({r["inv_alpha"] for r in curves})
-    if axes is None:
-        _, grid = plt.subplots(1, len(estimators), figsize=(COLUMN_WIDTH, ROW_HEIGHT),
-                               sharey=True, squeeze=False, layout="constrained")
-        axes = grid[0]
-    if len(axes) != len(estimators):
-        raise ValueError(f"got {len(axes)} axes for {len(estimators)} estimators")
+    axes = panel_row(axes, len(estimators), "estimators", sharey=True)
     norm = colors.Normalize(vmin=min(inv_alphas), vmax=max(inv_alphas))
     colormap = plt.get_cmap(cmap)
     for ax, name in zip(axes, estimators):
