@@ -24,6 +24,7 @@ __all__ = [
     "panel_grid",
     "draw_band",
     "log_ticks",
+    "label_axes",
     "scatter_scene",
 ]
 
@@ -180,6 +181,24 @@ def draw_band(ax, x: Sequence[float], center: Iterable[float], low: Iterable[flo
     ax.plot(x, center, color=color, **line_kw)
     if band:
         ax.fill_between(x, low, high, color=color, alpha=alpha, linewidth=0)
+
+
+def label_axes(ax, xlabel: Optional[str] = None, ylabel: Optional[str] = None, *,
+               title: Optional[str] = None, xscale: Optional[str] = None,
+               yscale: Optional[str] = None, grid: str = "major") -> None:
+    """A panel's scales, labels and title, and its light grid (at the ``grid`` ticks: "major",
+    "minor" or "both"). The scales are set first: setting a log scale resets the axis' ticks."""
+    if xscale is not None:
+        ax.set_xscale(xscale)
+    if yscale is not None:
+        ax.set_yscale(yscale)
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title)
+    ax.grid(True, which=grid, alpha=0.3)
 
 
 def log_ticks(ax, values: Sequence[float], labels: Sequence[str]) -> None:

@@ -8,7 +8,7 @@ from typing import Iterable, List, Optional, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style, figure_legend
+from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style, figure_legend, label_axes, one_axes
 
 __all__ = [
     "noise_style",
@@ -170,31 +170,23 @@ def plot_batch_size(records: List[dict], *, axes: Optional[Sequence[plt.Axes]] =
 
 def plot_clip21(result: dict, ax: Optional[plt.Axes] = None) -> plt.Axes:
     """``||grad f(x_t)||`` of GD, per-worker clipped GD and Clip21 (log scale)."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(0.75 * COLUMN_WIDTH, ROW_HEIGHT), layout="constrained")
+    ax = one_axes(ax, ROW_HEIGHT, width=0.75 * COLUMN_WIDTH)
     colors = {"GD": "tab:gray", "clipped GD": "tab:olive", "Clip21": estimator_style("VClip")["color"]}
     for name, values in result["grad_norm"].items():
         ax.plot(np.arange(len(values)), values.numpy(), label=name, color=colors.get(name))
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration $t$")
-    ax.set_ylabel(r"$\|\nabla f(x_t)\|_2$")
-    ax.grid(True, which="major", alpha=0.3)
+    label_axes(ax, "iteration $t$", r"$\|\nabla f(x_t)\|_2$", yscale="log")
     ax.legend()
     return ax
 
 
 def plot_centered_clipping(result: dict, ax: Optional[plt.Axes] = None) -> plt.Axes:
     """Distance of the centred-clipping iterates to the geometric median: median and max over seeds."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(0.75 * COLUMN_WIDTH, ROW_HEIGHT), layout="constrained")
+    ax = one_axes(ax, ROW_HEIGHT, width=0.75 * COLUMN_WIDTH)
     dist = result["distance"]
     t = np.arange(dist.shape[0])
     color = estimator_style("geometric median")["color"]
     ax.plot(t, dist.quantile(0.5, dim=-1).numpy(), color=color, label="median over seeds")
     ax.plot(t, dist.max(dim=-1).values.numpy(), color=color, linestyle="--", label="worst seed")
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration $t$")
-    ax.set_ylabel(r"$\|m_t - \mathrm{GM}\|_2$")
-    ax.grid(True, which="major", alpha=0.3)
+    label_axes(ax, "iteration $t$", r"$\|m_t - \mathrm{GM}\|_2$", yscale="log")
     ax.legend()
     return ax

@@ -11,6 +11,7 @@ from ._style import (
     COLUMN_WIDTH,
     ROW_HEIGHT,
     draw_band,
+    label_axes,
     estimator_style,
     figure_legend,
     log_ticks,
@@ -135,10 +136,8 @@ def plot_sgd_final_error(
     ax.axhline(_CEILING, color="gray", linewidth=0.8, linestyle=":")
     ax.text(ax.get_xlim()[0], _CEILING, r" $\geq 10^6$ (blown up)", va="bottom", fontsize=8,
             color="gray")
-    ax.set_yscale("log")
-    ax.set_xlabel(r"$1/\alpha$ (heavier tails to the right)")
-    ax.set_ylabel(r"final $\|w_T - w^\star\|_2$")
-    ax.grid(True, which="major", alpha=0.3)
+    label_axes(ax, r"$1/\alpha$ (heavier tails to the right)", r"final $\|w_T - w^\star\|_2$",
+               yscale="log")
     figure_legend([ax], ncol=3, frameon=False)
     return ax
 
@@ -167,11 +166,7 @@ def plot_sgd_curves(
             t_guide = np.array([t[-1] / 10, t[-1]], dtype=float)
             ax.plot(t_guide, 0.5 * min(ends) * (t_guide / t_guide[-1]) ** reference_slope, ":", color="gray",
                     linewidth=2, label=rf"$\propto t^{{{reference_slope:g}}}$")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("step $t$")
-        ax.set_title(rf"$\alpha = {alpha:g}$")
-        ax.grid(True, which="major", alpha=0.3)
+        label_axes(ax, "step $t$", title=rf"$\alpha = {alpha:g}$", xscale="log", yscale="log")
     axes[0].set_ylabel(r"$\|w_t - w^\star\|_2$")
     figure_legend(axes, ncol=4, frameon=False)
     return axes
@@ -190,11 +185,8 @@ def plot_sample_size(records: List[dict], ax: Optional[plt.Axes] = None) -> plt.
         ax.axvspan(min(finite) - 0.5, max(n) + 0.5, color="tab:green", alpha=0.08,
                    label=r"finite variance: $\alpha(k+1) > 2$")
     ax.axhline(_CEILING, color="gray", linewidth=0.8, linestyle=":")
-    ax.set_yscale("log")
+    label_axes(ax, "samples per step $n = 2k + 1$", r"final $\|w_T - w^\star\|_2$", yscale="log")
     ax.set_xticks(n)
-    ax.set_xlabel("samples per step $n = 2k + 1$")
-    ax.set_ylabel(r"final $\|w_T - w^\star\|_2$")
-    ax.grid(True, which="major", alpha=0.3)
     figure_legend([ax], ncol=2, frameon=False)
     return ax
 
@@ -245,10 +237,7 @@ def plot_gm_passes(records: List[dict], ax: Optional[plt.Axes] = None, *, floor:
         style = _GM_STYLES.get(method, {"color": "tab:gray", "marker": "o", "linestyle": "-"})
         draw_band(ax, p, [max(r["median"], floor) for r in rows], [max(r["q10"], floor) for r in rows],
                   [max(r["q90"], floor) for r in rows], alpha=0.12, label=method, markersize=3, **style)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("passes over the sample (Weiszfeld: iterations)")
-    ax.set_ylabel(r"$(f(m) - f^\star) / f^\star$")
-    ax.grid(True, which="major", alpha=0.3)
+    label_axes(ax, "passes over the sample (Weiszfeld: iterations)", r"$(f(m) - f^\star) / f^\star$",
+               xscale="log", yscale="log")
     figure_legend([ax], ncol=3, frameon=False)
     return ax
