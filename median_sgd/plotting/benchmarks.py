@@ -105,7 +105,8 @@ def machine_label(payload: dict) -> str:
     """The machine a suite ran on, in words: ``"AMD EPYC, 2 cores, 1 thread"`` or the GPU's name.
 
     Built from the payload's ``cpu``, ``cpu_count`` and ``threads`` on the CPU (the ``device``
-    string the harness writes says "1 threads"); the ``device`` string elsewhere.
+    string of results written before the harness said "1 thread" reads "1 threads"); the
+    ``device`` string elsewhere.
     """
     if payload.get("device_type") == "cpu" and "cpu" in payload:
         parts = [str(payload["cpu"])]
