@@ -8,7 +8,7 @@ from typing import Iterable, List, Optional, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style, figure_legend, label_axes, one_axes
+from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style, figure_legend, label_axes, names_in, one_axes
 
 __all__ = [
     "noise_style",
@@ -50,7 +50,7 @@ def plot_lp_errors(records: List[dict], *, rule: str, ax: Optional[plt.Axes] = N
         _, ax = plt.subplots(figsize=(0.6 * COLUMN_WIDTH, ROW_HEIGHT), layout="constrained")
     ps = sorted({r["p"] for r in records})
     x = np.arange(len(ps))
-    noises = list(dict.fromkeys(r["noise"] for r in records)) if noises is None else list(noises)
+    noises = names_in(records, "noise", noises)
     for noise in noises:
         rows = {r["p"]: r for r in _rows(records, rule=rule, noise=noise)}
         style = noise_style(noise)
@@ -86,7 +86,7 @@ def plot_lp_tradeoff(records: List[dict], *, rule: str, axes: Optional[Sequence[
     close points stay readable); ``p`` that never reach the threshold are drawn at ``steps``
     (if given) with open markers, or left out. Without ``axes`` the panels are a 2-column grid
     spanning the book's column, each with its own scales."""
-    noises = list(dict.fromkeys(r["noise"] for r in records)) if noises is None else list(noises)
+    noises = names_in(records, "noise", noises)
     if axes is None:
         n_rows = math.ceil(len(noises) / 2)
         _, grid = plt.subplots(n_rows, 2, figsize=(COLUMN_WIDTH, 2.3 * n_rows + 0.5), squeeze=False,

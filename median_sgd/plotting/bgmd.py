@@ -12,6 +12,7 @@ from ._style import (
     estimator_style,
     figure_legend,
     legend_entries,
+    names_in,
     one_axes,
     panel_grid,
     draw_band,
@@ -129,7 +130,7 @@ def plot_breakdown_curves(records: List[dict], mode: str, ax: Optional[plt.Axes]
     ``mode``, with the median over seeds of Minsker's bound on the geometric median's error."""
     rows = [r for r in records if r["mode"] == mode]
     ax = plot_quantile_curves(rows, "fraction", ax)
-    gm = sorted((r for r in rows if r["estimator"] == "geometric median"), key=lambda r: r["fraction"])
+    gm = select(rows, "fraction", estimator="geometric median")
     ax.plot([r["fraction"] for r in gm], [r["bound_median"] for r in gm], "k--", linewidth=1,
             label=r"bound $C_\psi\, r$ (median)")
     ax.set_xlabel(r"corrupted fraction $\psi$")
@@ -161,8 +162,7 @@ def plot_cost(records: List[dict], sweep: str, ax: Optional[plt.Axes] = None, *,
     slope-1 reference through the last point of the first method."""
     ax = one_axes(ax, 3.2)
     rows = [r for r in records if r.get("sweep") == sweep and "seconds" in r]
-    names = list(dict.fromkeys(r["method"] for r in rows)) if methods is None else list(methods)
-    for i, name in enumerate(names):
+    for i, name in enumerate(names_in(rows, "method", methods)):
         pts = sorted((r[sweep], r["seconds"]) for r in rows if r["method"] == name)
         xs, ys = np.array(pts).T
         ax.loglog(xs, ys, label=name, **method_style(name), markersize=5)
@@ -191,7 +191,7 @@ def plot_contraction(records: List[dict], profile: str, ax: Optional[plt.Axes] =
     (mean over the draws, 10-90% band) with the bound ``1 - k/d``, for one column profile."""
     ax = one_axes(ax, 3.2, width=4)
     rows = [r for r in records if r["profile"] == profile]
-    for name in dict.fromkeys(r["selection"] for r in rows):
+    for name in names_in(rows, "selection"):
         pts = select(rows, "beta", selection=name)
         style = _SELECTION_STYLE.get(name, {"color": "tab:gray", "marker": "o", "linestyle": "-"})
         draw_band(ax, [r["beta"] for r in pts], [r["mean"] for r in pts], [r["q10"] for r in pts],
@@ -267,10 +267,10 @@ def plot_residual_training(records: List[dict], setup: str, axes: Optional[Seque
     if axes is None:
         _, axes = plt.subplots(1, 3, figsize=(COLUMN_WIDTH, 2.6), layout="constrained")
     rows = [r for r in records if r["setup"] == setup]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = names_in(rows, "method")
     betas = [float(m.split("=")[1]) for m in methods if m.startswith("BGmD")]
     for m in methods:
-        pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["iteration"])
+        pts = select(rows, "iteration", method=m)
         it = [r["iteration"] for r in pts]
         if m.startswith("BGmD"):
             color, beta = _beta_color(m, betas), float(m.split("=")[1])
@@ -305,12 +305,11 @@ def plot_accuracy_vs_time(records: List[dict], attack: str, axes: Optional[Seque
     rows = [r for r in rows if r["seed"] == first_seed]
     psis = sorted({r["psi"] for r in rows if r["psi"] == 0 or r["attack"] == attack})
     panels = panel_grid(len(psis), axes, row_height=2.2, sharex=True, sharey=True)
-    names = list(dict.fromkeys(r["method"] for r in rows)) if methods is None else list(methods)
+    names = names_in(rows, "method", methods)
     for ax, psi in zip(panels, psis):
         wanted = "none" if psi == 0 else attack
         for name in names:
-            pts = sorted((r for r in rows if r["psi"] == psi and r["attack"] == wanted and r["method"] == name),
-                         key=lambda r: r["iteration"])
+            pts = select(rows, "iteration", psi=psi, attack=wanted, method=name)
             if not pts:
                 continue
             style = method_style(name)
@@ -354,10 +353,10 @@ def plot_ablation(records: List[dict], ax: Optional[plt.Axes] = None, *, experim
     Without ``ax``: a column-wide figure with the legend below the panel."""
     ax = one_axes(ax, 3.4)
     rows = [r for r in records if r.get("experiment", experiment) == experiment]
-    names = list(dict.fromkeys(r["method"] for r in rows))
+    names = names_in(rows, "method")
     betas = sorted({float(n.split()[1]) for n in names if n.startswith("BGmD")})
     for name in names:
-        pts = sorted((r for r in rows if r["method"] == name), key=lambda r: r["iteration"])
+        pts = select(rows, "iteration", method=name)
         if name.startswith("BGmD"):
             beta = float(name.split()[1])
             color = plt.cm.viridis(0.15 + 0.7 * betas.index(beta) / max(1, len(betas) - 1))
