@@ -10,6 +10,12 @@ from __future__ import annotations
 
 from typing import Iterable, List, Optional, Sequence
 
+import matplotlib as mpl
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.layout_engine import ConstrainedLayoutEngine
+from matplotlib.ticker import NullFormatter
+
 __all__ = [
     "COLUMN_WIDTH",
     "ROW_HEIGHT",
@@ -77,8 +83,6 @@ def book_style() -> None:
     at twice the resolution and displayed at their design width, so they stay sharp on
     high-resolution screens. Library users who never call it keep matplotlib's defaults.
     """
-    import matplotlib as mpl
-
     mpl.rcParams.update(_BOOK_RC)
     try:  # only inside an IPython kernel with the inline backend
         from IPython import get_ipython
@@ -107,8 +111,6 @@ def figure_legend(axes, ncol: int = 3, handles=None, labels=None, **kwargs) -> N
     drawn in only some panels still gets its entry); at most ``ncol`` columns, never more columns
     than entries. Other keywords go to ``legend``.
     """
-    from matplotlib.layout_engine import ConstrainedLayoutEngine
-
     axes = list(axes)
     if handles is None:
         handles, labels = legend_entries(axes)
@@ -136,8 +138,6 @@ def one_axes(ax, height: float, width: float = COLUMN_WIDTH, layout: Optional[st
     """``ax``, or else the axes of a new ``width`` x ``height`` inch figure (constrained layout,
     so a legend below it takes room of its own)."""
     if ax is None:
-        import matplotlib.pyplot as plt
-
         _, ax = plt.subplots(figsize=(width, height), layout=layout)
     return ax
 
@@ -146,8 +146,6 @@ def panel_row(axes, count: int, what: str, height: float = ROW_HEIGHT, **subplot
     """``axes`` (checked: one per panel, else ``ValueError`` naming ``what`` the panels show), or
     else a row of ``count`` panels spanning the book's column, with a constrained layout."""
     if axes is None:
-        import matplotlib.pyplot as plt
-
         _, grid = plt.subplots(1, count, figsize=(COLUMN_WIDTH, height), squeeze=False,
                                layout="constrained", **subplots_kw)
         axes = grid[0]
@@ -159,11 +157,7 @@ def panel_row(axes, count: int, what: str, height: float = ROW_HEIGHT, **subplot
 def panel_grid(panels: int, axes=None, row_height: float = ROW_HEIGHT, **subplots_kw):
     """``axes`` flattened, or else a column-wide figure of ``panels`` panels, at most 2 per row for
     4 panels and 3 otherwise, with room below for the legend (constrained layout)."""
-    import numpy as np
-
     if axes is None:
-        import matplotlib.pyplot as plt
-
         cols = 2 if panels == 4 else min(3, panels)
         rows = -(-panels // cols)
         _, grid = plt.subplots(rows, cols, figsize=(COLUMN_WIDTH, rows * row_height + 0.8),
@@ -203,8 +197,6 @@ def label_axes(ax, xlabel: Optional[str] = None, ylabel: Optional[str] = None, *
 
 def log_ticks(ax, values: Sequence[float], labels: Sequence[str]) -> None:
     """Ticks of a log x-axis at the swept ``values`` only, written as ``labels``."""
-    from matplotlib.ticker import NullFormatter
-
     ax.set_xticks(values)
     ax.set_xticklabels(labels)
     ax.xaxis.set_minor_formatter(NullFormatter())
