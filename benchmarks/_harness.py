@@ -82,7 +82,13 @@ def device_name(device: torch.device) -> str:
     """A human-readable name of the device the numbers were measured on."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    cores, threads = counted(os.cpu_count(), "core"), counted(torch.get_num_threads(), "thread")
+    return f"{cpu_model()} ({cores}, {threads})"
+
+
+def counted(k: Optional[int], noun: str) -> str:
+    """``k`` and ``noun``, plural unless ``k`` is 1: ``"1 thread"``, ``"2 threads"``."""
+    return f"{k} {noun}{'' if k == 1 else 's'}"
 
 
 def cpu_model() -> str:

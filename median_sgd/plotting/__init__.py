@@ -1,7 +1,8 @@
 """The figures the chapters draw: the only part of the library that imports matplotlib.
 
-One module per chapter (or experiment); shared colours and markers in ``_style``. Every name is
-re-exported here, so chapters write ``from median_sgd.plotting import plot_...``.
+One module per chapter (or experiment); shared colours, markers and drawing steps (rows and grids
+of panels, median lines with their bands, one legend per figure) in ``_style``. Every figure and
+style is re-exported here, so chapters write ``from median_sgd.plotting import plot_...``.
 """
 
 from ._glue import glue

@@ -105,7 +105,8 @@ def machine_label(payload: dict) -> str:
     """The machine a suite ran on, in words: ``"AMD EPYC, 2 cores, 1 thread"`` or the GPU's name.
 
     Built from the payload's ``cpu``, ``cpu_count`` and ``threads`` on the CPU (the ``device``
-    string the harness writes says "1 threads"); the ``device`` string elsewhere.
+    string of results written before the harness said "1 thread" reads "1 threads"); the
+    ``device`` string elsewhere.
     """
     if payload.get("device_type") == "cpu" and "cpu" in payload:
         parts = [str(payload["cpu"])]
@@ -140,6 +141,19 @@ def _plain_log_ticks(axis) -> None:
     axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(ticker.FuncFormatter(
         lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+
+
+def _size_axes(ax, sizes: Sequence[tuple], ylabel: str, title: str, log: Optional[str] = None) -> None:
+    """A panel of bars over the problem sizes ``(n, d)``: a size label under each group, a light
+    horizontal grid; ``log="log"``: a log y-axis, ``"plain"``: one with plain tick labels."""
+    if log is not None:
+        ax.set_yscale("log")
+    if log == "plain":
+        _plain_log_ticks(ax.yaxis)
+    ax.set_xticks(np.arange(len(sizes)), [_size_label(dict(n=n, d=d)) for n, d in sizes])
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, axis="y", which="major", alpha=0.3)
 
 
 def _figure(axes, ncols, height, **kw):
@@ -178,11 +192,8 @@ def plot_solver_times(rows: List[dict], axes: Optional[Sequence[plt.Axes]] = Non
                    color=color, hatch="//" if j else None,
                    edgecolor="white" if not j else "black", linewidth=0.5)
             k += 1
-    ax.set_yscale("log")
-    ax.set_xticks(x, [_size_label(dict(n=n, d=d)) for n, d in sizes])
-    ax.set_ylabel("seconds per solve (median)")
-    ax.set_title("time to the same objective value")
-    ax.grid(True, axis="y", which="major", alpha=0.3)
+    _size_axes(ax, sizes, "seconds per solve (median)", "time to the same objective value",
+               log="log")
     for j, scenario in enumerate(scenarios):
         vals = [next(r["ratio"] for r in rows if (r["n"], r["d"]) == s and r["scenario"] == scenario)
                 for s in sizes]
@@ -191,12 +202,8 @@ def plot_solver_times(rows: List[dict], axes: Optional[Sequence[plt.Axes]] = Non
                      linewidth=0.5)
     target = rows[0]["target"]
     ax_ratio.axhline(target, color="black", linestyle="--", linewidth=1)
-    ax_ratio.set_yscale("log")
-    _plain_log_ticks(ax_ratio.yaxis)
-    ax_ratio.set_xticks(x, [_size_label(dict(n=n, d=d)) for n, d in sizes])
-    ax_ratio.set_ylabel("speed-up over geom-median")
-    ax_ratio.set_title("speed-up (higher is better)")
-    ax_ratio.grid(True, axis="y", which="major", alpha=0.3)
+    _size_axes(ax_ratio, sizes, "speed-up over geom-median", "speed-up (higher is better)",
+               log="plain")
     handles = [Patch(color=color, label=label) for label, color, _ in _SOLVERS.values()]
     handles += _scenario_handles(scenarios)
     handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1,
@@ -240,17 +247,10 @@ def plot_hardware_floor(rows: List[dict], axes: Optional[Sequence[plt.Axes]] = N
     ax.axhline(target, color="black", linestyle="--", linewidth=1)
     handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1,
                           label=f"target: an iteration {target:g} copies"))
-    ax.set_yscale("log")
-    _plain_log_ticks(ax.yaxis)
-    ax.set_xticks(x, [_size_label(dict(n=n, d=d)) for n, d in sizes])
-    ax.set_ylabel("cost in copies of the matrix")
-    ax.set_title("cost vs. a copy (lower is better)")
-    ax.grid(True, axis="y", which="major", alpha=0.3)
+    _size_axes(ax, sizes, "cost in copies of the matrix", "cost vs. a copy (lower is better)",
+               log="plain")
     ax_frac.axhline(1.0, color="black", linestyle=":", linewidth=1)
-    ax_frac.set_xticks(x, [_size_label(dict(n=n, d=d)) for n, d in sizes])
-    ax_frac.set_ylabel("one read / one iteration")
-    ax_frac.set_title("fraction of the floor reached")
-    ax_frac.grid(True, axis="y", alpha=0.3)
+    _size_axes(ax_frac, sizes, "one read / one iteration", "fraction of the floor reached")
     fig.legend(handles=handles, loc="outside lower center", ncol=3)
     return axes
 

@@ -8,7 +8,7 @@ from typing import Iterable, List, Optional, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style, figure_legend
+from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style, figure_legend, label_axes, names_in, one_axes
 
 __all__ = [
     "noise_style",
@@ -50,7 +50,7 @@ def plot_lp_errors(records: List[dict], *, rule: str, ax: Optional[plt.Axes] = N
         _, ax = plt.subplots(figsize=(0.6 * COLUMN_WIDTH, ROW_HEIGHT), layout="constrained")
     ps = sorted({r["p"] for r in records})
     x = np.arange(len(ps))
-    noises = list(dict.fromkeys(r["noise"] for r in records)) if noises is None else list(noises)
+    noises = names_in(records, "noise", noises)
     for noise in noises:
         rows = {r["p"]: r for r in _rows(records, rule=rule, noise=noise)}
         style = noise_style(noise)
@@ -86,7 +86,7 @@ def plot_lp_tradeoff(records: List[dict], *, rule: str, axes: Optional[Sequence[
     close points stay readable); ``p`` that never reach the threshold are drawn at ``steps``
     (if given) with open markers, or left out. Without ``axes`` the panels are a 2-column grid
     spanning the book's column, each with its own scales."""
-    noises = list(dict.fromkeys(r["noise"] for r in records)) if noises is None else list(noises)
+    noises = names_in(records, "noise", noises)
     if axes is None:
         n_rows = math.ceil(len(noises) / 2)
         _, grid = plt.subplots(n_rows, 2, figsize=(COLUMN_WIDTH, 2.3 * n_rows + 0.5), squeeze=False,
@@ -170,31 +170,23 @@ def plot_batch_size(records: List[dict], *, axes: Optional[Sequence[plt.Axes]] =
 
 def plot_clip21(result: dict, ax: Optional[plt.Axes] = None) -> plt.Axes:
     """``||grad f(x_t)||`` of GD, per-worker clipped GD and Clip21 (log scale)."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(0.75 * COLUMN_WIDTH, ROW_HEIGHT), layout="constrained")
+    ax = one_axes(ax, ROW_HEIGHT, width=0.75 * COLUMN_WIDTH)
     colors = {"GD": "tab:gray", "clipped GD": "tab:olive", "Clip21": estimator_style("VClip")["color"]}
     for name, values in result["grad_norm"].items():
         ax.plot(np.arange(len(values)), values.numpy(), label=name, color=colors.get(name))
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration $t$")
-    ax.set_ylabel(r"$\|\nabla f(x_t)\|_2$")
-    ax.grid(True, which="major", alpha=0.3)
+    label_axes(ax, "iteration $t$", r"$\|\nabla f(x_t)\|_2$", yscale="log")
     ax.legend()
     return ax
 
 
 def plot_centered_clipping(result: dict, ax: Optional[plt.Axes] = None) -> plt.Axes:
     """Distance of the centred-clipping iterates to the geometric median: median and max over seeds."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(0.75 * COLUMN_WIDTH, ROW_HEIGHT), layout="constrained")
+    ax = one_axes(ax, ROW_HEIGHT, width=0.75 * COLUMN_WIDTH)
     dist = result["distance"]
     t = np.arange(dist.shape[0])
     color = estimator_style("geometric median")["color"]
     ax.plot(t, dist.quantile(0.5, dim=-1).numpy(), color=color, label="median over seeds")
     ax.plot(t, dist.max(dim=-1).values.numpy(), color=color, linestyle="--", label="worst seed")
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration $t$")
-    ax.set_ylabel(r"$\|m_t - \mathrm{GM}\|_2$")
-    ax.grid(True, which="major", alpha=0.3)
+    label_axes(ax, "iteration $t$", r"$\|m_t - \mathrm{GM}\|_2$", yscale="log")
     ax.legend()
     return ax

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ._style import COLUMN_WIDTH, estimator_style
+from ._style import (
+    COLUMN_WIDTH,
+    estimator_style,
+    figure_legend,
+    legend_entries,
+    names_in,
+    one_axes,
+    panel_grid,
+    draw_band,
+    scatter_scene,
+    select,
+)
 from .robust_mean import plot_quantile_curves
 
 __all__ = [
@@ -57,15 +68,11 @@ def _legend(ax: plt.Axes, legend: str, *, ncols: int = 3, fontsize: float = 8.5)
             old.remove()
     if legend == "axes":
         ax.legend(fontsize=fontsize)
-    elif legend == "figure":
-        seen: Dict[str, Any] = {}
-        for a in ax.figure.axes:
-            for h, label in zip(*a.get_legend_handles_labels()):
-                seen.setdefault(label, h)
-        loc: Literal["outside lower center", "lower center"] = (
-            "outside lower center" if ax.figure.get_layout_engine() is not None else "lower center")
-        ax.figure.legend(list(seen.values()), list(seen), loc=loc, ncols=ncols, fontsize=fontsize,
-                         frameon=False)
+    elif legend == "figure" and _constrained(ax):
+        figure_legend(ax.figure.axes, ncols, fontsize=fontsize, frameon=False)
+    elif legend == "figure":  # no room of its own below the panels: over their foot
+        ax.figure.legend(*legend_entries(ax.figure.axes), loc="lower center", ncols=ncols,
+                         fontsize=fontsize, frameon=False)
 
 
 def plot_gm_scenes(scenes: List[dict], axes: Optional[Sequence[plt.Axes]] = None, *, lim: float = 25.0,
@@ -73,17 +80,12 @@ def plot_gm_scenes(scenes: List[dict], axes: Optional[Sequence[plt.Axes]] = None
     """Fig. 5 of the BGmD paper: one panel per corrupted fraction, the points with the mean and
     the geometric median (:func:`plot_gm_zoom` draws the estimates close up)."""
     if axes is None:
-        _, axes = plt.subplots(2, (len(scenes) + 1) // 2, figsize=(6.6, 7.0), layout="constrained")
+        _, axes = plt.subplots(2, (len(scenes) + 1) // 2, figsize=(COLUMN_WIDTH, 7.0), layout="constrained")
     panels = np.atleast_1d(axes).ravel()
     for ax, scene in zip(panels, scenes):
-        pts, bad = scene["points"].numpy(), scene["is_bad"].numpy()
-        ax.scatter(pts[~bad, 0], pts[~bad, 1], s=6, color="tab:blue", alpha=0.5, label="uncorrupted")
-        ax.scatter(pts[bad, 0], pts[bad, 1], s=6, color="tab:gray", alpha=0.6, label="corrupted")
-        ax.scatter(*scene["true_mean"].numpy(), s=120, marker="*", color="black", zorder=5,
-                   label="population mean")
-        for name, est in scene["estimates"].items():
-            ax.scatter(*est.numpy(), s=55, zorder=6, edgecolor="white", linewidth=0.7,
-                       label=f"sample {name}", **estimator_style(name))
+        scatter_scene(ax, scene, "is_bad", (("uncorrupted", "tab:blue", 0.5),
+                                            ("corrupted", "tab:gray", 0.6)),
+                      size=6, star_size=120, estimate_size=55, edge_width=0.7)
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
@@ -98,8 +100,7 @@ def plot_gm_zoom(scenes: List[dict], ax: Optional[plt.Axes] = None, *, zoom: flo
     """Fig. 5 close up: the uncorrupted points of the first scene and, for every scene, its mean
     (cross) and geometric median (plus), labelled by the corrupted fraction, around the
     population mean (star)."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.6, 3.4), layout="constrained")
+    ax = one_axes(ax, 3.4)
     first = scenes[0]
     pts, bad = first["points"].numpy(), first["is_bad"].numpy()
     ax.scatter(pts[~bad, 0], pts[~bad, 1], s=6, color="tab:blue", alpha=0.35, label="uncorrupted")
@@ -129,7 +130,7 @@ def plot_breakdown_curves(records: List[dict], mode: str, ax: Optional[plt.Axes]
     ``mode``, with the median over seeds of Minsker's bound on the geometric median's error."""
     rows = [r for r in records if r["mode"] == mode]
     ax = plot_quantile_curves(rows, "fraction", ax)
-    gm = sorted((r for r in rows if r["estimator"] == "geometric median"), key=lambda r: r["fraction"])
+    gm = select(rows, "fraction", estimator="geometric median")
     ax.plot([r["fraction"] for r in gm], [r["bound_median"] for r in gm], "k--", linewidth=1,
             label=r"bound $C_\psi\, r$ (median)")
     ax.set_xlabel(r"corrupted fraction $\psi$")
@@ -141,8 +142,7 @@ def plot_breakdown_curves(records: List[dict], mode: str, ax: Optional[plt.Axes]
 def plot_gap_traces(traces: Dict[str, Iterable[float]], ax: Optional[plt.Axes] = None, *,
                     legend: str = "axes") -> plt.Axes:
     """Relative objective gap ``f(z_k)/f* - 1`` against the iteration ``k``, one curve per label."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.6, 3.2), layout="constrained")
+    ax = one_axes(ax, 3.2)
     for i, (label, gaps) in enumerate(traces.items()):
         gaps = np.asarray(list(gaps), dtype=float)
         ks = np.arange(len(gaps))
@@ -160,11 +160,9 @@ def plot_cost(records: List[dict], sweep: str, ax: Optional[plt.Axes] = None, *,
               methods: Optional[Iterable[str]] = None, legend: str = "axes") -> plt.Axes:
     """Measured seconds against the swept size (log-log), one line per method, with a dashed
     slope-1 reference through the last point of the first method."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.6, 3.2), layout="constrained")
+    ax = one_axes(ax, 3.2)
     rows = [r for r in records if r.get("sweep") == sweep and "seconds" in r]
-    names = list(dict.fromkeys(r["method"] for r in rows)) if methods is None else list(methods)
-    for i, name in enumerate(names):
+    for i, name in enumerate(names_in(rows, "method", methods)):
         pts = sorted((r[sweep], r["seconds"]) for r in rows if r["method"] == name)
         xs, ys = np.array(pts).T
         ax.loglog(xs, ys, label=name, **method_style(name), markersize=5)
@@ -191,17 +189,14 @@ def plot_contraction(records: List[dict], profile: str, ax: Optional[plt.Axes] =
                      legend: str = "axes", ylabel: bool = True) -> plt.Axes:
     """Lemma 1: the relative residual ``1 - xi`` against ``beta = k/d`` for every selection rule
     (mean over the draws, 10-90% band) with the bound ``1 - k/d``, for one column profile."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(4, 3.2), layout="constrained")
+    ax = one_axes(ax, 3.2, width=4)
     rows = [r for r in records if r["profile"] == profile]
-    for name in dict.fromkeys(r["selection"] for r in rows):
-        pts = sorted((r for r in rows if r["selection"] == name), key=lambda r: r["beta"])
-        xs = [r["beta"] for r in pts]
+    for name in names_in(rows, "selection"):
+        pts = select(rows, "beta", selection=name)
         style = _SELECTION_STYLE.get(name, {"color": "tab:gray", "marker": "o", "linestyle": "-"})
-        ax.plot(xs, [r["mean"] for r in pts], label=name, markersize=4, **style)
-        if name != "topk":
-            ax.fill_between(xs, [r["q10"] for r in pts], [r["q90"] for r in pts],
-                            color=style["color"], alpha=0.12, linewidth=0)
+        draw_band(ax, [r["beta"] for r in pts], [r["mean"] for r in pts], [r["q10"] for r in pts],
+                  [r["q90"] for r in pts], band=name != "topk", alpha=0.12, label=name,
+                  markersize=4, **style)
     bound = sorted({(r["beta"], r["bound"]) for r in rows})
     ax.plot(*zip(*bound), "k-", linewidth=1.2, alpha=0.6, label=r"bound $1 - k/d$")
     ax.set_xscale("log")
@@ -218,8 +213,7 @@ def plot_memory_identity(runs: Dict[str, List[dict]], ax: Optional[plt.Axes] = N
                          floor: float = 1e-18, legend: str = "axes") -> plt.Axes:
     """Lemma 5: ``||x_t - x~_t - m_t|| / max ||m||`` along BGmD runs, with the virtual sequence
     built from averages over all rows (solid) and over the good rows only (dashed)."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.6, 3.2), layout="constrained")
+    ax = one_axes(ax, 3.2)
     for i, (label, rows) in enumerate(runs.items()):
         color = plt.cm.tab10(i)
         ts = [r["t"] for r in rows]
@@ -238,8 +232,7 @@ def plot_bgmd_cost(records: List[dict], solver: str, ax: Optional[plt.Axes] = No
                    legend: str = "axes", ylabel: bool = True) -> plt.Axes:
     """Proposition 1 measured: seconds per aggregation against ``beta = k/d`` for BGmD and its two
     parts (block selection, Gm of the block), with GmD and the mean as horizontal lines."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(4, 3.2), layout="constrained")
+    ax = one_axes(ax, 3.2, width=4)
     styles = {"BGmD": method_style("BGmD"),
               "block selection": {"color": "tab:gray", "marker": "s"},
               "Gm of the block": {"color": "tab:olive", "marker": "^"}}
@@ -272,12 +265,12 @@ def plot_residual_training(records: List[dict], setup: str, axes: Optional[Seque
     the bound ``1 - beta``), (b) test accuracy and (c) training loss against the iteration, for
     BGmD with several ``beta = k/d`` and SGD."""
     if axes is None:
-        _, axes = plt.subplots(1, 3, figsize=(6.6, 2.6), layout="constrained")
+        _, axes = plt.subplots(1, 3, figsize=(COLUMN_WIDTH, 2.6), layout="constrained")
     rows = [r for r in records if r["setup"] == setup]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = names_in(rows, "method")
     betas = [float(m.split("=")[1]) for m in methods if m.startswith("BGmD")]
     for m in methods:
-        pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["iteration"])
+        pts = select(rows, "iteration", method=m)
         it = [r["iteration"] for r in pts]
         if m.startswith("BGmD"):
             color, beta = _beta_color(m, betas), float(m.split("=")[1])
@@ -307,21 +300,16 @@ def plot_accuracy_vs_time(records: List[dict], attack: str, axes: Optional[Seque
     corrupted fraction (the clean runs in the first panel), one line per method (seed 0). A run
     that diverged ends with a cross at 0. Without ``axes``: a column-wide figure (two rows of two
     panels for the paper's four fractions) with one legend below the panels."""
-    from .bgmd_memory import _grid
-
     rows = [r for r in records if r.get("experiment", experiment) == experiment]
     first_seed = min(r["seed"] for r in rows)
     rows = [r for r in rows if r["seed"] == first_seed]
     psis = sorted({r["psi"] for r in rows if r["psi"] == 0 or r["attack"] == attack})
-    if axes is None:
-        axes = _grid(len(psis), row_height=2.2, sharex=True, sharey=True)
-    panels = np.atleast_1d(axes).ravel()
-    names = list(dict.fromkeys(r["method"] for r in rows)) if methods is None else list(methods)
+    panels = panel_grid(len(psis), axes, row_height=2.2, sharex=True, sharey=True)
+    names = names_in(rows, "method", methods)
     for ax, psi in zip(panels, psis):
         wanted = "none" if psi == 0 else attack
         for name in names:
-            pts = sorted((r for r in rows if r["psi"] == psi and r["attack"] == wanted and r["method"] == name),
-                         key=lambda r: r["iteration"])
+            pts = select(rows, "iteration", psi=psi, attack=wanted, method=name)
             if not pts:
                 continue
             style = method_style(name)
@@ -363,13 +351,12 @@ def plot_ablation(records: List[dict], ax: Optional[plt.Axes] = None, *, experim
     """Fig. 6 of the BGmD paper: test accuracy against the iteration for BGmD with several
     ``beta = k/d``, with memory (solid, label ending in "M") and without (dashed), and GmD.
     Without ``ax``: a column-wide figure with the legend below the panel."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(COLUMN_WIDTH, 3.4), layout="constrained")
+    ax = one_axes(ax, 3.4)
     rows = [r for r in records if r.get("experiment", experiment) == experiment]
-    names = list(dict.fromkeys(r["method"] for r in rows))
+    names = names_in(rows, "method")
     betas = sorted({float(n.split()[1]) for n in names if n.startswith("BGmD")})
     for name in names:
-        pts = sorted((r for r in rows if r["method"] == name), key=lambda r: r["iteration"])
+        pts = select(rows, "iteration", method=name)
         if name.startswith("BGmD"):
             beta = float(name.split()[1])
             color = plt.cm.viridis(0.15 + 0.7 * betas.index(beta) / max(1, len(betas) - 1))
@@ -399,15 +386,14 @@ def plot_theorem_sweeps(records: List[dict], axes: Optional[Sequence[plt.Axes]] 
     (a) the noise variance, (b) the block fraction ``beta`` and (c) the corrupted fraction
     (additive corruption) for BGmD, GmD (``beta = 1``) and SGD."""
     if axes is None:
-        _, axes = plt.subplots(1, 3, figsize=(6.6, 2.6), layout="constrained")
+        _, axes = plt.subplots(1, 3, figsize=(COLUMN_WIDTH, 2.6), layout="constrained")
 
     def band(ax, rows, x, **style):
         rows = sorted(rows, key=lambda r: r[x])
         xs = [r[x] ** 2 if x == "noise" else r[x] for r in rows]
-        ax.plot(xs, [r["final"].mean().item() for r in rows], markersize=4, **style)
-        ax.fill_between(xs, [r["final"].min().item() for r in rows],
-                        [r["final"].max().item() for r in rows], color=style["color"], alpha=0.15,
-                        linewidth=0)
+        draw_band(ax, xs, [r["final"].mean().item() for r in rows],
+                  [r["final"].min().item() for r in rows], [r["final"].max().item() for r in rows],
+                  markersize=4, **style)
 
     bgmd = method_style("BGmD")
     band(axes[0], [r for r in records if r["sweep"] == "noise"], "noise", **bgmd)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import matplotlib.pyplot as plt
-import numpy as np
 
-from ._style import COLUMN_WIDTH, ROW_HEIGHT, figure_legend
+from ._style import figure_legend, names_in, panel_grid, draw_band, select
 from .bgmd import method_style
 
 __all__ = ["memory_style", "plot_memory_errors", "plot_memory_curves", "plot_memory_training"]
@@ -30,38 +29,18 @@ def memory_style(name: str) -> dict:
     return style
 
 
-def _names(records: List[dict]) -> List[str]:
-    return list(dict.fromkeys(r["method"] for r in records))
-
-
-def _grid(panels: int, row_height: float = ROW_HEIGHT, **kw):
-    """A column-wide figure of ``panels`` panels, at most 2 per row for 4 panels and 3 otherwise,
-    with room below for the legend (constrained layout)."""
-    cols = 2 if panels == 4 else min(3, panels)
-    rows = -(-panels // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(COLUMN_WIDTH, rows * row_height + 0.8),
-                             layout="constrained", squeeze=False, **kw)
-    for ax in axes.ravel()[panels:]:
-        ax.set_visible(False)
-    return axes.ravel()[:panels]
-
-
 def plot_memory_errors(final: List[dict], axes: Optional[Sequence[plt.Axes]] = None):
     """Relative error of the average update after T steps against the corrupted fraction psi,
     one panel per noise level sigma; the band is the spread over seeds (10%-90%)."""
     sigmas = sorted({r["sigma"] for r in final})
-    if axes is None:
-        axes = _grid(len(sigmas), sharey=True)
-    panels = np.atleast_1d(axes).ravel()
+    panels = panel_grid(len(sigmas), axes, sharey=True)
     for ax, sigma in zip(panels, sigmas):
-        for name in _names(final):
-            rows = sorted((r for r in final if r["method"] == name and r["sigma"] == sigma),
-                          key=lambda r: r["psi"])
+        for name in names_in(final, "method"):
+            rows = select(final, "psi", method=name, sigma=sigma)
             style = memory_style(name)
-            psis = [100 * r["psi"] for r in rows]
-            ax.plot(psis, [r["median"] for r in rows], label=name, markersize=5, **style)
-            ax.fill_between(psis, [r["q10"] for r in rows], [r["q90"] for r in rows],
-                            color=style["color"], alpha=0.15, linewidth=0)
+            draw_band(ax, [100 * r["psi"] for r in rows], [r["median"] for r in rows],
+                      [r["q10"] for r in rows], [r["q90"] for r in rows], label=name,
+                      markersize=5, **style)
         ax.set_yscale("log")
         ax.set_xlabel(r"corrupted rows $\psi$ (%)")
         ax.set_title(rf"noise $\sigma = {sigma:g}$")
@@ -77,13 +56,10 @@ def plot_memory_curves(curves: List[dict], sigma: float, axes: Optional[Sequence
     corrupted fraction (at noise level ``sigma``)."""
     rows = [r for r in curves if r["sigma"] == sigma]
     psis = sorted({r["psi"] for r in rows}) if psis is None else list(psis)
-    if axes is None:
-        axes = _grid(len(psis), row_height=2.3, sharex=True, sharey=True)
-    panels = np.atleast_1d(axes).ravel()
+    panels = panel_grid(len(psis), axes, row_height=2.3, sharex=True, sharey=True)
     for ax, psi in zip(panels, psis):
-        for name in _names(rows):
-            pts = sorted((r for r in rows if r["method"] == name and r["psi"] == psi),
-                         key=lambda r: r["step"])
+        for name in names_in(rows, "method"):
+            pts = select(rows, "step", method=name, psi=psi)
             style = memory_style(name)
             style.pop("marker")
             ax.plot([r["step"] for r in pts], [r["error"] for r in pts], label=name, **style)
@@ -105,13 +81,10 @@ def plot_memory_training(records: List[dict], axes: Optional[Sequence[plt.Axes]]
     diverged (stopped by the training loop) is a cross at the iteration it was stopped, drawn at
     chance level 0.1 (its accuracy is undefined)."""
     psis = sorted({r["psi"] for r in records})
-    if axes is None:
-        axes = _grid(len(psis), sharey=True)
-    panels = np.atleast_1d(axes).ravel()
+    panels = panel_grid(len(psis), axes, sharey=True)
     for ax, psi in zip(panels, psis):
-        for name in _names(records):
-            rows = sorted((r for r in records if r["method"] == name and r["psi"] == psi),
-                          key=lambda r: r["iteration"])
+        for name in names_in(records, "method"):
+            rows = select(records, "iteration", method=name, psi=psi)
             if not rows:
                 continue
             style = memory_style(name)

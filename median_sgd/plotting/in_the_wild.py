@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
-from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style, figure_legend
+from ._style import ROW_HEIGHT, estimator_style, figure_legend, names_in, panel_row, select
 
 __all__ = ["training_style", "plot_training_curves", "plot_sweep"]
 
@@ -35,10 +35,6 @@ def training_style(method: str) -> dict:
     return {**estimator_style(method), "linestyle": "-"}
 
 
-def _names(records: List[dict], key: str, chosen: Optional[Iterable[str]]) -> List[str]:
-    return list(dict.fromkeys(r[key] for r in records)) if chosen is None else list(chosen)
-
-
 def plot_training_curves(
     curves: List[dict],
     metric: str = "test_accuracy",
@@ -53,14 +49,9 @@ def plot_training_curves(
     """One panel per setting: ``metric`` against the step, the mean over seeds per method (line)
     and the min-max band over seeds; non-finite values (diverged runs) are left out. Without
     ``axes`` the panels share one row of the book's column; one legend below them."""
-    settings = _names(curves, "setting", settings)
-    methods = _names(curves, "method", methods)
-    if axes is None:
-        _, grid = plt.subplots(1, len(settings), figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.3),
-                               sharey=True, squeeze=False, layout="constrained")
-        axes = grid[0]
-    if len(axes) != len(settings):
-        raise ValueError(f"got {len(axes)} axes for {len(settings)} settings")
+    settings = names_in(curves, "setting", settings)
+    methods = names_in(curves, "method", methods)
+    axes = panel_row(axes, len(settings), "settings", ROW_HEIGHT + 0.3, sharey=True)
     for ax, setting in zip(axes, settings):
         for method in methods:
             rows = [r for r in curves if r["setting"] == setting and r["method"] == method]
@@ -100,18 +91,12 @@ def plot_sweep(
     per (parameter, method). With ``relative_to`` (``{parameter: default value}``) the x-axis is
     the value divided by its default, so sweeps of different parameters share an axis. Without
     ``axes`` the panels share one row of the book's column; one legend below them."""
-    settings = _names(records, "setting", settings)
-    if axes is None:
-        _, grid = plt.subplots(1, len(settings), figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.3),
-                               sharey=True, squeeze=False, layout="constrained")
-        axes = grid[0]
-    if len(axes) != len(settings):
-        raise ValueError(f"got {len(axes)} axes for {len(settings)} settings")
+    settings = names_in(records, "setting", settings)
+    axes = panel_row(axes, len(settings), "settings", ROW_HEIGHT + 0.3, sharey=True)
     lines = list(dict.fromkeys((r["parameter"], r["method"]) for r in records))
     for ax, setting in zip(axes, settings):
         for parameter, method in lines:
-            rows = sorted((r for r in records if r["setting"] == setting and r["method"] == method
-                           and r["parameter"] == parameter), key=lambda r: r["value"])
+            rows = select(records, "value", setting=setting, method=method, parameter=parameter)
             if not rows:
                 continue
             scale = 1.0 if relative_to is None else relative_to[parameter]

@@ -6,9 +6,20 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import NullFormatter
 
-from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style, figure_legend
+from ._style import (
+    COLUMN_WIDTH,
+    ROW_HEIGHT,
+    draw_band,
+    label_axes,
+    estimator_style,
+    figure_legend,
+    log_ticks,
+    names_in,
+    one_axes,
+    panel_row,
+    select,
+)
 
 __all__ = [
     "plot_stationary_spread",
@@ -30,17 +41,11 @@ _GM_STYLES = {
 }
 
 
-def _one_axes(ax: Optional[plt.Axes], height: float) -> plt.Axes:
-    if ax is None:
-        _, ax = plt.subplots(figsize=(COLUMN_WIDTH, height), layout="constrained")
-    return ax
-
-
 def _rows(records: List[dict], key: str, **where) -> List[dict]:
-    rows = [r for r in records if all(r.get(k) == v for k, v in where.items())]
+    rows = select(records, key, **where)
     if not rows:
         raise ValueError(f"no records with {where}")
-    return sorted(rows, key=lambda r: r[key])
+    return rows
 
 
 def plot_stationary_spread(
@@ -93,9 +98,7 @@ def plot_stationary_spread(
                 label=r"$\propto \sqrt{\eta}$")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xticks(etas)
-        ax.set_xticklabels([f"{e:g}" for e in etas])
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        log_ticks(ax, etas, [f"{e:g}" for e in etas])
         ax.set_xlabel(r"step size $\eta$")
         ax.set_title(rf"$\alpha = {alpha:g}$")
         ax.grid(True, which="major", alpha=0.3)
@@ -110,6 +113,12 @@ def _clip(values: Iterable[float]) -> List[float]:
     return [min(v, _CEILING) for v in values]
 
 
+def _clipped_band(ax: plt.Axes, x: Sequence[float], rows: List[dict], **line_kw) -> None:
+    """The median over seeds and its 10-90% band against ``x``, clipped at the ceiling."""
+    draw_band(ax, x, _clip(r["median"] for r in rows), _clip(r["q10"] for r in rows),
+              _clip(r["q90"] for r in rows), **line_kw)
+
+
 def plot_sgd_final_error(
     final: List[dict],
     ax: Optional[plt.Axes] = None,
@@ -119,23 +128,16 @@ def plot_sgd_final_error(
     """Final error ``||w_T - w*||`` against ``1/alpha``: median over seeds and the 10-90% band per
     estimator; values beyond ``1e6`` (blown up or diverged) are drawn at ``1e6``. One legend
     below the axes."""
-    ax = _one_axes(ax, 3.3)
-    names = list(dict.fromkeys(r["estimator"] for r in final)) if estimators is None else list(estimators)
-    for name in names:
+    ax = one_axes(ax, 3.3)
+    for name in names_in(final, "estimator", estimators):
         rows = sorted((r for r in final if r["estimator"] == name), key=lambda r: 1 / r["alpha"])
-        x = [1 / r["alpha"] for r in rows]
-        style = estimator_style(name)
-        ax.plot(x, _clip(r["median"] for r in rows), label=f"{name} SGD", color=style["color"],
-                marker=style["marker"], markersize=5)
-        ax.fill_between(x, _clip(r["q10"] for r in rows), _clip(r["q90"] for r in rows),
-                        color=style["color"], alpha=0.15, linewidth=0)
+        _clipped_band(ax, [1 / r["alpha"] for r in rows], rows, label=f"{name} SGD", markersize=5,
+                      **estimator_style(name))
     ax.axhline(_CEILING, color="gray", linewidth=0.8, linestyle=":")
     ax.text(ax.get_xlim()[0], _CEILING, r" $\geq 10^6$ (blown up)", va="bottom", fontsize=8,
             color="gray")
-    ax.set_yscale("log")
-    ax.set_xlabel(r"$1/\alpha$ (heavier tails to the right)")
-    ax.set_ylabel(r"final $\|w_T - w^\star\|_2$")
-    ax.grid(True, which="major", alpha=0.3)
+    label_axes(ax, r"$1/\alpha$ (heavier tails to the right)", r"final $\|w_T - w^\star\|_2$",
+               yscale="log")
     figure_legend([ax], ncol=3, frameon=False)
     return ax
 
@@ -150,34 +152,21 @@ def plot_sgd_curves(
 ) -> Sequence[plt.Axes]:
     """One panel per alpha: ``||w_t - w*||`` against ``t`` (log-log), median and 10-90% band per
     estimator, clipped at ``1e6``; a dotted ``t^reference_slope`` guide; one legend below."""
-    if estimators is None:
-        estimators = list(dict.fromkeys(r["estimator"] for r in curves))
-    if axes is None:
-        _, grid = plt.subplots(1, len(alphas), figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.3),
-                               sharey=True, squeeze=False, layout="constrained")
-        axes = grid[0]
-    if len(axes) != len(alphas):
-        raise ValueError(f"got {len(axes)} axes for {len(alphas)} tail indices")
+    estimators = names_in(curves, "estimator", estimators)
+    axes = panel_row(axes, len(alphas), "tail indices", ROW_HEIGHT + 0.3, sharey=True)
     for ax, alpha in zip(axes, alphas):
         ends = []
         for name in estimators:
             rows = [r for r in _rows(curves, "step", alpha=alpha, estimator=name) if r["step"] > 0]
             t = [r["step"] for r in rows]
-            style = estimator_style(name)
-            ax.plot(t, _clip(r["median"] for r in rows), color=style["color"], label=f"{name} SGD")
-            ax.fill_between(t, _clip(r["q10"] for r in rows), _clip(r["q90"] for r in rows),
-                            color=style["color"], alpha=0.15, linewidth=0)
+            _clipped_band(ax, t, rows, color=estimator_style(name)["color"], label=f"{name} SGD")
             ends.append(rows[-1]["median"])
         if reference_slope is not None:
             # a guide through half the smallest final error, over the last decade of steps
             t_guide = np.array([t[-1] / 10, t[-1]], dtype=float)
             ax.plot(t_guide, 0.5 * min(ends) * (t_guide / t_guide[-1]) ** reference_slope, ":", color="gray",
                     linewidth=2, label=rf"$\propto t^{{{reference_slope:g}}}$")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("step $t$")
-        ax.set_title(rf"$\alpha = {alpha:g}$")
-        ax.grid(True, which="major", alpha=0.3)
+        label_axes(ax, "step $t$", title=rf"$\alpha = {alpha:g}$", xscale="log", yscale="log")
     axes[0].set_ylabel(r"$\|w_t - w^\star\|_2$")
     figure_legend(axes, ncol=4, frameon=False)
     return axes
@@ -187,24 +176,17 @@ def plot_sample_size(records: List[dict], ax: Optional[plt.Axes] = None) -> plt.
     """Final error of coordinate-median SGD against the sample size ``n`` (one heavy tail), with
     the sizes where the median has a finite variance (``alpha (k + 1) > 2``) shaded; one legend
     below the axes."""
-    ax = _one_axes(ax, 3.0)
+    ax = one_axes(ax, 3.0)
     rows = sorted(records, key=lambda r: r["n"])
     n = [r["n"] for r in rows]
-    style = estimator_style("coordinate median")
-    ax.plot(n, _clip(r["median"] for r in rows), marker=style["marker"], color=style["color"],
-            label="coordinate median SGD")
-    ax.fill_between(n, _clip(r["q10"] for r in rows), _clip(r["q90"] for r in rows),
-                    color=style["color"], alpha=0.15, linewidth=0)
+    _clipped_band(ax, n, rows, label="coordinate median SGD", **estimator_style("coordinate median"))
     finite = [r["n"] for r in rows if r["tail_exponent"] > 2]
     if finite:
         ax.axvspan(min(finite) - 0.5, max(n) + 0.5, color="tab:green", alpha=0.08,
                    label=r"finite variance: $\alpha(k+1) > 2$")
     ax.axhline(_CEILING, color="gray", linewidth=0.8, linestyle=":")
-    ax.set_yscale("log")
+    label_axes(ax, "samples per step $n = 2k + 1$", r"final $\|w_T - w^\star\|_2$", yscale="log")
     ax.set_xticks(n)
-    ax.set_xlabel("samples per step $n = 2k + 1$")
-    ax.set_ylabel(r"final $\|w_T - w^\star\|_2$")
-    ax.grid(True, which="major", alpha=0.3)
     figure_legend([ax], ncol=2, frameon=False)
     return ax
 
@@ -220,7 +202,7 @@ def plot_skew_fixed_points(
     seeds, +-2 standard errors) against ``n`` for mean- and median-SGD; ``prediction(n)`` drawn as
     a line (the closed form), ``limit`` as a dotted line (the population median's offset); one
     legend below the axes."""
-    ax = _one_axes(ax, 3.4)
+    ax = one_axes(ax, 3.4)
     for name in ("mean", "coordinate median"):
         rows = _rows(records, "n", estimator=name)
         style = estimator_style(name)
@@ -236,9 +218,7 @@ def plot_skew_fixed_points(
     ax.axhline(0.0, color="black", linewidth=0.8, label=r"$w^\star$ (minimiser of $f$)")
     ax.set_xscale("log")
     sizes = sorted({r["n"] for r in records})
-    ax.set_xticks(sizes)
-    ax.set_xticklabels([str(n) for n in sizes])
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    log_ticks(ax, sizes, [str(n) for n in sizes])
     ax.set_xlabel("samples per step $n$")
     ax.set_ylabel(r"$h_j (\bar w_j - w^\star_j) / \sigma_0$")
     ax.grid(True, which="major", alpha=0.3)
@@ -250,18 +230,14 @@ def plot_gm_passes(records: List[dict], ax: Optional[plt.Axes] = None, *, floor:
     """Relative objective gap of the geometric median against passes over the sample (Weiszfeld
     iterations or online SPP/SGD passes), median and 10-90% band over seeds; gaps below ``floor``
     (exact to rounding) are drawn at ``floor``; one legend below the axes."""
-    ax = _one_axes(ax, 3.6)
+    ax = one_axes(ax, 3.6)
     for method in dict.fromkeys(r["method"] for r in records):
         rows = [r for r in _rows(records, "passes", method=method) if r["passes"] > 0]
         p = [r["passes"] for r in rows]
         style = _GM_STYLES.get(method, {"color": "tab:gray", "marker": "o", "linestyle": "-"})
-        ax.plot(p, [max(r["median"], floor) for r in rows], label=method, markersize=3, **style)
-        ax.fill_between(p, [max(r["q10"], floor) for r in rows], [max(r["q90"], floor) for r in rows],
-                        color=style["color"], alpha=0.12, linewidth=0)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("passes over the sample (Weiszfeld: iterations)")
-    ax.set_ylabel(r"$(f(m) - f^\star) / f^\star$")
-    ax.grid(True, which="major", alpha=0.3)
+        draw_band(ax, p, [max(r["median"], floor) for r in rows], [max(r["q10"], floor) for r in rows],
+                  [max(r["q90"], floor) for r in rows], alpha=0.12, label=method, markersize=3, **style)
+    label_axes(ax, "passes over the sample (Weiszfeld: iterations)", r"$(f(m) - f^\star) / f^\star$",
+               xscale="log", yscale="log")
     figure_legend([ax], ncol=3, frameon=False)
     return ax

@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style
+from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style, names_in, select
 
 __all__ = ["run_style", "plot_byzantine_training", "plot_communication"]
 
@@ -40,11 +40,11 @@ def plot_byzantine_training(curves: List[dict], axes: Optional[Sequence[plt.Axes
         _, axes = plt.subplots(1, 2, figsize=(COLUMN_WIDTH, ROW_HEIGHT + 0.9),
                                layout="constrained")
     fig = axes[0].figure
-    runs = list(dict.fromkeys(r["run"] for r in curves))
+    runs = names_in(curves, "run")
     if not runs:
         raise ValueError("no curves to plot")
     for label in runs:
-        rows = sorted((r for r in curves if r["run"] == label), key=lambda r: r["step"])
+        rows = select(curves, "step", run=label)
         steps = [r["step"] for r in rows]
         style = run_style(label)
         kw = dict(color=style["color"], linestyle=style["linestyle"], marker=style["marker"],

@@ -8,17 +8,19 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import cm, colors
 
-from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style
+from ._style import (
+    draw_band,
+    estimator_style,
+    label_axes,
+    names_in,
+    one_axes,
+    panel_row,
+    select,
+)
 
 __all__ = ["plot_final_error", "plot_convergence"]
 
 _LEGENDS = ("below", "inside", None)
-
-
-def _names(records: List[dict], estimators: Optional[Iterable[str]]) -> List[str]:
-    if estimators is None:
-        return list(dict.fromkeys(r["estimator"] for r in records))
-    return list(estimators)
 
 
 def plot_final_error(
@@ -40,23 +42,16 @@ def plot_final_error(
     """
     if legend not in _LEGENDS:
         raise ValueError(f"legend must be one of {_LEGENDS}, got {legend!r}")
-    if ax is None:
-        _, ax = plt.subplots(figsize=(COLUMN_WIDTH, 3.3), layout="constrained")
-    for name in _names(records, estimators):
-        rows = sorted((r for r in records if r["estimator"] == name), key=lambda r: r["inv_alpha"])
+    ax = one_axes(ax, 3.3)
+    for name in names_in(records, "estimator", estimators):
+        rows = select(records, "inv_alpha", estimator=name)
         if not rows:
             raise ValueError(f"no records for estimator {name!r}")
-        x = [r["inv_alpha"] for r in rows]
-        style = estimator_style(name)
-        ax.plot(x, [r[center] for r in rows], label=name, color=style["color"],
-                marker=style["marker"], markersize=4)
-        ax.fill_between(x, [r["min"] for r in rows], [r["max"] for r in rows],
-                        color=style["color"], alpha=0.15, linewidth=0)
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel(r"$1/\alpha$ (heavier tails to the right)")
-    ax.set_ylabel(r"final $\|m_T - \hat g\|_2 / \|\hat g\|_2$")
-    ax.grid(True, which="major", alpha=0.3)
+        draw_band(ax, [r["inv_alpha"] for r in rows], [r[center] for r in rows],
+                  [r["min"] for r in rows], [r["max"] for r in rows], label=name, markersize=4,
+                  **estimator_style(name))
+    label_axes(ax, r"$1/\alpha$ (heavier tails to the right)",
+               r"final $\|m_T - \hat g\|_2 / \|\hat g\|_2$", yscale="log" if logy else None)
     if legend == "below":
         handles, labels = ax.get_legend_handles_labels()
         ax.figure.legend(handles, labels, loc="outside lower center", ncol=len(labels),
@@ -82,18 +77,12 @@ def plot_convergence(
     Without ``axes`` the panels share one row of the book's column (constrained layout)."""
     if inv_alphas is None:
         inv_alphas = sorted({r["inv_alpha"] for r in curves})
-    if axes is None:
-        _, grid = plt.subplots(1, len(estimators), figsize=(COLUMN_WIDTH, ROW_HEIGHT),
-                               sharey=True, squeeze=False, layout="constrained")
-        axes = grid[0]
-    if len(axes) != len(estimators):
-        raise ValueError(f"got {len(axes)} axes for {len(estimators)} estimators")
+    axes = panel_row(axes, len(estimators), "estimators", sharey=True)
     norm = colors.Normalize(vmin=min(inv_alphas), vmax=max(inv_alphas))
     colormap = plt.get_cmap(cmap)
     for ax, name in zip(axes, estimators):
         for inv_alpha in inv_alphas:
-            rows = sorted((r for r in curves if r["estimator"] == name and r["inv_alpha"] == inv_alpha),
-                          key=lambda r: r["step"])
+            rows = select(curves, "step", estimator=name, inv_alpha=inv_alpha)
             if not rows:
                 raise ValueError(f"no curve for estimator {name!r} at 1/alpha = {inv_alpha}")
             ax.plot([r["step"] for r in rows], [r[center] for r in rows],

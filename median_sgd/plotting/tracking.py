@@ -7,7 +7,15 @@ from typing import Iterable, List, Optional, Sequence
 import matplotlib.pyplot as plt
 from matplotlib.markers import MarkerStyle
 
-from ._style import COLUMN_WIDTH, estimator_style
+from ._style import (
+    COLUMN_WIDTH,
+    draw_band,
+    estimator_style,
+    label_axes,
+    names_in,
+    one_axes,
+    select,
+)
 
 __all__ = ["online_style", "plot_fixed_paths", "plot_fixed_estimates", "plot_fixed_curves", "plot_drift_error",
            "plot_drift_trace"]
@@ -28,10 +36,12 @@ def _line(name: str) -> dict:
     return {"color": style["color"], "linestyle": style["linestyle"], "zorder": 3 if name in _EXPLICIT else 2}
 
 
-def _names(records: List[dict], estimators: Optional[Iterable[str]]) -> List[str]:
-    if estimators is not None:
-        return list(estimators)
-    return list(dict.fromkeys(r["estimator"] for r in records))
+def _band(ax: plt.Axes, name: str, x: Sequence[float], rows: List[dict], band: bool,
+          center: Optional[Sequence[float]] = None, **line_kw) -> None:
+    """An estimator's median over seeds (or ``center``) against ``x``, with its 10-90% band."""
+    low, high = ([r["q10"] for r in rows], [r["q90"] for r in rows]) if band else ((), ())
+    draw_band(ax, x, [r["median"] for r in rows] if center is None else center, low, high,
+              band=band, alpha=0.12, **line_kw, **_line(name))
 
 
 def plot_fixed_paths(
@@ -124,24 +134,14 @@ def plot_fixed_curves(
     band: bool = True,
 ) -> plt.Axes:
     """Distance ``||m_t - target||`` against ``t`` (median over seeds, 10-90% band), log-log."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(5, 3.5))
-    for name in _names(curves, estimators):
-        rows = sorted((r for r in curves if r["estimator"] == name and r["target"] == target and r["step"] > 0),
-                      key=lambda r: r["step"])
+    ax = one_axes(ax, 3.5, width=5, layout=None)
+    for name in names_in(curves, "estimator", estimators):
+        rows = [r for r in select(curves, "step", estimator=name, target=target) if r["step"] > 0]
         if not rows:
             raise ValueError(f"no curve records for estimator {name!r} and target {target!r}")
-        style = online_style(name)
-        xs = [r["step"] for r in rows]
-        ax.plot(xs, [r["median"] for r in rows], label=name, **_line(name))
-        if band:
-            ax.fill_between(xs, [r["q10"] for r in rows], [r["q90"] for r in rows], color=style["color"],
-                            alpha=0.12, linewidth=0)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration $t$")
-    ax.set_ylabel(rf"$\|m_t - \mathrm{{{target.replace(' ', '~')}}}\|_2$")
-    ax.grid(True, which="major", alpha=0.3)
+        _band(ax, name, [r["step"] for r in rows], rows, band, label=name)
+    label_axes(ax, "iteration $t$", rf"$\|m_t - \mathrm{{{target.replace(' ', '~')}}}\|_2$",
+               xscale="log", yscale="log")
     return ax
 
 
@@ -157,22 +157,14 @@ def plot_drift_error(
 
     With ``field="median"`` the 10-90% band over seeds is shaded. Values <= 0 are not drawn.
     """
-    if ax is None:
-        _, ax = plt.subplots(figsize=(5.5, 4))
-    for name in _names(records, estimators):
-        rows = sorted((r for r in records if r["estimator"] == name), key=lambda r: r["tau"])
-        style = online_style(name)
-        xs = [r["tau"] for r in rows]
+    ax = one_axes(ax, 4, width=5.5, layout=None)
+    for name in names_in(records, "estimator", estimators):
+        rows = select(records, "tau", estimator=name)
         # a log axis cannot show values <= 0 (a lag within noise of zero): leave them out
         ys = [r[field] if r[field] > 0 else float("nan") for r in rows]
-        ax.plot(xs, ys, marker=style["marker"], markersize=5, label=name, **_line(name))
-        if band and field == "median":
-            ax.fill_between(xs, [r["q10"] for r in rows], [r["q90"] for r in rows], color=style["color"],
-                            alpha=0.12, linewidth=0)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(r"step size $\tau$")
-    ax.grid(True, which="major", alpha=0.3)
+        _band(ax, name, [r["tau"] for r in rows], rows, band and field == "median", center=ys,
+              marker=online_style(name)["marker"], markersize=5, label=name)
+    label_axes(ax, r"step size $\tau$", xscale="log", yscale="log")
     return ax
 
 

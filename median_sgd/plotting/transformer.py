@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style, figure_legend
+from ._style import COLUMN_WIDTH, ROW_HEIGHT, estimator_style, figure_legend, panel_row
 
 __all__ = [
     "summarize_curves",
@@ -21,11 +21,12 @@ __all__ = [
 _ERROR_LABEL = r"$\|m_t - \hat g\|_2 \,/\, \|\hat g\|_2$"
 
 
-def _panels(n: int, height: float = ROW_HEIGHT, **kwargs) -> Sequence[plt.Axes]:
-    """A row of ``n`` panels spanning the book's column, with a constrained layout."""
-    _, axes = plt.subplots(1, n, figsize=(COLUMN_WIDTH, height), squeeze=False,
-                           layout="constrained", **kwargs)
-    return list(axes[0])
+def _panels(axes, n: int, what: str, height: float, **kwargs) -> Sequence[plt.Axes]:
+    """``axes``, or else a row of ``n`` panels spanning the book's column (a list, as the chapters
+    index it), with a constrained layout."""
+    if axes is None:
+        return list(panel_row(None, n, what, height, **kwargs))
+    return panel_row(axes, n, what, height)
 
 
 def summarize_curves(curves: List[dict], **where) -> Dict[str, np.ndarray]:
@@ -63,10 +64,7 @@ def plot_estimation_error(
     gives ``tau``) sits below them."""
     if batch_sizes is None:
         batch_sizes = _values(curves, "batch_size", corpus=corpus)
-    if axes is None:
-        axes = _panels(len(batch_sizes), ROW_HEIGHT + 0.3, sharey=True)
-    if len(axes) != len(batch_sizes):
-        raise ValueError(f"got {len(axes)} axes for {len(batch_sizes)} batch sizes")
+    axes = _panels(axes, len(batch_sizes), "batch sizes", ROW_HEIGHT + 0.3, sharey=True)
     for ax, b in zip(axes, batch_sizes):
         for name in estimators:
             s = summarize_curves(curves, corpus=corpus, batch_size=b, estimator=name, tau=tau)
@@ -100,10 +98,7 @@ def plot_tau_sweep(
     Without ``axes``, the panels span the book's column and the legend sits below them."""
     if batch_sizes is None:
         batch_sizes = _values(curves, "batch_size", corpus=corpus)
-    if axes is None:
-        axes = _panels(len(batch_sizes), ROW_HEIGHT + 0.6, sharey=True)
-    if len(axes) != len(batch_sizes):
-        raise ValueError(f"got {len(axes)} axes for {len(batch_sizes)} batch sizes")
+    axes = _panels(axes, len(batch_sizes), "batch sizes", ROW_HEIGHT + 0.6, sharey=True)
     iterations = sorted(iterations)
     dashes = {it: ("-" if it == iterations[-1] else (0, (1 + 2 * i, 2))) for i, it in enumerate(iterations)}
     for ax, b in zip(axes, batch_sizes):
@@ -144,10 +139,7 @@ def plot_noise_kurtosis(
     batch_sizes = sorted(b for (c, b) in kurtosis if c == corpus)
     if not batch_sizes:
         raise ValueError(f"no kurtosis for corpus {corpus!r}")
-    if axes is None:
-        axes = _panels(len(panels), ROW_HEIGHT + 0.3)
-    if len(axes) != len(panels):
-        raise ValueError(f"got {len(axes)} axes for {len(panels)} panels")
+    axes = _panels(axes, len(panels), "panels", ROW_HEIGHT + 0.3)
     values = {}
     for b in batch_sizes:
         k = kurtosis[(corpus, b)]
