@@ -396,11 +396,6 @@ class Krum(Aggregator):
         return f"Krum(f={self.f}, m={self.m})"
 
 
-# _WorkersBGmD's names of the masked rules (the class is moving into the Weiszfeld core)
-_finite_rows, _zero_dropped, _gm_weights = finite_rows, zero_dropped, gm_weights
-_masked_coordinate_median = masked_coordinate_median
-
-
 class _WorkersBGmD(BGmD):
     """:class:`median_sgd.BGmD` over the finite rows: what ``make_aggregator("bgmd")`` returns.
 
@@ -424,10 +419,10 @@ class _WorkersBGmD(BGmD):
         n, d = G.shape[-2], G.shape[-1]
         k = resolve_block_size(self.k, d)
         m = self._memory_for(G)
-        ok = _finite_rows(G)
+        ok = finite_rows(G)
         self.last_dropped = n - ok.sum(-1)
         with value_checks(False):
-            return self._dropping_step(_zero_dropped(G, ok), ok, m, k)
+            return self._dropping_step(zero_dropped(G, ok), ok, m, k)
 
     def _dropping_step(self, G, ok, m, k):
         count = ok.sum(-1, keepdim=True)  # (..., 1): the rows that count
@@ -445,8 +440,8 @@ class _WorkersBGmD(BGmD):
             block = take_columns(G, idx)
             if m is not None:
                 block = block + torch.gather(m, -1, idx).unsqueeze(-2)
-            block_ok = ok & _finite_rows(block)
-            self.last_gm = geometric_median(_zero_dropped(block, block_ok), _gm_weights(block_ok, G.dtype),
+            block_ok = ok & finite_rows(block)
+            self.last_gm = geometric_median(zero_dropped(block, block_ok), gm_weights(block_ok, G.dtype),
                                             **self.gm_options)
             return self.last_gm.median
 
@@ -456,12 +451,12 @@ class _WorkersBGmD(BGmD):
                 new = colsum_a / (count.clamp_min(1) * s.unsqueeze(-1))  # exact unscaling (s = 2^k)
             elif rule == "median":
                 # The coordinate-wise median commutes with adding m_j to a whole column.
-                med = _masked_coordinate_median(G, ok)
+                med = masked_coordinate_median(G, ok)
                 new = med if m is None else med + m
             else:  # "gm": the residual rows A - C_k(A), which are zero on the block
                 A = zero_columns(G.clone() if m is None else G + m.unsqueeze(-2), idx)
-                A_ok = ok & _finite_rows(A)
-                new = geometric_median(_zero_dropped(A, A_ok), _gm_weights(A_ok, G.dtype),
+                A_ok = ok & finite_rows(A)
+                new = geometric_median(zero_dropped(A, A_ok), gm_weights(A_ok, G.dtype),
                                        **self.gm_options).median
             # a memory that overflowed saturates (the next step drops rows that overflow with it)
             return torch.nan_to_num(new.to(G.dtype), nan=0.0)

@@ -48,7 +48,6 @@ __all__ = [
 ]
 
 AGGREGATES = ("mean", "coordinate_median", "trimmed_mean", "geometric_median")
-_GM_OPTIONS = ("eps", "tol", "max_iter", "fixed_iter")
 # the names SampleMedianSGD's group checks use
 _check_lr, _number, _flag, _validated = check_lr, nonnegative, check_flag, groups.validated
 
