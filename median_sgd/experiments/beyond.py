@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -478,7 +478,7 @@ def run(config: Union[str, BeyondConfig] = "ci", *, device="cpu", dtype=torch.fl
     (:func:`batch_size_study`), ``clip21``, ``centered`` (dicts) and ``sign``.
     """
     cfg = resolve_config(config, CONFIGS)
-    kw = dict(device=device, dtype=check_dtype(dtype))
+    kw: Dict[str, Any] = dict(device=device, dtype=check_dtype(dtype))
     lp, lp_curves = lp_study(cfg, progress=progress, **kw)
     batch, batch_curves = batch_size_study(cfg, progress=progress, **kw)
     return Result(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
@@ -189,5 +189,5 @@ def run(config: Union[str, GMBreakdownConfig] = "ci", *, device="cpu", dtype=tor
     ``progress`` is accepted for the common signature (no loop is long).
     """
     cfg = resolve_config(config, CONFIGS)
-    kw = dict(device=device, dtype=check_dtype(dtype))
+    kw: Dict[str, Any] = dict(device=device, dtype=check_dtype(dtype))
     return Result(cfg, scenes=toy_scenes(cfg, **kw), curves=breakdown_curves(cfg, **kw))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Union
+from typing import Any, Callable, Dict, List, Union
 
 import torch
 
@@ -172,7 +172,7 @@ def run(config: Union[str, RobustMeanConfig] = "ci", *, device="cpu", dtype=torc
     enough for a progress bar: ``progress`` is accepted for the common signature).
     """
     cfg = resolve_config(config, CONFIGS)
-    kw = dict(device=device, dtype=check_dtype(dtype))
+    kw: Dict[str, Any] = dict(device=device, dtype=check_dtype(dtype))
     return Result(
         cfg,
         scene=outlier_scene(cfg, **kw),

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -579,7 +579,7 @@ def run(
     ``gm_passes`` (see the study functions for their fields).
     """
     cfg = resolve_config(config, CONFIGS)
-    kw = dict(device=torch.device(device), dtype=check_dtype(dtype), progress=progress)
+    kw: Dict[str, Any] = dict(device=torch.device(device), dtype=check_dtype(dtype), progress=progress)
     final, curves = tail_study(cfg, **kw)
     return Result(
         cfg,

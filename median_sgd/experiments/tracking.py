@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -177,7 +177,7 @@ def fixed_study(
     cfg = resolve_config(config, CONFIGS)
     device = torch.device(device)
     gen = _random.generator(cfg.seed)  # CPU draws, moved: the same run on every device
-    kw = dict(device=device, dtype=dtype)
+    kw: Dict[str, Any] = dict(device=device, dtype=dtype)
     mixing = torch.tensor(cfg.mixing, **kw)
     d = cfg.dim
     location = _random.randn(d, generator=gen, **kw)
@@ -270,7 +270,7 @@ def drift_study(
     cfg = resolve_config(config, CONFIGS)
     device = torch.device(device)
     gen = _random.generator(cfg.seed + 1)  # CPU draws, moved: the same run on every device
-    kw = dict(device=device, dtype=dtype)
+    kw: Dict[str, Any] = dict(device=device, dtype=dtype)
     d, T, names = cfg.drift_dim, cfg.drift_steps, cfg.estimators
     n_tau = len(cfg.drift_taus)
     steps = [(_STEPS[ESTIMATORS[e][0]], ESTIMATORS[e][1]) for e in names]
@@ -340,5 +340,5 @@ def run(
     ``drift`` (:func:`drift_study`).
     """
     cfg = resolve_config(config, CONFIGS)
-    kw = dict(device=device, dtype=check_dtype(dtype), progress=progress)
+    kw: Dict[str, Any] = dict(device=device, dtype=check_dtype(dtype), progress=progress)
     return Result(cfg, fixed=fixed_study(cfg, **kw), drift=drift_study(cfg, **kw))
