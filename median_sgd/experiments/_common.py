@@ -25,6 +25,7 @@ __all__ = [
     "resolve_config",
     "check_fields",
     "check_dtype",
+    "only_dtype",
     "progress",
     "cpu_threads",
     "single_threaded_on_cpu",
@@ -74,6 +75,14 @@ def check_dtype(dtype: Any) -> torch.dtype:
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     return dtype
+
+
+def only_dtype(dtype: Any, own: torch.dtype = torch.float32) -> torch.dtype:
+    """``own`` when ``dtype`` is ``None`` or ``own``: the experiments that train a model compute
+    in its dtype only (``run`` accepts ``dtype`` for the common signature)."""
+    if dtype is not None and dtype != own:
+        raise TypeError(f"dtype must be None or {own} (the model's), got {dtype!r}")
+    return own
 
 
 class _NoBar:

@@ -325,7 +325,7 @@ def residual_study(config: Union[str, BGmDTheoryConfig] = "ci", *, device="cpu",
         d = data
         if setup == "large" and data.image_shape[-1] != cfg.residual_large_side:
             d = resize_images(data, cfg.residual_large_side)
-        for r in bgmd_training.run(tcfg, device=device, data=d, progress=progress):
+        for r in bgmd_training.train_grid(tcfg, device=device, data=d, progress=progress):
             records.append({**r, "setup": setup})
     return records
 

@@ -42,7 +42,7 @@ from ..data.text import TextCorpus, load_text_corpus, segment_ids
 from ..estimators import spp_step
 from ..medians import coordinate_median, geometric_median
 from ..models.transformer import TransformerLM
-from ._common import Result, check_fields, progress as progress_bar, resolve_config, scales
+from ._common import Result, check_fields, only_dtype, progress as progress_bar, resolve_config, scales
 
 __all__ = [
     "ESTIMATORS",
@@ -334,8 +334,7 @@ def run(
     * ``corpora[name]``: the :class:`~median_sgd.data.text.TextCorpus` used.
     """
     cfg = resolve_config(config, CONFIGS)
-    if dtype not in (None, torch.float32):
-        raise TypeError(f"dtype must be None or torch.float32 (the model's), got {dtype!r}")
+    only_dtype(dtype)
     given = dict(corpora or {})
     unknown = set(given) - set(cfg.corpora)
     if unknown:
