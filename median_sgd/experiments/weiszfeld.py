@@ -16,12 +16,11 @@ These are teaching tools that record whole paths; the solver to use is
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-from .._checks import check_float_tensor, check_sample_matrix
+from .._checks import check_float_tensor, check_real, check_sample_matrix
 from ..medians import geometric_median, geometric_median_objective
 
 __all__ = ["weiszfeld_path", "smoothed_objective", "objective_trace"]
@@ -39,11 +38,7 @@ def _check_weights(G: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Te
 
 
 def _check_nu(nu, *, allow_zero: bool) -> float:
-    if isinstance(nu, bool) or not isinstance(nu, (int, float)) or not math.isfinite(nu):
-        raise ValueError(f"nu must be a finite number, got {nu!r}")
-    if nu < 0 or (nu == 0 and not allow_zero):
-        raise ValueError(f"nu must be {'>= 0' if allow_zero else '> 0'}, got {nu!r}")
-    return float(nu)
+    return float(check_real(nu, "nu", 0, lo_open=not allow_zero))
 
 
 def weiszfeld_path(
@@ -107,8 +102,7 @@ def objective_trace(G: torch.Tensor, iters: int, **gm_options) -> torch.Tensor:
     for each ``k``: quadratic in ``iters``, meant for small problems.
     """
     check_sample_matrix(G)
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+    check_real(iters, "iters", 0, integer=True)
     if "max_iter" in gm_options or "tol" in gm_options:
         raise ValueError("objective_trace sets max_iter and tol itself")
     values = [geometric_median_objective(G, G.mean(-2))]
