@@ -97,7 +97,7 @@ def test_result_holds_named_tables():
     assert len(r) == 3 and dict(r)["curves"] == [] and "final" in dir(r)
     assert "Toy" in repr(r) and "final=1" in repr(r)
     with pytest.raises(AttributeError, match="no table 'missing'; it has final, curves, trace"):
-        getattr(r, "missing")
+        _ = r.missing
     with pytest.raises(KeyError):
         r["missing"]
     with pytest.raises(AttributeError, match="read-only"):

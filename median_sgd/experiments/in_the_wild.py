@@ -193,13 +193,8 @@ def make_optimizer(method: str, runs: Sequence[Sequence[torch.Tensor]], cfg: InT
 
 
 @_single_threaded_on_cpu
-def run(
-    config: Union[str, InTheWildConfig] = "ci",
-    *,
-    device="cpu",
-    dtype: torch.dtype = torch.float32,
-    progress: bool = False,
-) -> Result:
+def run(config: Union[str, InTheWildConfig] = "ci", *, device="cpu", dtype=torch.float32,
+        progress: bool = False) -> Result:
     """Train every (method, setting, seed) run (:func:`training_curves`) and summarise it.
 
     Tables: ``curves``, one record per (setting, method, seed, step) with ``test_loss``,

@@ -566,13 +566,8 @@ def gm_passes_study(cfg: SampleMedianSGDConfig, *, device="cpu", dtype=torch.flo
 
 
 @_single_threaded_on_cpu
-def run(
-    config: Union[str, SampleMedianSGDConfig] = "ci",
-    *,
-    device="cpu",
-    dtype: torch.dtype = torch.float64,
-    progress: bool = False,
-) -> Result:
+def run(config: Union[str, SampleMedianSGDConfig] = "ci", *, device="cpu", dtype=torch.float64,
+        progress: bool = False) -> Result:
     """Every study of the chapter at a scale (``"ci"``/``"paper"``) or with a custom config.
 
     Tables: ``stationary``, ``final``, ``curves`` (the tail study), ``sample_size``, ``skew``,

@@ -175,13 +175,8 @@ def summarise(cfg: StableNoiseConfig, errors: torch.Tensor) -> Tuple[List[dict],
     return final, curves
 
 
-def run(
-    config: Union[str, StableNoiseConfig] = "ci",
-    *,
-    device="cpu",
-    dtype: torch.dtype = torch.float64,
-    progress: bool = False,
-) -> Result:
+def run(config: Union[str, StableNoiseConfig] = "ci", *, device="cpu", dtype=torch.float64,
+        progress: bool = False) -> Result:
     """Fig. 2's experiment (:func:`simulate`), summarised over seeds (:func:`summarise`).
 
     Tables: ``final`` and ``curves`` (records), ``errors`` (the ``(steps + 1, estimators,

@@ -327,13 +327,8 @@ def drift_study(
     }
 
 
-def run(
-    config: Union[str, TrackingConfig] = "ci",
-    *,
-    device="cpu",
-    dtype: torch.dtype = torch.float64,
-    progress: bool = False,
-) -> Result:
+def run(config: Union[str, TrackingConfig] = "ci", *, device="cpu", dtype=torch.float64,
+        progress: bool = False) -> Result:
     """Both studies at a scale (``"ci"``/``"paper"``) or with a custom config.
 
     Tables (dicts of records and traces, on the CPU): ``fixed`` (:func:`fixed_study`) and
