@@ -53,6 +53,10 @@ def test_check_fields_and_dtypes():
         common.check_fields(Toy(), ("n",), 5, integer=True)
     with pytest.raises(ArgumentTypeError, match="tau"):
         common.check_fields(Toy(tau="x"), ("tau",), 0, lo_open=True)
+    common.check_each((1, 3), "sizes", 1, integer=True)
+    for bad in ((), (1, 0), (1.5,), "13", None, (float("nan"),)):
+        with pytest.raises(ValueError, match="sizes"):
+            common.check_each(bad, "sizes", 1, integer=True)
     assert common.check_dtype(torch.float32) is torch.float32
     with pytest.raises(TypeError, match="dtype"):
         common.check_dtype(torch.int64)

@@ -24,6 +24,7 @@ __all__ = [
     "scales",
     "resolve_config",
     "check_fields",
+    "check_each",
     "check_dtype",
     "only_dtype",
     "progress",
@@ -68,6 +69,15 @@ def check_fields(config: Any, names: Iterable[str], lo: Optional[float] = None,
     """:func:`~median_sgd._checks.check_real` on each field ``names`` of ``config`` (same bounds)."""
     for field_name in names:
         check_real(getattr(config, field_name), field_name, lo, hi, **options)
+
+
+def check_each(values: Any, name: str, lo: Optional[float] = None, hi: Optional[float] = None,
+                **options: bool) -> None:
+    """``values`` is a non-empty sequence whose every entry passes ``check_real`` (same bounds)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+        raise ValueError(f"{name} must be a non-empty tuple of numbers, got {values!r}")
+    for i, value in enumerate(values):
+        check_real(value, f"{name}[{i}]", lo, hi, **options)
 
 
 def check_dtype(dtype: Any) -> torch.dtype:

@@ -35,7 +35,7 @@ from ..estimators import spp_step, spp_step_lp
 from ..medians import coordinate_median, geometric_median
 from ..prox import clip_l2, dual_exponent
 from . import _random
-from ._common import Result, check_dtype, check_fields, progress as progress_bar, resolve_config, scales
+from ._common import Result, check_dtype, check_each, check_fields, progress as progress_bar, resolve_config, scales
 
 __all__ = [
     "NOISE_MODELS",
@@ -114,10 +114,8 @@ class BeyondConfig:
             raise ValueError(f"unknown noise models {unknown}; expected some of {list(NOISE_MODELS)}")
         for p in self.lp_ps:
             dual_exponent(p)  # raises on a bad p
-        if not self.batch_sizes or any(not isinstance(n, int) or n < 1 for n in self.batch_sizes):
-            raise ValueError(f"batch_sizes must be positive ints, got {self.batch_sizes}")
-        if not self.batch_inv_alphas or any(a < 0.5 for a in self.batch_inv_alphas):
-            raise ValueError(f"batch_inv_alphas must be >= 0.5, got {self.batch_inv_alphas}")
+        check_each(self.batch_sizes, "batch_sizes", 1, integer=True)
+        check_each(self.batch_inv_alphas, "batch_inv_alphas", 0.5)
 
 
 CONFIGS: Dict[str, BeyondConfig] = scales(

@@ -49,7 +49,7 @@ from ..estimators import sgd_step, spp_step
 from ..medians import coordinate_median, geometric_median, geometric_median_objective
 from .._checks import check_real
 from . import _random
-from ._common import Result, check_dtype, check_fields, progress as progress_bar, resolve_config, scales
+from ._common import Result, check_dtype, check_each, check_fields, progress as progress_bar, resolve_config, scales
 from ._common import single_threaded_on_cpu as _single_threaded_on_cpu
 
 __all__ = [
@@ -152,14 +152,14 @@ class SampleMedianSGDConfig:
                 f"{self.stationary_etas}")
         for name in ("sizes", "skew_sizes"):
             sizes = getattr(self, name)
-            if not sizes or not all(isinstance(k, int) and k >= 1 and k % 2 == 1 for k in sizes):
+            check_each(sizes, name, 1, integer=True)
+            if not all(k % 2 == 1 for k in sizes):
                 raise ValueError(f"{name} must be odd sample sizes >= 1, got {sizes}")
         check_real(self.skew_tail, "skew_tail (> 1: a finite mean)", 1, lo_open=True)
 
 
 def _check_alphas(alphas, name):
-    if not alphas or not all(isinstance(a, (int, float)) and 0 < a <= 2 for a in alphas):
-        raise ValueError(f"{name} must be tail indices in (0, 2], got {alphas}")
+    check_each(alphas, f"{name} (tail indices)", 0, 2, lo_open=True)
 
 
 CONFIGS: Dict[str, SampleMedianSGDConfig] = scales(

@@ -21,7 +21,6 @@ Estimators (``ESTIMATORS``): the paper's three SPP estimators (eqs. 11, 12, 15) 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple, Union
 
@@ -30,7 +29,7 @@ import torch
 from .._checks import value_checks
 from ..estimators import sgd_step, spp_step
 from . import _random
-from ._common import Result, check_dtype, check_fields, progress as progress_bar, resolve_config, scales
+from ._common import Result, check_dtype, check_each, check_fields, progress as progress_bar, resolve_config, scales
 
 __all__ = [
     "ESTIMATORS",
@@ -76,8 +75,7 @@ class StableNoiseConfig:
     def __post_init__(self):
         check_fields(self, ("dim", "steps", "seeds", "chunk", "curve_every"), 1, integer=True)
         check_fields(self, ("tau", "scale"), 0, lo_open=True)
-        if not self.inv_alphas or not all(0.5 <= a < math.inf for a in self.inv_alphas):
-            raise ValueError(f"inv_alphas must be non-empty values >= 0.5 (alpha <= 2), got {self.inv_alphas}")
+        check_each(self.inv_alphas, "inv_alphas (1/alpha, alpha <= 2)", 0.5)
         unknown = [e for e in self.estimators if e not in ESTIMATORS]
         if unknown or not self.estimators:
             raise ValueError(f"unknown estimators {unknown}; expected some of {list(ESTIMATORS)}")

@@ -36,7 +36,7 @@ from .._checks import check_real, value_checks
 from ..estimators import sgd_step, spp_step
 from ..medians import coordinate_median, geometric_median
 from . import _random
-from ._common import Result, check_dtype, check_fields, progress as progress_bar, resolve_config, scales
+from ._common import Result, check_dtype, check_each, check_fields, progress as progress_bar, resolve_config, scales
 
 __all__ = [
     "ESTIMATORS",
@@ -101,10 +101,7 @@ class TrackingConfig:
         # both > 1 so that the mean exists
         check_real(self.tail_index, "tail_index", 1, lo_open=True)
         check_real(self.drift_alpha, "drift_alpha", 1, 2, lo_open=True)
-        if not self.drift_taus or not all(
-            isinstance(t, (int, float)) and math.isfinite(t) and 0 < t <= 1 for t in self.drift_taus
-        ):
-            raise ValueError(f"drift_taus must be non-empty numbers in (0, 1], got {self.drift_taus!r}")
+        check_each(self.drift_taus, "drift_taus", 0, 1, lo_open=True)
         d = len(self.mixing)
         if d == 0 or any(len(row) != d for row in self.mixing):
             raise ValueError(f"mixing must be a square (d, d) tuple of rows, got {self.mixing!r}")

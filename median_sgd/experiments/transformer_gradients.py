@@ -42,7 +42,7 @@ from ..data.text import TextCorpus, load_text_corpus, segment_ids
 from ..estimators import spp_step
 from ..medians import coordinate_median, geometric_median
 from ..models.transformer import TransformerLM
-from ._common import Result, check_fields, only_dtype, progress as progress_bar, resolve_config, scales
+from ._common import Result, check_each, check_fields, only_dtype, progress as progress_bar, resolve_config, scales
 
 __all__ = [
     "ESTIMATORS",
@@ -102,14 +102,8 @@ class TransformerGradientsConfig:
                             "chunk", "median_samples"), 1, integer=True)
         if not self.corpora or any(c not in _CORPORA for c in self.corpora):
             raise ValueError(f"corpora must be some of {_CORPORA}, got {self.corpora!r}")
-        if not self.batch_sizes or any(
-            isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes
-        ):
-            raise ValueError(f"batch_sizes must be positive ints, got {self.batch_sizes!r}")
-        if not self.taus or any(
-            not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0 for t in self.taus
-        ):
-            raise ValueError(f"taus must be finite numbers > 0, got {self.taus!r}")
+        check_each(self.batch_sizes, "batch_sizes", 1, integer=True)
+        check_each(self.taus, "taus", 0, lo_open=True)
         if len(set(self.taus)) != len(self.taus):
             raise ValueError(f"taus must be distinct, got {self.taus!r}")
         if self.headline_tau not in self.taus:
