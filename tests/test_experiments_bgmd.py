@@ -121,8 +121,9 @@ def test_divergence_stops_the_run(digits):
 def test_run_grid_runs_clean_once(digits):
     cfg = small(methods=(bt.method("mean", "SGD"), bt.method("cmd", "CmD")),
                 attacks=("bit_flip", "backdoor"), psis=(0.0, 0.25), seeds=(0,), epochs=0.05)
-    records = bt.run(cfg, data=digits)
-    runs = {(r["method"], r["attack"], r["psi"]) for r in records}
+    result = bt.run(cfg, data=digits)
+    assert result.config is cfg and list(result) == ["records"]
+    runs = {(r["method"], r["attack"], r["psi"]) for r in result.records}
     assert runs == {(m, a, p) for m in ("SGD", "CmD")
                     for a, p in (("none", 0.0), ("bit_flip", 0.25), ("backdoor", 0.25))}
 

@@ -57,8 +57,10 @@ def test_fig6_methods():
 
 
 def test_run_and_final_accuracy():
-    records = be.run(tiny_config())
+    result = be.run(tiny_config())
+    records = result.records
     assert {r["experiment"] for r in records} == set(be.EXPERIMENTS)
+    assert be.final_accuracy(result, "table2") == be.final_accuracy(records, "table2")
     table = be.final_accuracy(records, "table2")
     assert set(table) == {("none", 0.0, "SGD"), ("none", 0.0, "GmD"), ("bit_flip", 0.4, "SGD"),
                           ("bit_flip", 0.4, "GmD")}

@@ -1,8 +1,9 @@
 """Experiments of the book, as library code.
 
-One module per experiment. Each defines a frozen config dataclass, ``CONFIGS = {"ci": ...,
-"paper": ...}`` (the two scales differ only in sizes, never in code) and ``run(config, *, device,
-...)`` returning tidy records (lists of dicts) that :mod:`median_sgd.plotting` draws. Nothing here
+One module per experiment, on one scaffold (``._common``). Each defines a frozen config dataclass,
+``CONFIGS = scales(ci=..., paper=...)`` (the two scales differ only in sizes, never in code) and
+``run(config="ci", *, device, dtype, progress)`` returning a :class:`Result`: the config and named
+tables of tidy records (lists of dicts) that :mod:`median_sgd.plotting` draws. Nothing here
 prints or plots, so users can rerun an experiment with other settings from their own notebooks.
 
 Random draws come from CPU generators seeded by the config and are moved to the device that
@@ -11,7 +12,9 @@ records agree with the book's up to rounding. (``bgmd_training``, whose loop dra
 matrices at every step, keeps a generator on the device; ``aggregation_cost`` times BGmD with one.)
 """
 
-SCALES = ("ci", "paper")
+from ._common import SCALES, Result
+
+__all__ = ["SCALES", "Result", "select"]
 
 
 def select(records, field: str = "median", **where):

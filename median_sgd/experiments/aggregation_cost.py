@@ -16,15 +16,16 @@ CUDA it is wall-clock time, with the device synchronised before the clock is rea
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Union
+from typing import Any, Callable, Dict, List, Union
 
 import torch
 
 from ..medians import coordinate_median, geometric_median
-from . import SCALES, _random
+from .._checks import check_real
+from . import _random
+from ._common import Result, check_dtype, cpu_threads, resolve_config, scales
 
 __all__ = [
     "AggregationCostConfig",
@@ -34,6 +35,7 @@ __all__ = [
     "gm_cost_study",
     "bgmd_cost_study",
     "loglog_slope",
+    "run",
 ]
 
 
@@ -57,27 +59,16 @@ class AggregationCostConfig:
     k_iters: tuple = (5, 50)  # fixed Weiszfeld iterations K: the 1/eps^2 factor of Proposition 1
 
 
-CONFIGS: Dict[str, AggregationCostConfig] = {
-    "ci": AggregationCostConfig(),
-    "paper": AggregationCostConfig(
+CONFIGS: Dict[str, AggregationCostConfig] = scales(
+    ci=AggregationCostConfig(),
+    paper=AggregationCostConfig(
         dims=(2**12, 2**14, 2**16, 2**18, 2**20, 2**22, 2**24),
         ns=(8, 16, 32, 64, 128, 256, 512),
         n_sweep_dim=2**18,
         repeats=11,
         k_dim=2**22,
     ),
-}
-assert set(CONFIGS) == set(SCALES)
-
-
-def _config(config) -> AggregationCostConfig:
-    if isinstance(config, str):
-        if config not in CONFIGS:
-            raise ValueError(f"unknown scale {config!r}; expected one of {', '.join(CONFIGS)}")
-        config = CONFIGS[config]
-    if not isinstance(config, AggregationCostConfig):
-        raise TypeError(f"config must be a scale name or an AggregationCostConfig, got {type(config).__name__}")
-    return config
+)
 
 
 def _sync(device) -> None:
@@ -85,26 +76,12 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-@contextlib.contextmanager
-def cpu_threads(threads: int):
-    """Run the block with ``torch.set_num_threads(threads)``, restoring the previous value."""
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def time_call(fn: Callable[[], object], *, repeats: int = 5, device="cpu") -> float:
     """Seconds of one call of ``fn()``: the minimum over ``repeats`` calls after one warm-up call.
 
     CPU time of the process on a CPU device, wall-clock time (synchronised) on CUDA.
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    check_real(repeats, "repeats", 1, integer=True)
     cuda = torch.device(device).type == "cuda"
     clock = time.perf_counter if cuda else time.process_time
     fn()
@@ -140,7 +117,7 @@ def gm_cost_study(
     """Records ``{"sweep", "n", "d", "method", "seconds"}`` (per Weiszfeld iteration for the GM),
     plus ``{"sweep": "iterations", "n", "d", "iterations", "converged"}`` for the solver at its
     default tolerance on the sweep over ``d``."""
-    cfg = _config(config)
+    cfg = resolve_config(config, CONFIGS)
     with cpu_threads(cfg.threads):
         return _gm_cost_study(cfg, device=device, dtype=dtype)
 
@@ -182,7 +159,7 @@ def bgmd_cost_study(
     (the library's default tolerance and adaptive mode). The baselines ``"GmD"`` (the full
     geometric median, every solver) and ``"mean"`` have ``beta = 1``.
     """
-    cfg = _config(config)
+    cfg = resolve_config(config, CONFIGS)
     with cpu_threads(cfg.threads):
         return _bgmd_cost_study(cfg, device=device, dtype=dtype)
 
@@ -234,3 +211,12 @@ def loglog_slope(xs, ys) -> float:
         raise ValueError("need at least two (x, y) pairs of equal length")
     xc = x - x.mean()
     return float((xc * (y - y.mean())).sum() / (xc * xc).sum())
+
+
+def run(config: Union[str, AggregationCostConfig] = "ci", *, device="cpu", dtype=torch.float32,
+        progress: bool = False) -> Result:
+    """Both timing studies: tables ``gm_cost`` (:func:`gm_cost_study`) and ``bgmd_cost``
+    (:func:`bgmd_cost_study`); ``progress`` is accepted for the common signature."""
+    cfg = resolve_config(config, CONFIGS)
+    kw: Dict[str, Any] = dict(device=device, dtype=check_dtype(dtype))
+    return Result(cfg, gm_cost=gm_cost_study(cfg, **kw), bgmd_cost=bgmd_cost_study(cfg, **kw))

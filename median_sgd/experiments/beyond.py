@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -34,7 +34,8 @@ from .._checks import value_checks
 from ..estimators import spp_step, spp_step_lp
 from ..medians import coordinate_median, geometric_median
 from ..prox import clip_l2, dual_exponent
-from . import SCALES, _random
+from . import _random
+from ._common import Result, check_dtype, check_each, check_fields, progress as progress_bar, resolve_config, scales
 
 __all__ = [
     "NOISE_MODELS",
@@ -48,7 +49,6 @@ __all__ = [
     "clip21_study",
     "centered_clipping_study",
     "sign_study",
-    "BeyondResult",
     "run",
 ]
 
@@ -103,55 +103,27 @@ class BeyondConfig:
     sign_samples: int = 200_000
 
     def __post_init__(self):
-        ints = ("dim", "seeds", "lp_steps", "curve_every", "chunk", "batch_steps", "clip21_workers",
-                "clip21_dim", "clip21_rows", "clip21_steps", "cc_samples", "cc_dim", "cc_steps",
-                "sign_samples")
-        for name in ints:
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("lp_tau", "batch_tau", "clip21_tau", "cc_tau", "lp_threshold", "outlier_scale"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if not (0 <= self.contamination < 0.5 and 0 <= self.cc_outliers < 0.5):
-            raise ValueError("contamination and cc_outliers must lie in [0, 1/2)")
+        check_fields(self, ("dim", "seeds", "lp_steps", "curve_every", "chunk", "batch_steps",
+                            "clip21_workers", "clip21_dim", "clip21_rows", "clip21_steps",
+                            "cc_samples", "cc_dim", "cc_steps", "sign_samples"), 1, integer=True)
+        check_fields(self, ("lp_tau", "batch_tau", "clip21_tau", "cc_tau", "lp_threshold",
+                            "outlier_scale"), 0, lo_open=True)
+        check_fields(self, ("contamination", "cc_outliers"), 0, 0.5, hi_open=True)
         unknown = [m for m in self.lp_noise if m not in NOISE_MODELS]
         if unknown or not self.lp_noise:
             raise ValueError(f"unknown noise models {unknown}; expected some of {list(NOISE_MODELS)}")
         for p in self.lp_ps:
             dual_exponent(p)  # raises on a bad p
-        if not self.batch_sizes or any(not isinstance(n, int) or n < 1 for n in self.batch_sizes):
-            raise ValueError(f"batch_sizes must be positive ints, got {self.batch_sizes}")
-        if not self.batch_inv_alphas or any(a < 0.5 for a in self.batch_inv_alphas):
-            raise ValueError(f"batch_inv_alphas must be >= 0.5, got {self.batch_inv_alphas}")
+        check_each(self.batch_sizes, "batch_sizes", 1, integer=True)
+        check_each(self.batch_inv_alphas, "batch_inv_alphas", 0.5)
 
 
-CONFIGS: Dict[str, BeyondConfig] = {
-    "ci": BeyondConfig(),
-    "paper": BeyondConfig(seeds=50, lp_ps=(1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 3.0, 4.0, math.inf),
+CONFIGS: Dict[str, BeyondConfig] = scales(
+    ci=BeyondConfig(),
+    paper=BeyondConfig(seeds=50, lp_ps=(1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 3.0, 4.0, math.inf),
                           batch_sizes=(1, 3, 9, 27, 81),
                           batch_inv_alphas=(0.5, 0.75, 1.0, 1.25, 1.5)),
-}
-assert set(CONFIGS) == set(SCALES)
-
-
-def _config(config: Union[str, BeyondConfig]) -> BeyondConfig:
-    if isinstance(config, str):
-        if config not in CONFIGS:
-            raise ValueError(f"unknown scale {config!r}; expected one of {', '.join(CONFIGS)}")
-        return CONFIGS[config]
-    if not isinstance(config, BeyondConfig):
-        raise TypeError(f"config must be a scale name or a BeyondConfig, got {type(config).__name__}")
-    return config
-
-
-def _progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc)
+)
 
 
 def _summary(x: torch.Tensor) -> dict:
@@ -217,7 +189,7 @@ def lp_study(config: Union[str, BeyondConfig] = "ci", *, device="cpu", dtype=tor
     never). ``curves``: the median relative error every ``curve_every`` iterations. Every ``p``
     sees the same noise (common random numbers).
     """
-    cfg = _config(config)
+    cfg = resolve_config(config, CONFIGS)
     device = torch.device(device)
     gen = _random.generator(cfg.seed)
     S, d, M = cfg.seeds, cfg.dim, len(cfg.lp_noise)
@@ -229,7 +201,7 @@ def lp_study(config: Union[str, BeyondConfig] = "ci", *, device="cpu", dtype=tor
     if record_steps[-1] != cfg.lp_steps:
         record_steps.append(cfg.lp_steps)
     final, curves = [], []
-    for p in _progress(cfg.lp_ps, progress, "l_p study"):
+    for p in progress_bar(cfg.lp_ps, enabled=progress, desc="l_p study"):
         gen.set_state(noise_state)  # the same noise for every p
         tau = torch.tensor(lp_taus(cfg, p), device=device, dtype=dtype).view(2, 1, 1)
         m = torch.zeros(2, M, S, d, device=device, dtype=dtype)  # (rules, noise models, seeds, d)
@@ -302,7 +274,7 @@ def batch_size_study(config: Union[str, BeyondConfig] = "ci", *, device="cpu",
     relative error's ``min``/``median``/``max`` over seeds and ``samples`` (= n * iterations, the
     cost); ``curves`` holds the median error every ``curve_every`` iterations with its ``samples``.
     """
-    cfg = _config(config)
+    cfg = resolve_config(config, CONFIGS)
     device = torch.device(device)
     gen = _random.generator(cfg.seed + 1)
     S, d, A = cfg.seeds, cfg.dim, len(cfg.batch_inv_alphas)
@@ -316,7 +288,7 @@ def batch_size_study(config: Union[str, BeyondConfig] = "ci", *, device="cpu",
     if record_steps[-1] != cfg.batch_steps:
         record_steps.append(cfg.batch_steps)
     final, curves = [], []
-    for n in _progress(cfg.batch_sizes, progress, "sample sizes"):
+    for n in progress_bar(cfg.batch_sizes, enabled=progress, desc="sample sizes"):
         m = [torch.zeros(A, S, d, device=device, dtype=dtype) for _ in combos]
         errors = torch.empty(cfg.batch_steps + 1, len(combos), A, S, device=device, dtype=dtype)
         errors[0] = 1.0
@@ -367,7 +339,7 @@ def clip21_study(config: Union[str, BeyondConfig] = "ci", *, device="cpu",
     "worker_grad_norms": tensor (workers,) at the optimum, "tau": ...}``: ``||grad f(x_t)||`` and
     ``||x_t - x*||``.
     """
-    cfg = _config(config)
+    cfg = resolve_config(config, CONFIGS)
     device = torch.device(device)
     gen = _random.generator(cfg.seed + 2)
     W, d, r = cfg.clip21_workers, cfg.clip21_dim, cfg.clip21_rows
@@ -429,7 +401,7 @@ def centered_clipping_study(config: Union[str, BeyondConfig] = "ci", *, device="
     step, the mean, the coordinate median and the smallest distance from the geometric median to a
     sample (the fixed point is the geometric median when it exceeds ``tau``).
     """
-    cfg = _config(config)
+    cfg = resolve_config(config, CONFIGS)
     device = torch.device(device)
     gen = _random.generator(cfg.seed + 3)
     S, n, d = cfg.seeds, cfg.cc_samples, cfg.cc_dim
@@ -468,7 +440,7 @@ def sign_study(config: Union[str, BeyondConfig] = "ci", *, device="cpu",
     opposite signs. For each, the mean and median of ``sign_samples`` draws, the average of
     ``sign(g)`` (what signSGD follows in expectation) and of one CClip step from 0 with a tiny
     ``tau`` (``spp_step(0, g, tau, "l1") / tau``)."""
-    cfg = _config(config)
+    cfg = resolve_config(config, CONFIGS)
     device = torch.device(device)
     gen = _random.generator(cfg.seed + 4)
     N = cfg.sign_samples
@@ -496,27 +468,20 @@ def sign_study(config: Union[str, BeyondConfig] = "ci", *, device="cpu",
     return records
 
 
-@dataclass
-class BeyondResult:
-    config: BeyondConfig
-    lp: List[dict] = field(default_factory=list)
-    lp_curves: List[dict] = field(default_factory=list)
-    batch: List[dict] = field(default_factory=list)
-    batch_curves: List[dict] = field(default_factory=list)
-    clip21: dict = field(default_factory=dict)
-    centered: dict = field(default_factory=dict)
-    sign: List[dict] = field(default_factory=list)
-
-
 def run(config: Union[str, BeyondConfig] = "ci", *, device="cpu", dtype=torch.float64,
-        progress: bool = False) -> BeyondResult:
-    """Every study of the chapter at a scale (``"ci"``/``"paper"``) or with a custom config."""
-    cfg = _config(config)
-    lp, lp_curves = lp_study(cfg, device=device, dtype=dtype, progress=progress)
-    batch, batch_curves = batch_size_study(cfg, device=device, dtype=dtype, progress=progress)
-    return BeyondResult(
-        config=cfg, lp=lp, lp_curves=lp_curves, batch=batch, batch_curves=batch_curves,
-        clip21=clip21_study(cfg, device=device, dtype=dtype),
-        centered=centered_clipping_study(cfg, device=device, dtype=dtype),
-        sign=sign_study(cfg, device=device, dtype=dtype),
+        progress: bool = False) -> Result:
+    """Every study of the chapter at a scale (``"ci"``/``"paper"``) or with a custom config.
+
+    Tables: ``lp``, ``lp_curves`` (:func:`lp_study`), ``batch``, ``batch_curves``
+    (:func:`batch_size_study`), ``clip21``, ``centered`` (dicts) and ``sign``.
+    """
+    cfg = resolve_config(config, CONFIGS)
+    kw: Dict[str, Any] = dict(device=device, dtype=check_dtype(dtype))
+    lp, lp_curves = lp_study(cfg, progress=progress, **kw)
+    batch, batch_curves = batch_size_study(cfg, progress=progress, **kw)
+    return Result(
+        cfg, lp=lp, lp_curves=lp_curves, batch=batch, batch_curves=batch_curves,
+        clip21=clip21_study(cfg, **kw),
+        centered=centered_clipping_study(cfg, **kw),
+        sign=sign_study(cfg, **kw),
     )

@@ -29,9 +29,9 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
-from ..data.images import load_images
-from . import SCALES
-from .bgmd_training import BGmDTrainingConfig, method, run as run_training, train
+from ..data.images import ImageData, load_images
+from ._common import Result, only_dtype, records_of, resolve_config, scales
+from .bgmd_training import BGmDTrainingConfig, method, train, train_grid
 
 __all__ = [
     "EXPERIMENTS",
@@ -40,6 +40,7 @@ __all__ = [
     "BGmDExperimentsConfig",
     "CONFIGS",
     "fig6_methods",
+    "experiment_records",
     "run",
     "final_accuracy",
     "comparison_table",
@@ -173,50 +174,54 @@ def _paper() -> BGmDExperimentsConfig:
     )
 
 
-CONFIGS: Dict[str, BGmDExperimentsConfig] = {"ci": _ci(), "paper": _paper()}
-assert set(CONFIGS) == set(SCALES)
+CONFIGS: Dict[str, BGmDExperimentsConfig] = scales(ci=_ci(), paper=_paper())
+
+
+def experiment_records(name: str, cfg: BGmDTrainingConfig, data: ImageData, *, device="cpu",
+                       progress: bool = False, warmup: bool = True) -> List[dict]:
+    """The training records of one experiment's grid (:func:`~.bgmd_training.train_grid`),
+    each with the field ``experiment``. ``warmup``: first one untimed training step per method,
+    so that one-time costs (lazy imports, first calls of ``torch.func``, memory pools) do not
+    land in the wall-clock times of whichever run comes first."""
+    if warmup:
+        one_step = dataclasses.replace(cfg, epochs=1e-9)  # rounds to a single iteration
+        for m in cfg.methods:
+            train(one_step, m, data=data, device=device)
+    return [{**r, "experiment": name}
+            for r in train_grid(cfg, device=device, progress=progress, data=data)]
 
 
 def run(config: Union[str, BGmDExperimentsConfig] = "ci", experiments: Iterable[str] = EXPERIMENTS,
-        *, device="cpu", progress: bool = False, warmup: bool = True) -> List[dict]:
-    """The training records of each experiment in ``experiments`` (field ``experiment``).
+        *, device="cpu", dtype=None, progress: bool = False, warmup: bool = True) -> Result:
+    """Each experiment in ``experiments`` (:func:`experiment_records`), each dataset loaded once.
 
-    Each dataset is loaded once. ``warmup``: before an experiment's grid, one untimed training
-    step per method, so that one-time costs (lazy imports, first calls of ``torch.func``, memory
-    pools) do not land in the wall-clock times of whichever run comes first. See
-    :func:`~median_sgd.experiments.bgmd_training.train` for the records' fields
-    (``test_accuracy``, ``time_s``, ``diverged``, ...).
+    Table ``records`` (field ``experiment``; see
+    :func:`~median_sgd.experiments.bgmd_training.train` for the others: ``test_accuracy``,
+    ``time_s``, ``diverged``, ...). :func:`final_accuracy` and :func:`comparison_table` take the
+    Result itself. ``dtype``: the models' float32 only (the common signature).
     """
-    if isinstance(config, str):
-        if config not in CONFIGS:
-            raise ValueError(f"unknown scale {config!r}; expected one of {', '.join(CONFIGS)}")
-        config = CONFIGS[config]
-    if not isinstance(config, BGmDExperimentsConfig):
-        raise TypeError(f"config must be a scale name or a BGmDExperimentsConfig, got {type(config).__name__}")
+    config = resolve_config(config, CONFIGS)
+    only_dtype(dtype)
     experiments = list(experiments)
     for name in experiments:
         config.experiment(name)  # validates the name
-    cache = {}
+    cache: Dict[str, ImageData] = {}
     records: List[dict] = []
     for name in experiments:
         cfg = config.experiment(name)
         if cfg.dataset not in cache:
             cache[cfg.dataset] = load_images(cfg.dataset, seed=cfg.data_seed)
-        if warmup:
-            one_step = dataclasses.replace(cfg, epochs=1e-9)  # rounds to a single iteration
-            for m in cfg.methods:
-                train(one_step, m, data=cache[cfg.dataset], device=device)
-        for r in run_training(cfg, device=device, progress=progress, data=cache[cfg.dataset]):
-            records.append({**r, "experiment": name})
-    return records
+        records += experiment_records(name, cfg, cache[cfg.dataset], device=device,
+                                      progress=progress, warmup=warmup)
+    return Result(config, records=records)
 
 
-def final_accuracy(records: List[dict], experiment: str) -> Dict[Tuple[str, float, str], dict]:
+def final_accuracy(records: Union[Result, List[dict]], experiment: str) -> Dict[Tuple[str, float, str], dict]:
     """Per ``(attack, psi, method)`` of one experiment: the final test accuracy in % (mean over
     seeds; ``nan`` if any seed diverged), ``diverged`` (how many seeds did), ``seeds``, and the
     training time ``time_s`` (mean over seeds, machine-dependent)."""
     runs: Dict[Tuple[str, float, str, int], dict] = {}
-    for r in records:
+    for r in records_of(records):
         if r.get("experiment") != experiment:
             continue
         key = (r["attack"], r["psi"], r["method"], r["seed"])
@@ -237,7 +242,7 @@ def final_accuracy(records: List[dict], experiment: str) -> Dict[Tuple[str, floa
     return out
 
 
-def comparison_table(records: List[dict], experiment: str, *, paper: Optional[str] = None,
+def comparison_table(records: Union[Result, List[dict]], experiment: str, *, paper: Optional[str] = None,
                      methods: Tuple[str, ...] = ("SGD", "CmD", "BGmD", "GmD")) -> str:
     """A text table (71 columns) of our final test accuracies (%) next to the paper's
     (``paper``: a key of :data:`PAPER_TABLES`, default ``experiment``), one row per (attack,

@@ -37,9 +37,9 @@ from .._checks import value_checks
 from ..attacks import corrupted_mask, n_corrupted, scaled_bit_flip
 from ..bgmd import BGmD
 from ..medians import coordinate_median, geometric_median
-from . import SCALES
+from ._common import Result, check_dtype, progress as progress_bar, resolve_config, scales
 from .bgmd_training import CONFIGS as TRAINING_CONFIGS
-from .bgmd_training import BGmDTrainingConfig, method, run as run_training
+from .bgmd_training import BGmDTrainingConfig, method, train_grid
 
 __all__ = [
     "RULES",
@@ -89,15 +89,14 @@ class MemoryConfig:
         psis=(0.0, 0.2, 0.4))
 
 
-CONFIGS: Dict[str, MemoryConfig] = {
-    "ci": MemoryConfig(),
-    "paper": MemoryConfig(
+CONFIGS: Dict[str, MemoryConfig] = scales(
+    ci=MemoryConfig(),
+    paper=MemoryConfig(
         dim=100_000, rows=32, steps=1000, seeds=20,
         training=replace(TRAINING_CONFIGS["paper"], methods=_training_methods(0.1),
                          attacks=("bit_flip",), psis=(0.0, 0.2, 0.4), seeds=(0, 1, 2), epochs=10.0),
     ),
-}
-assert set(CONFIGS) == set(SCALES)
+)
 
 
 def _problems(cfg: MemoryConfig, device, dtype):
@@ -183,11 +182,7 @@ def fixed_gradient_check(cfg: MemoryConfig, *, device="cpu", dtype=torch.float64
             raise ValueError(f"methods must be a non-empty subset of {list(known)}, got {methods!r}")
         runs = [(m, known[m]) for m in methods]
     final, curves = [], []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(runs) * cfg.steps, desc="fixed gradient", unit="step")
+    bar = progress_bar(enabled=progress, total=len(runs) * cfg.steps, desc="fixed gradient", unit="step")
     with value_checks(False):
         for label, rule in runs:
             is_bgmd = label.startswith("BGmD")
@@ -216,8 +211,7 @@ def fixed_gradient_check(cfg: MemoryConfig, *, device="cpu", dtype=torch.float64
                 total_u += u
                 if t % cfg.curve_every == 0 or t == cfg.steps:
                     err_t.append((t, torch.linalg.vector_norm(total_u / t - g, dim=-1) / g_norm))
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
             memory = agg.memory if agg is not None and agg.memory is not None else torch.zeros_like(g)
             flushed = torch.linalg.vector_norm((total_u + memory) / cfg.steps - g, dim=-1) / g_norm
             memory_rel = torch.linalg.vector_norm(memory, dim=-1) / g_norm
@@ -244,18 +238,21 @@ def fixed_gradient_check(cfg: MemoryConfig, *, device="cpu", dtype=torch.float64
                     final.append(rec)
                     for t, err in err_t:
                         curves.append(dict(base, step=t, error=float(err[sel].median())))
-    if bar is not None:
-        bar.close()
+    bar.close()
     return {"final": final, "curves": curves}
 
 
 def memory_training(cfg: MemoryConfig, *, device="cpu", progress: bool = False) -> List[dict]:
     """Robust training with each memory rule (records of :func:`~.bgmd_training.train`)."""
-    return run_training(cfg.training, device=device, progress=progress)
+    return train_grid(cfg.training, device=device, progress=progress)
 
 
-def run(cfg: MemoryConfig, *, device="cpu", progress: bool = False) -> Dict[str, List[dict]]:
-    """Both studies: ``{"final", "curves"}`` of :func:`fixed_gradient_check` and ``"training"``."""
-    out = fixed_gradient_check(cfg, device=device, progress=progress)
-    out["training"] = memory_training(cfg, device=device, progress=progress)
-    return out
+def run(config="ci", *, device="cpu", dtype=torch.float64, progress: bool = False) -> Result:
+    """Both studies at a scale (``"ci"``/``"paper"``) or with a custom config.
+
+    Tables: ``final`` and ``curves`` (:func:`fixed_gradient_check`, in ``dtype``) and
+    ``training`` (:func:`memory_training`, the models' float32).
+    """
+    cfg = resolve_config(config, CONFIGS)
+    check = fixed_gradient_check(cfg, device=device, dtype=check_dtype(dtype), progress=progress)
+    return Result(cfg, **check, training=memory_training(cfg, device=device, progress=progress))

@@ -36,8 +36,10 @@ from torch.nn import functional as F
 
 from ..bgmd import BGmD, select_block
 from ..data.images import ImageData, load_images
-from . import SCALES, _random
+from .._checks import check_real
+from . import _random
 from . import bgmd_training
+from ._common import Result, check_dtype, resolve_config, scales
 
 __all__ = [
     "BGmDTheoryConfig",
@@ -53,6 +55,7 @@ __all__ = [
     "resize_images",
     "residual_configs",
     "residual_study",
+    "run",
     "ATTACKS",
     "ConvergenceConfig",
     "CONVERGENCE_CONFIGS",
@@ -98,9 +101,9 @@ class BGmDTheoryConfig:
     residual_large_side: int = 16  # images resized to this side for LeNet (28: its 1.16M parameters)
 
 
-CONFIGS: Dict[str, BGmDTheoryConfig] = {
-    "ci": BGmDTheoryConfig(),
-    "paper": BGmDTheoryConfig(
+CONFIGS: Dict[str, BGmDTheoryConfig] = scales(
+    ci=BGmDTheoryConfig(),
+    paper=BGmDTheoryConfig(
         d=100_000,
         draws=500,
         lemma5_d=10_000,
@@ -111,18 +114,7 @@ CONFIGS: Dict[str, BGmDTheoryConfig] = {
         residual_data="mnist",
         residual_large_side=28,
     ),
-}
-assert set(CONFIGS) == set(SCALES)
-
-
-def _config(config) -> BGmDTheoryConfig:
-    if isinstance(config, str):
-        if config not in CONFIGS:
-            raise ValueError(f"unknown scale {config!r}; expected one of {', '.join(CONFIGS)}")
-        config = CONFIGS[config]
-    if not isinstance(config, BGmDTheoryConfig):
-        raise TypeError(f"config must be a scale name or a BGmDTheoryConfig, got {type(config).__name__}")
-    return config
+)
 
 
 # ----------------------------------------------------------------------------------- Lemma 1
@@ -154,8 +146,7 @@ def relative_residual(G: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def uniform_block(d: int, k: int, draws: int, *, generator=None, device="cpu") -> torch.Tensor:
     """``draws`` uniformly random ``k``-subsets of ``range(d)``: LongTensor (draws, k) on ``device``
     (the keys are drawn on ``generator``'s device)."""
-    if not (isinstance(k, int) and 1 <= k <= d):
-        raise ValueError(f"need 1 <= k <= d = {d}, got {k!r}")
+    k = int(check_real(k, "k", 1, d, integer=True))
     keys = _random.rand((draws, d), generator=generator, device=device)
     return keys.topk(k, dim=-1).indices
 
@@ -167,8 +158,7 @@ def exact_sampling_residual(col_sq: torch.Tensor, k: int, power: float = 2.0) ->
     uniformly). For small ``d`` only (an oracle for tests and the chapter)."""
     s = [float(v) for v in col_sq]
     d = len(s)
-    if not (isinstance(k, int) and 1 <= k <= d):
-        raise ValueError(f"need 1 <= k <= d = {d}, got {k!r}")
+    k = int(check_real(k, "k", 1, d, integer=True))
     if d > 10:
         raise ValueError(f"enumeration is for d <= 10, got d = {d}")
     score = [v ** (power / 2) for v in s]
@@ -195,7 +185,7 @@ def contraction_study(config: Union[str, BGmDTheoryConfig] = "ci", *, device="cp
     the mean: for the uniform rule the exact one, whose mean is exactly ``bound``; for the others
     the sample's).
     """
-    cfg = _config(config)
+    cfg = resolve_config(config, CONFIGS)
     gen = _random.generator(cfg.seed)  # CPU draws, moved: the same blocks on every device
     records = []
     for _, profile in enumerate(PROFILES):
@@ -250,10 +240,9 @@ def memory_identity(config: Union[str, BGmDTheoryConfig] = "ci", *, psi: Optiona
     is scaled-bit-flipped (``-100 g``) at every step (``psi`` overrides the config's
     ``lemma5_psi``). ``memory`` is BGmD's memory rule.
     """
-    cfg = _config(config)
+    cfg = resolve_config(config, CONFIGS)
     psi = cfg.lemma5_psi if psi is None else psi
-    if isinstance(psi, bool) or not isinstance(psi, (int, float)) or not 0 <= psi < 0.5:
-        raise ValueError(f"psi must be a number in [0, 0.5), got {psi!r}")
+    check_real(psi, "psi", 0, 0.5, hi_open=True)
     gen = _random.generator(cfg.seed)  # CPU draws, moved: the same run on every device
     n, d = cfg.lemma5_n, cfg.lemma5_d
     n_bad = int(math.floor(psi * n))
@@ -296,8 +285,7 @@ def memory_identity(config: Union[str, BGmDTheoryConfig] = "ci", *, psi: Optiona
 def resize_images(data: ImageData, side: int) -> ImageData:
     """``data`` with every image bilinearly resized to ``side x side`` (pixels kept in [0, 1];
     the normalisation statistics recomputed): lets the authors' LeNet (28x28) run on 8x8 digits."""
-    if isinstance(side, bool) or not isinstance(side, int) or side < 1:
-        raise ValueError(f"side must be a positive int, got {side!r}")
+    check_real(side, "side", 1, integer=True)
 
     def resize(x):
         return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False).clamp(0, 1)
@@ -314,7 +302,7 @@ def residual_configs(config: Union[str, BGmDTheoryConfig] = "ci") -> Dict[str, b
     """The two clean training setups of Figs. 7 (``"large"``: LeNet) and 8 (``"tiny"``: 412
     parameters): 10 clients, BGmD with ``k = beta d`` (norm sampling, mean memory) for each
     ``beta``, and SGD."""
-    cfg = _config(config)
+    cfg = resolve_config(config, CONFIGS)
     methods = tuple(bgmd_training.method("bgmd", f"BGmD beta={b:g}", k=float(b))
                     for b in cfg.residual_betas) + (bgmd_training.method("mean", "SGD"),)
     base: Dict[str, Any] = dict(dataset=cfg.residual_data, clients=10, batch_size=cfg.residual_batch_size,
@@ -330,18 +318,36 @@ def residual_configs(config: Union[str, BGmDTheoryConfig] = "ci") -> Dict[str, b
 def residual_study(config: Union[str, BGmDTheoryConfig] = "ci", *, device="cpu",
                    progress: bool = False) -> List[dict]:
     """The training records of :func:`residual_configs` (field ``setup``: ``"large"``/``"tiny"``)."""
-    cfg = _config(config)
+    cfg = resolve_config(config, CONFIGS)
     data = load_images(cfg.residual_data)
     records = []
     for setup, tcfg in residual_configs(cfg).items():
         d = data
         if setup == "large" and data.image_shape[-1] != cfg.residual_large_side:
             d = resize_images(data, cfg.residual_large_side)
-        for r in bgmd_training.run(tcfg, device=device, data=d, progress=progress):
+        for r in bgmd_training.train_grid(tcfg, device=device, data=d, progress=progress):
             records.append({**r, "setup": setup})
     return records
 
 
+
+
+def run(config: Union[str, BGmDTheoryConfig] = "ci", *, device="cpu", dtype=torch.float64,
+        progress: bool = False) -> Result:
+    """Lemma 1, Lemma 5 and Figs. 7-8 at a scale or with a custom config.
+
+    Tables: ``contraction`` (:func:`contraction_study`), ``memory`` (:func:`memory_identity`
+    at the config's ``lemma5_psi``) and ``residual`` (:func:`residual_study`, which trains).
+    Theorems 1-2 and Lemmas 3, 4, 6 have their own config (:data:`CONVERGENCE_CONFIGS`).
+    """
+    cfg = resolve_config(config, CONFIGS)
+    kw: Dict[str, Any] = dict(device=device, dtype=check_dtype(dtype))
+    return Result(
+        cfg,
+        contraction=contraction_study(cfg, **kw),
+        memory=memory_identity(cfg, **kw),
+        residual=residual_study(cfg, device=device, progress=progress),
+    )
 
 # ------------------------------------------------------------ Theorems 1-2, Lemmas 3, 4 and 6
 
@@ -372,22 +378,11 @@ class ConvergenceConfig:
     descent_draws: int = 400
 
 
-CONVERGENCE_CONFIGS: Dict[str, ConvergenceConfig] = {
-    "ci": ConvergenceConfig(),
-    "paper": ConvergenceConfig(seeds=32, d=200, steps=1000, descent_draws=4000),
-}
-assert set(CONVERGENCE_CONFIGS) == set(SCALES)
+CONVERGENCE_CONFIGS: Dict[str, ConvergenceConfig] = scales(
+    ci=ConvergenceConfig(),
+    paper=ConvergenceConfig(seeds=32, d=200, steps=1000, descent_draws=4000),
+)
 ATTACKS = ("none", "bit flip", "additive")
-
-
-def _conv_config(config) -> ConvergenceConfig:
-    if isinstance(config, str):
-        if config not in CONVERGENCE_CONFIGS:
-            raise ValueError(f"unknown scale {config!r}; expected one of {', '.join(CONVERGENCE_CONFIGS)}")
-        config = CONVERGENCE_CONFIGS[config]
-    if not isinstance(config, ConvergenceConfig):
-        raise TypeError(f"config must be a scale name or a ConvergenceConfig, got {type(config).__name__}")
-    return config
 
 
 def quadratic(cfg: ConvergenceConfig, *, device="cpu", dtype=torch.float64):
@@ -436,7 +431,7 @@ def convergence_run(config: Union[str, ConvergenceConfig] = "ci", settings: Opti
       ``8 |G| / (|G| - |B|)^2 sum_{i in G} ||Delta_t[i] - mean_G Delta_t||^2`` (NaN for a run
       whose memory outgrew its rows' differences: a diverged run).
     """
-    cfg = _conv_config(config)
+    cfg = resolve_config(config, CONVERGENCE_CONFIGS)
     beta = cfg.beta if beta is None else float(beta)
     if method not in ("bgmd", "sgd"):
         raise ValueError(f"method must be 'bgmd' or 'sgd', got {method!r}")
@@ -444,8 +439,7 @@ def convergence_run(config: Union[str, ConvergenceConfig] = "ci", settings: Opti
     for st in settings:
         if st.get("attack", "none") not in ATTACKS:
             raise ValueError(f"unknown attack {st.get('attack')!r}; expected one of {ATTACKS}")
-        if not 0 <= st.get("psi", 0.0) < 0.5:
-            raise ValueError(f"psi must be in [0, 0.5), got {st.get('psi')!r}")
+        check_real(st.get("psi", 0.0), "psi", 0, 0.5, hi_open=True)
     h, c = quadratic(cfg, device=device, dtype=dtype)
     gen = _random.generator(cfg.seed + 1)
     S, n, d = cfg.seeds, cfg.n, cfg.d
@@ -549,7 +543,7 @@ def convergence_study(config: Union[str, ConvergenceConfig] = "ci", *, device="c
     ``beta``, every noise level), ``"beta"`` (clean, every block fraction, GmD being
     ``beta = 1``), ``"psi"`` (additive corruption at every ``psis`` for BGmD at ``beta``, GmD and
     SGD) and ``"flip"`` (scaled bit flips at ``flip_psi``, the same three)."""
-    cfg = _conv_config(config)
+    cfg = resolve_config(config, CONVERGENCE_CONFIGS)
     clean = {"noise": cfg.noise, "psi": 0.0, "attack": "none"}
     attacked = [{"noise": cfg.noise, "psi": p, "attack": "additive"} for p in cfg.psis]
     flipped = {"noise": cfg.noise, "psi": cfg.flip_psi, "attack": "bit flip"}
@@ -591,9 +585,8 @@ def descent_check(config: Union[str, ConvergenceConfig] = "ci", *, rho: float = 
     ``lhs`` = the mean of ``f(x~_{t+1})`` and its standard error ``se``, ``rhs`` = the lemma's
     right-hand side with the means of ``||g_t||^2`` and ``||z_t||^2`` over the copies
     (``g_t``: the rows' average, ``z_t = u_t - mean_i Delta_t[i]``)."""
-    cfg = _conv_config(config)
-    if not 0 < rho < 0.5:
-        raise ValueError(f"rho must be in (0, 0.5), got {rho!r}")
+    cfg = resolve_config(config, CONVERGENCE_CONFIGS)
+    check_real(rho, "rho", 0, 0.5, lo_open=True, hi_open=True)
     h, c = quadratic(cfg, device=device, dtype=dtype)
     gen = _random.generator(cfg.seed + 2)
     gamma, L, R = 1.0 / (4 * cfg.L), cfg.L, cfg.descent_draws

@@ -37,12 +37,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._checks import value_checks
 from ..aggregators import make_aggregator
 from ..attacks import make_attack
 from ..data.images import ImageData, load_images, shard_split
 from ..models.cnn import LeNet, TinyCNN, count_parameters, resnet18
-from . import SCALES
+from .._checks import check_real, value_checks
+from ._common import Result, check_fields, only_dtype, progress as progress_bar, resolve_config, scales
 
 __all__ = [
     "Method",
@@ -53,6 +53,7 @@ __all__ = [
     "build_model",
     "client_gradients",
     "train",
+    "train_grid",
     "run",
 ]
 
@@ -119,15 +120,12 @@ class BGmDTrainingConfig:
     data_seed: int = 0
 
     def __post_init__(self):
-        for name in ("clients", "batch_size", "eval_every", "eval_batch", "gm_max_iter"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
-            raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
-        if not (self.lr > 0 and 0 < self.lr_decay <= 1 and 0 <= self.momentum < 1
-                and self.weight_decay >= 0):
-            raise ValueError("need lr > 0, 0 < lr_decay <= 1, 0 <= momentum < 1, weight_decay >= 0")
+        check_fields(self, ("clients", "batch_size", "eval_every", "eval_batch", "gm_max_iter"), 1,
+                     integer=True)
+        check_fields(self, ("epochs", "lr"), 0, lo_open=True)
+        check_real(self.lr_decay, "lr_decay", 0, 1, lo_open=True)
+        check_real(self.momentum, "momentum", 0, 1, hi_open=True)
+        check_real(self.weight_decay, "weight_decay", 0)
         if self.split not in ("iid", "shards"):
             raise ValueError(f"split must be 'iid' or 'shards', got {self.split!r}")
         if self.grad_mode not in ("vmap", "loop", "auto"):
@@ -146,14 +144,14 @@ MODELS = {
 }
 
 
-CONFIGS: Dict[str, BGmDTrainingConfig] = {
+CONFIGS: Dict[str, BGmDTrainingConfig] = scales(
     # Offline, two CPU cores, seconds per run: 8x8 digits, the 412-parameter CNN, 10 clients of
     # 16 samples (8 steps per epoch), lr 0.3 without momentum (the robust rules' best of a small
     # grid on this problem), 30 epochs.
-    "ci": BGmDTrainingConfig(),
+    ci=BGmDTrainingConfig(),
     # Section 7.1's homogeneous Fashion-MNIST setting: LeNet (1.16M parameters), 32 parallel
     # batches of 64, lr 0.01 decayed by 1% per epoch, weight decay 1e-4, 50 epochs, 5 seeds.
-    "paper": BGmDTrainingConfig(
+    paper=BGmDTrainingConfig(
         dataset="fashion_mnist",
         model="lenet",
         clients=32,
@@ -166,8 +164,7 @@ CONFIGS: Dict[str, BGmDTrainingConfig] = {
         seeds=(0, 1, 2, 3, 4),
         eval_every=100,
     ),
-}
-assert set(CONFIGS) == set(SCALES)
+)
 
 
 def build_model(name: str, data: ImageData) -> nn.Module:
@@ -270,14 +267,6 @@ def _lr_at(cfg: BGmDTrainingConfig, t: int, per_epoch: int, total: int) -> float
     return cfg.lr * cfg.lr_decay ** (t // per_epoch)
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="it", leave=False)
-
-
 def train(
     cfg: BGmDTrainingConfig,
     method: Method,
@@ -332,7 +321,7 @@ def train(
         window = 0
         has_residual = False
         train_s = agg_s = 0.0
-        bar = _progress(total, f"{method.label} {attack} {psi:g}", progress)
+        bar = progress_bar(enabled=progress, total=total, desc=f"{method.label} {attack} {psi:g}", unit="it")
         for t in range(1, total + 1):
             start = time.perf_counter()
             lr = _lr_at(cfg, t - 1, sampler.per_epoch, total)
@@ -363,8 +352,7 @@ def train(
             loss_sum += losses.mean().detach()
             window += 1
             train_s += time.perf_counter() - start
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             if t % cfg.eval_every == 0 or t == total:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -383,13 +371,12 @@ def train(
                 window = 0
                 if diverged:
                     break
-        if bar is not None:
-            bar.close()
+        bar.close()
     return records
 
 
-def run(cfg: BGmDTrainingConfig, *, device="cpu", progress: bool = False,
-        data: Optional[ImageData] = None) -> List[dict]:
+def train_grid(cfg: BGmDTrainingConfig, *, device="cpu", progress: bool = False,
+               data: Optional[ImageData] = None) -> List[dict]:
     """Every run of the grid ``cfg.methods x cfg.attacks x cfg.psis x cfg.seeds``: tidy records
     (see :func:`train`). ``psi = 0`` is run once per method and seed, as attack ``"none"``."""
     if data is None:
@@ -401,11 +388,15 @@ def run(cfg: BGmDTrainingConfig, *, device="cpu", progress: bool = False,
                 for seed in cfg.seeds:
                     grid.append((m, attack, psi, seed))
     records: List[dict] = []
-    outer = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        outer = tqdm(grid, desc="runs", unit="run")
-    for m, attack, psi, seed in (outer if outer is not None else grid):
+    for m, attack, psi, seed in progress_bar(grid, enabled=progress, desc="runs", unit="run"):
         records += train(cfg, m, attack, psi, seed, data=data, device=device, progress=False)
     return records
+
+
+def run(config="ci", *, device="cpu", dtype: Optional[torch.dtype] = None, progress: bool = False,
+        data: Optional[ImageData] = None) -> Result:
+    """The training grid of a scale (``"ci"``/``"paper"``) or a custom config: table ``records``
+    (:func:`train_grid`). ``dtype``: the models' float32 only (the common signature)."""
+    cfg = resolve_config(config, CONFIGS)
+    only_dtype(dtype)
+    return Result(cfg, records=train_grid(cfg, device=device, progress=progress, data=data))

@@ -23,13 +23,15 @@ The studies compare the mean with the geometric median (``median_sgd.geometric_m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
+from .._checks import check_real
 from ..medians import geometric_median
-from . import SCALES, _random
+from . import _random
+from ._common import Result, check_dtype, resolve_config, scales
 
 __all__ = [
     "GMBreakdownConfig",
@@ -61,20 +63,18 @@ class GMBreakdownConfig:
     gm_max_iter: int = 500  # a median on a data point that its neighbours almost balance converges slowly
 
 
-CONFIGS: Dict[str, GMBreakdownConfig] = {
-    "ci": GMBreakdownConfig(),
-    "paper": GMBreakdownConfig(
+CONFIGS: Dict[str, GMBreakdownConfig] = scales(
+    ci=GMBreakdownConfig(),
+    paper=GMBreakdownConfig(
         seeds=10_000,
         fractions=tuple(i / 100 for i in range(0, 50, 2)) + (0.49,),
     ),
-}
-assert set(CONFIGS) == set(SCALES)
+)
 
 
 def minsker_constant(psi: float) -> float:
     """``C_psi = (1 - psi) / sqrt(1 - 2 psi)`` for ``0 <= psi < 1/2`` (Minsker 2015, Lemma 2.1)."""
-    if isinstance(psi, bool) or not isinstance(psi, (int, float)) or not (0.0 <= psi < 0.5):
-        raise ValueError(f"psi must be a number in [0, 0.5), got {psi!r}")
+    check_real(psi, "psi", 0.0, 0.5, hi_open=True)
     return (1.0 - psi) / math.sqrt(1.0 - 2.0 * psi)
 
 
@@ -95,8 +95,7 @@ def corrupt(
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(map(repr, MODES))}")
     n = X.shape[-2]
-    if isinstance(n_bad, bool) or not isinstance(n_bad, int) or not (0 <= n_bad <= n):
-        raise ValueError(f"n_bad must be an integer in [0, {n}], got {n_bad!r}")
+    check_real(n_bad, "n_bad", 0, n, integer=True)
     is_bad = torch.arange(n, device=X.device) < n_bad
     Y = X.clone()
     if n_bad == 0:
@@ -182,23 +181,13 @@ def breakdown_curves(cfg: GMBreakdownConfig, *, device="cpu", dtype=torch.float6
     return records
 
 
-@dataclass
-class GMBreakdownResult:
-    config: GMBreakdownConfig
-    scenes: List[dict] = field(default_factory=list)
-    curves: List[dict] = field(default_factory=list)
+def run(config: Union[str, GMBreakdownConfig] = "ci", *, device="cpu", dtype=torch.float64,
+        progress: bool = False) -> Result:
+    """Both studies at a scale (``"ci"``/``"paper"``) or with a custom config.
 
-
-def run(config: Union[str, GMBreakdownConfig] = "ci", *, device="cpu", dtype=torch.float64) -> GMBreakdownResult:
-    """Both studies at a scale (``"ci"``/``"paper"``) or with a custom config."""
-    if isinstance(config, str):
-        if config not in CONFIGS:
-            raise ValueError(f"unknown scale {config!r}; expected one of {', '.join(CONFIGS)}")
-        config = CONFIGS[config]
-    if not isinstance(config, GMBreakdownConfig):
-        raise TypeError(f"config must be a scale name or a GMBreakdownConfig, got {type(config).__name__}")
-    return GMBreakdownResult(
-        config=config,
-        scenes=toy_scenes(config, device=device, dtype=dtype),
-        curves=breakdown_curves(config, device=device, dtype=dtype),
-    )
+    Tables: ``scenes`` (:func:`toy_scenes`) and ``curves`` (:func:`breakdown_curves`);
+    ``progress`` is accepted for the common signature (no loop is long).
+    """
+    cfg = resolve_config(config, CONFIGS)
+    kw: Dict[str, Any] = dict(device=device, dtype=check_dtype(dtype))
+    return Result(cfg, scenes=toy_scenes(cfg, **kw), curves=breakdown_curves(cfg, **kw))

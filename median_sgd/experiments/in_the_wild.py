@@ -37,23 +37,26 @@ on a GPU trains from the same draws as the CPU run; only rounding differs.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
 
 from ..optim import MedianSGD
-from . import SCALES, _random
+from .._checks import check_real
+from . import _random
+from ._common import Result, check_dtype, check_fields, progress as progress_bar, resolve_config, scales
+from ._common import single_threaded_on_cpu as _single_threaded_on_cpu
 
 __all__ = [
     "METHODS",
     "SETTINGS",
     "InTheWildConfig",
     "CONFIGS",
-    "InTheWildResult",
+    "training_curves",
+    "final_summary",
     "load_data",
     "init_params",
     "forward",
@@ -94,27 +97,16 @@ class InTheWildConfig:
     settings: Tuple[str, ...] = SETTINGS
 
     def __post_init__(self):
-        for name in ("hidden", "batch_size", "steps", "seeds", "eval_every", "sweep_steps", "sweep_seeds"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("lr", "tau_vclip", "tau_cclip", "tau_sign", "tau_clip", "noise_scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if not 0 < self.beta < 1:
-            raise ValueError(f"beta must lie in (0, 1), got {self.beta!r}")
-        if not 0 < self.noise_alpha <= 2:
-            raise ValueError(f"noise_alpha must lie in (0, 2], got {self.noise_alpha!r}")
-        if not 0 <= self.corrupt_prob <= 1:
-            raise ValueError(f"corrupt_prob must lie in [0, 1], got {self.corrupt_prob!r}")
-        if not math.isfinite(self.corrupt_factor):
-            raise ValueError(f"corrupt_factor must be finite, got {self.corrupt_factor!r}")
-        if not 0 < self.early_fraction <= 1:
-            raise ValueError(f"early_fraction must lie in (0, 1], got {self.early_fraction!r}")
-        if not 0 < self.test_fraction < 1:
-            raise ValueError(f"test_fraction must lie in (0, 1), got {self.test_fraction!r}")
+        check_fields(self, ("hidden", "batch_size", "steps", "seeds", "eval_every", "sweep_steps",
+                            "sweep_seeds"), 1, integer=True)
+        check_fields(self, ("lr", "tau_vclip", "tau_cclip", "tau_sign", "tau_clip", "noise_scale"),
+                     0, lo_open=True)
+        check_real(self.beta, "beta", 0, 1, lo_open=True, hi_open=True)
+        check_real(self.noise_alpha, "noise_alpha", 0, 2, lo_open=True)
+        check_real(self.corrupt_prob, "corrupt_prob", 0, 1)
+        check_real(self.corrupt_factor, "corrupt_factor")
+        check_real(self.early_fraction, "early_fraction", 0, 1, lo_open=True)
+        check_real(self.test_fraction, "test_fraction", 0, 1, lo_open=True, hi_open=True)
         for name, allowed in (("methods", METHODS), ("settings", SETTINGS)):
             chosen = getattr(self, name)
             unknown = [c for c in chosen if c not in allowed]
@@ -122,21 +114,10 @@ class InTheWildConfig:
                 raise ValueError(f"{name} must be distinct names from {allowed}, got {chosen}")
 
 
-CONFIGS: Dict[str, InTheWildConfig] = {
-    "ci": InTheWildConfig(),
-    "paper": InTheWildConfig(steps=4000, seeds=20, eval_every=100, sweep_steps=2000, sweep_seeds=10),
-}
-assert set(CONFIGS) == set(SCALES)
-
-
-def _config(config: Union[str, InTheWildConfig]) -> InTheWildConfig:
-    if isinstance(config, str):
-        if config not in CONFIGS:
-            raise ValueError(f"unknown scale {config!r}; expected one of {', '.join(CONFIGS)}")
-        return CONFIGS[config]
-    if not isinstance(config, InTheWildConfig):
-        raise TypeError(f"config must be a scale name or an InTheWildConfig, got {type(config).__name__}")
-    return config
+CONFIGS: Dict[str, InTheWildConfig] = scales(
+    ci=InTheWildConfig(),
+    paper=InTheWildConfig(steps=4000, seeds=20, eval_every=100, sweep_steps=2000, sweep_seeds=10),
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,59 +192,29 @@ def make_optimizer(method: str, runs: Sequence[Sequence[torch.Tensor]], cfg: InT
 # The run
 
 
-@dataclass
-class InTheWildResult:
-    """``curves``: one record per (setting, method, seed, step) with ``test_loss``,
+@_single_threaded_on_cpu
+def run(config: Union[str, InTheWildConfig] = "ci", *, device="cpu", dtype=torch.float32,
+        progress: bool = False) -> Result:
+    """Train every (method, setting, seed) run (:func:`training_curves`) and summarise it.
+
+    Tables: ``curves``, one record per (setting, method, seed, step) with ``test_loss``,
     ``test_accuracy``, ``train_loss`` (full training set, clean), ``grad_norm`` (the norm of the
     full-batch clean gradient ``nabla L(w_t)``) and ``cosine`` (between the estimate ``m_t`` the
-    last step moved along and ``nabla L(w_t)``); ``final``: per (setting, method) the mean,
-    min and max over seeds of the last evaluation's test accuracy and test loss, and
-    ``cosine_early``, the mean cosine over seeds and the evaluations at steps
-    ``0 < t <= early_fraction * steps``."""
-
-    config: InTheWildConfig
-    curves: List[dict] = field(default_factory=list)
-    final: List[dict] = field(default_factory=list)
-
-
-def _single_threaded_on_cpu(fn):
-    """Run ``fn`` with one intra-op CPU thread (restored afterwards) when ``device`` is the CPU:
-    the training loop is thousands of small operations, which a second thread only slows down."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if torch.device(kwargs.get("device", "cpu")).type != "cpu":
-            return fn(*args, **kwargs)
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(previous)
-
-    return wrapper
-
-
-def _progress(iterable, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc="in the wild", unit="step")
+    last step moved along and ``nabla L(w_t)``); ``final`` (:func:`final_summary`).
+    """
+    cfg = resolve_config(config, CONFIGS)
+    curves = training_curves(cfg, device=device, dtype=check_dtype(dtype), progress=progress)
+    return Result(cfg, curves=curves, final=final_summary(curves, cfg))
 
 
 @_single_threaded_on_cpu
-def run(
-    config: Union[str, InTheWildConfig] = "ci",
-    *,
-    device="cpu",
-    dtype: torch.dtype = torch.float32,
-    progress: bool = False,
-) -> InTheWildResult:
-    """Train every (method, setting, seed) run; evaluate every ``eval_every`` steps."""
-    cfg = _config(config)
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+def training_curves(cfg: InTheWildConfig, *, device="cpu", dtype: torch.dtype = torch.float32,
+                    progress: bool = False) -> List[dict]:
+    """Train every (method, setting, seed) run at once; evaluate every ``eval_every`` steps.
+
+    All runs are one batch of parameters (ordered method, setting, seed); every step draws the
+    mini-batches and the noise of each seed once, shared by every method and setting.
+    """
     device = torch.device(device)
     x_train, y_train, x_test, y_test = load_data(cfg, device=device, dtype=dtype)
     n_train, d_in = x_train.shape
@@ -311,7 +262,7 @@ def run(
                            "grad_norm": norm if math.isfinite(norm) else math.inf})
 
     total = sum(sizes)
-    for step in _progress(range(cfg.steps + 1), progress):
+    for step in progress_bar(range(cfg.steps + 1), enabled=progress, desc="in the wild", unit="step"):
         if step % cfg.eval_every == 0 or step == cfg.steps:
             evaluate(step)
         if step == cfg.steps:
@@ -353,7 +304,7 @@ def run(
         for opt in optimizers.values():
             opt.step()
 
-    return InTheWildResult(config=cfg, curves=curves, final=_final(curves, cfg))
+    return curves
 
 
 def _direction(run: Sequence[torch.Tensor], optimizer, method: str) -> torch.Tensor:
@@ -369,7 +320,10 @@ def _direction(run: Sequence[torch.Tensor], optimizer, method: str) -> torch.Ten
     return torch.cat(parts).unsqueeze(0)
 
 
-def _final(curves: List[dict], cfg: InTheWildConfig) -> List[dict]:
+def final_summary(curves: List[dict], cfg: InTheWildConfig) -> List[dict]:
+    """Per (setting, method): the mean, min and max over seeds of the last evaluation's test
+    accuracy and test loss, and ``cosine_early``, the mean cosine over seeds and the
+    evaluations at steps ``0 < t <= early_fraction * steps``."""
     last = max(r["step"] for r in curves)
     out = []
     for setting in cfg.settings:
@@ -404,7 +358,7 @@ def sweep(
     Each value trains ``methods`` x ``settings`` with ``sweep_steps`` steps and ``sweep_seeds``
     seeds (and evaluates only at the end); the records gain ``parameter`` and ``value``.
     """
-    cfg = _config(config)
+    cfg = resolve_config(config, CONFIGS)
     names = {f.name for f in dataclasses.fields(cfg)}
     if parameter not in names or parameter in ("methods", "settings", "seed"):
         raise ValueError(f"cannot sweep {parameter!r}; expected a numeric field of InTheWildConfig")

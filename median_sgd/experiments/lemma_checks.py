@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .._checks import Scalar, check_choice, check_float_tensor, check_same_kind, check_tau, check_vector
+from .._checks import Scalar, check_choice, check_float_tensor, check_real, check_same_kind, check_tau, check_vector
 
 __all__ = ["divergence", "ellipsoid_argmin", "numerical_prox", "numerical_spp_step"]
 
@@ -73,8 +73,7 @@ def ellipsoid_argmin(
     radius = check_tau(radius, center, "radius")  # a float, or (..., 1) broadcasting to the batch
     if iters is None:
         iters = math.ceil(2 * d * (d + 1) * math.log(1.0 / torch.finfo(center.dtype).eps))
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+    iters = int(check_real(iters, "iters", 0, integer=True))
 
     # P = B B^T is kept in factored form (Shor's space dilation): the update of B keeps P
     # positive semidefinite under rounding, which the update of P itself does not.

@@ -15,13 +15,14 @@ Three studies, all vectorised over seeds through the leading batch dimension of 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Union
 
 import torch
 
 from ..medians import coordinate_median, geometric_median, trimmed_mean
-from . import SCALES, _random
+from . import _random
+from ._common import Result, check_dtype, resolve_config, scales
 
 __all__ = ["RobustMeanConfig", "CONFIGS", "estimators", "outlier_scene", "sample_size_study",
            "tail_study", "breakdown_study", "run"]
@@ -52,9 +53,9 @@ class RobustMeanConfig:
     gm_max_iter: int = 2000  # Weiszfeld contracts like (bad weight / good weight) near breakdown
 
 
-CONFIGS: Dict[str, RobustMeanConfig] = {
-    "ci": RobustMeanConfig(),
-    "paper": RobustMeanConfig(
+CONFIGS: Dict[str, RobustMeanConfig] = scales(
+    ci=RobustMeanConfig(),
+    paper=RobustMeanConfig(
         seeds=10_000,
         sample_sizes=(5, 11, 21, 51, 101, 201, 501, 1001, 2001),
         tail_n=101,
@@ -62,8 +63,7 @@ CONFIGS: Dict[str, RobustMeanConfig] = {
         breakdown_seeds=1000,
         breakdown_fractions=tuple(i / 100 for i in range(0, 50, 2)) + (0.49,),
     ),
-}
-assert set(CONFIGS) == set(SCALES)
+)
 
 
 def estimators(
@@ -164,27 +164,19 @@ def breakdown_study(cfg: RobustMeanConfig, *, device="cpu", dtype=torch.float64)
     return records
 
 
-@dataclass
-class RobustMeanResult:
-    config: RobustMeanConfig
-    scene: dict
-    sample_size: List[dict] = field(default_factory=list)
-    tails: List[dict] = field(default_factory=list)
-    breakdown: List[dict] = field(default_factory=list)
+def run(config: Union[str, RobustMeanConfig] = "ci", *, device="cpu", dtype=torch.float64,
+        progress: bool = False) -> Result:
+    """Every study of the chapter at a scale (``"ci"``/``"paper"``) or with a custom config.
 
-
-def run(config: Union[str, RobustMeanConfig] = "ci", *, device="cpu", dtype=torch.float64) -> RobustMeanResult:
-    """Run every study of the chapter at a scale (``"ci"``/``"paper"``) or with a custom config."""
-    if isinstance(config, str):
-        if config not in CONFIGS:
-            raise ValueError(f"unknown scale {config!r}; expected one of {', '.join(CONFIGS)}")
-        config = CONFIGS[config]
-    if not isinstance(config, RobustMeanConfig):
-        raise TypeError(f"config must be a scale name or a RobustMeanConfig, got {type(config).__name__}")
-    return RobustMeanResult(
-        config=config,
-        scene=outlier_scene(config, device=device, dtype=dtype),
-        sample_size=sample_size_study(config, device=device, dtype=dtype),
-        tails=tail_study(config, device=device, dtype=dtype),
-        breakdown=breakdown_study(config, device=device, dtype=dtype),
+    Tables: ``scene`` (a dict), ``sample_size``, ``tails``, ``breakdown`` (no loop is long
+    enough for a progress bar: ``progress`` is accepted for the common signature).
+    """
+    cfg = resolve_config(config, CONFIGS)
+    kw: Dict[str, Any] = dict(device=device, dtype=check_dtype(dtype))
+    return Result(
+        cfg,
+        scene=outlier_scene(cfg, **kw),
+        sample_size=sample_size_study(cfg, **kw),
+        tails=tail_study(cfg, **kw),
+        breakdown=breakdown_study(cfg, **kw),
     )

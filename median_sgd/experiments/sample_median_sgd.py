@@ -38,17 +38,19 @@ the CPU run and its records agree with the CPU's up to rounding.
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from .._checks import value_checks
 from ..estimators import sgd_step, spp_step
 from ..medians import coordinate_median, geometric_median, geometric_median_objective
-from . import SCALES, _random
+from .._checks import check_real
+from . import _random
+from ._common import Result, check_dtype, check_each, check_fields, progress as progress_bar, resolve_config, scales
+from ._common import single_threaded_on_cpu as _single_threaded_on_cpu
 
 __all__ = [
     "ESTIMATORS",
@@ -57,7 +59,6 @@ __all__ = [
     "GM_METHODS",
     "SampleMedianSGDConfig",
     "CONFIGS",
-    "SampleMedianSGDResult",
     "aggregate",
     "curvatures",
     "stationary_scale",
@@ -136,24 +137,12 @@ class SampleMedianSGDConfig:
     weiszfeld_iters: int = 32
 
     def __post_init__(self):
-        ints = ("dim", "n", "gm_iters", "stationary_steps", "stationary_seeds", "steps", "seeds",
-                "curve_every", "skew_steps", "skew_seeds", "gm_n", "gm_seeds", "passes",
-                "weiszfeld_iters")
-        for name in ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        positive = ("h_min", "h_max", "sigma0", "eta0", "start", "spp_tau0")
-        for name in positive:
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if self.h_max < self.h_min:
-            raise ValueError(f"h_max must be >= h_min, got {self.h_max} < {self.h_min}")
-        if not (math.isfinite(self.sigma1) and self.sigma1 >= 0):
-            raise ValueError(f"sigma1 must be a finite number >= 0, got {self.sigma1!r}")
-        if not (math.isfinite(self.t0) and self.t0 > 0):
-            raise ValueError(f"t0 must be a finite number > 0, got {self.t0!r}")
+        check_fields(self, ("dim", "n", "gm_iters", "stationary_steps", "stationary_seeds", "steps",
+                            "seeds", "curve_every", "skew_steps", "skew_seeds", "gm_n", "gm_seeds",
+                            "passes", "weiszfeld_iters"), 1, integer=True)
+        check_fields(self, ("h_min", "h_max", "sigma0", "eta0", "start", "spp_tau0", "t0"), 0, lo_open=True)
+        check_real(self.h_max, "h_max", self.h_min)
+        check_real(self.sigma1, "sigma1", 0)
         for name in ("stationary_alphas", "alphas"):
             _check_alphas(getattr(self, name), name)
         _check_alphas((self.size_alpha, self.gm_alpha), "size_alpha/gm_alpha")
@@ -163,20 +152,19 @@ class SampleMedianSGDConfig:
                 f"{self.stationary_etas}")
         for name in ("sizes", "skew_sizes"):
             sizes = getattr(self, name)
-            if not sizes or not all(isinstance(k, int) and k >= 1 and k % 2 == 1 for k in sizes):
+            check_each(sizes, name, 1, integer=True)
+            if not all(k % 2 == 1 for k in sizes):
                 raise ValueError(f"{name} must be odd sample sizes >= 1, got {sizes}")
-        if not (math.isfinite(self.skew_tail) and self.skew_tail > 1):
-            raise ValueError(f"skew_tail must be > 1 (a finite mean), got {self.skew_tail!r}")
+        check_real(self.skew_tail, "skew_tail (> 1: a finite mean)", 1, lo_open=True)
 
 
 def _check_alphas(alphas, name):
-    if not alphas or not all(isinstance(a, (int, float)) and 0 < a <= 2 for a in alphas):
-        raise ValueError(f"{name} must be tail indices in (0, 2], got {alphas}")
+    check_each(alphas, f"{name} (tail indices)", 0, 2, lo_open=True)
 
 
-CONFIGS: Dict[str, SampleMedianSGDConfig] = {
-    "ci": SampleMedianSGDConfig(),
-    "paper": SampleMedianSGDConfig(
+CONFIGS: Dict[str, SampleMedianSGDConfig] = scales(
+    ci=SampleMedianSGDConfig(),
+    paper=SampleMedianSGDConfig(
         stationary_steps=1000,
         stationary_seeds=2000,
         steps=10_000,
@@ -191,49 +179,7 @@ CONFIGS: Dict[str, SampleMedianSGDConfig] = {
         gm_seeds=100,
         passes=256,
     ),
-}
-assert set(CONFIGS) == set(SCALES)
-
-
-def _config(config: Union[str, SampleMedianSGDConfig]) -> SampleMedianSGDConfig:
-    if isinstance(config, str):
-        if config not in CONFIGS:
-            raise ValueError(f"unknown scale {config!r}; expected one of {', '.join(CONFIGS)}")
-        return CONFIGS[config]
-    if not isinstance(config, SampleMedianSGDConfig):
-        raise TypeError(
-            f"config must be a scale name or a SampleMedianSGDConfig, got {type(config).__name__}")
-    return config
-
-
-def _single_threaded_on_cpu(fn):
-    """Run ``fn`` with one intra-op CPU thread (restored afterwards) when it works on the CPU.
-
-    The studies are loops of thousands of operations on small tensors: a second thread only adds
-    synchronisation (on a busy machine, a spinning OpenMP worker made them ten times slower).
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        device = kwargs["h"].device if "h" in kwargs else kwargs.get("device", "cpu")
-        if torch.device(device).type != "cpu":
-            return fn(*args, **kwargs)
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(previous)
-
-    return wrapper
-
-
-def _progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False)
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +219,7 @@ def pareto_median_mean(tail: float, n: int) -> float:
     ``n = 1`` gives the mean ``tail / (tail - 1)``; ``n -> infinity`` the median ``2^(1/tail)``.
     Finite when ``tail (k + 1) > 1``.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n % 2 == 0:
+    if check_real(n, "n", 1, integer=True) % 2 == 0:
         raise ValueError(f"n must be an odd int >= 1, got {n!r}")
     k, s = (n - 1) // 2, 1.0 / tail
     if not (tail > 0 and k + 1 - s > 0):
@@ -293,8 +239,7 @@ def median_interval(values: torch.Tensor, z: float = POOLED_Z) -> Tuple[torch.Te
     the median that needs nothing of the law (its coverage is ``P(|B - N/2| <= z sqrt(N)/2)``,
     about ``1 - 6e-5`` for ``z = 4``).
     """
-    if not (isinstance(z, (int, float)) and math.isfinite(z) and z > 0):
-        raise ValueError(f"z must be a finite number > 0, got {z!r}")
+    check_real(z, "z", 0, lo_open=True)
     N = values.shape[-1]
     if N < 1:
         raise ValueError("median_interval needs at least one value")
@@ -375,8 +320,7 @@ def simulate(
         raise ValueError(f"unknown noise {noise!r}; expected one of {', '.join(NOISES)}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {', '.join(ESTIMATORS)}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_real(n, "n", 1, integer=True)
     device, dtype = h.device, h.dtype
     d = h.shape[-1]
     e = torch.full((*batch, d), float(start), device=device, dtype=dtype)
@@ -388,7 +332,7 @@ def simulate(
     total = torch.zeros_like(e)
     records = [torch.linalg.vector_norm(e, dim=-1)]
     with value_checks(False):  # everything below is validated; the loop must not sync
-        for t in _progress(range(steps), progress, f"{estimator}, n={n}"):
+        for t in progress_bar(range(steps), enabled=progress, desc=f"{estimator}, n={n}"):
             eta = eta0 if t0 is None else eta0 / (1.0 + t / t0)
             scale = sigma0 + sigma1 * torch.linalg.vector_norm(e, dim=-1, keepdim=True)  # (*batch, 1)
             xi = _noise(noise, alpha, (*batch, n, d), tail=tail, gen=generator, device=device,
@@ -455,7 +399,7 @@ def stationary_study(cfg: SampleMedianSGDConfig, *, device="cpu", dtype=torch.fl
     errs = {est: torch.zeros(A, E, S, d, device=device, dtype=dtype)
             for est in ("mean", "coordinate median")}
     with value_checks(False):
-        for _ in _progress(range(cfg.stationary_steps), progress, "stationary"):
+        for _ in progress_bar(range(cfg.stationary_steps), enabled=progress, desc="stationary"):
             xi = _random.stable(alpha_b, (A, E, S, n, d), generator=gen, device=device, dtype=dtype)
             for est, e in errs.items():  # both estimators see the same noise
                 errs[est] = (1 - eta_b * h) * e - eta_b * aggregate(xi, est)
@@ -610,7 +554,7 @@ def gm_passes_study(cfg: SampleMedianSGDConfig, *, device="cpu", dtype=torch.flo
         m = start
         add(method, 0, m)
         with value_checks(False):
-            for p in _progress(range(1, cfg.passes + 1), progress, method):
+            for p in progress_bar(range(1, cfg.passes + 1), enabled=progress, desc=method):
                 factor = {"constant": 1.0, "sqrt": p ** -0.5, "inverse": 1.0 / p}[schedule]
                 tau = tau0 * factor
                 order = torch.argsort(_random.rand((S, n), generator=order_gen, device=device), dim=-1)
@@ -621,36 +565,19 @@ def gm_passes_study(cfg: SampleMedianSGDConfig, *, device="cpu", dtype=torch.flo
     return records
 
 
-@dataclass
-class SampleMedianSGDResult:
-    """Tidy records of every study (see the study functions for their fields)."""
-
-    config: SampleMedianSGDConfig
-    stationary: List[dict] = field(default_factory=list)
-    final: List[dict] = field(default_factory=list)
-    curves: List[dict] = field(default_factory=list)
-    sample_size: List[dict] = field(default_factory=list)
-    skew: List[dict] = field(default_factory=list)
-    gm_passes: List[dict] = field(default_factory=list)
-
-
 @_single_threaded_on_cpu
-def run(
-    config: Union[str, SampleMedianSGDConfig] = "ci",
-    *,
-    device="cpu",
-    dtype: torch.dtype = torch.float64,
-    progress: bool = False,
-) -> SampleMedianSGDResult:
-    """Run every study of the chapter at a scale (``"ci"``/``"paper"``) or with a custom config."""
-    cfg = _config(config)
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-    device = torch.device(device)
-    kw = dict(device=device, dtype=dtype, progress=progress)
+def run(config: Union[str, SampleMedianSGDConfig] = "ci", *, device="cpu", dtype=torch.float64,
+        progress: bool = False) -> Result:
+    """Every study of the chapter at a scale (``"ci"``/``"paper"``) or with a custom config.
+
+    Tables: ``stationary``, ``final``, ``curves`` (the tail study), ``sample_size``, ``skew``,
+    ``gm_passes`` (see the study functions for their fields).
+    """
+    cfg = resolve_config(config, CONFIGS)
+    kw: Dict[str, Any] = dict(device=torch.device(device), dtype=check_dtype(dtype), progress=progress)
     final, curves = tail_study(cfg, **kw)
-    return SampleMedianSGDResult(
-        config=cfg,
+    return Result(
+        cfg,
         stationary=stationary_study(cfg, **kw),
         final=final,
         curves=curves,

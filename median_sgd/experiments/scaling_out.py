@@ -30,11 +30,11 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 import torch
 
-from . import SCALES
+from ._common import Result, only_dtype, resolve_config, scales
 
 __all__ = ["ScalingOutConfig", "CONFIGS", "RUNS", "make_data", "make_model", "rank_device", "run",
            "summary"]
@@ -78,13 +78,12 @@ class ScalingOutConfig:
     timeout_s: float = 240.0
 
 
-CONFIGS: Dict[str, ScalingOutConfig] = {
-    "ci": ScalingOutConfig(),
-    "paper": ScalingOutConfig(world_size=8, byzantine_ranks=(0, 1), nan_ranks=(2,), steps=300,
+CONFIGS: Dict[str, ScalingOutConfig] = scales(
+    ci=ScalingOutConfig(),
+    paper=ScalingOutConfig(world_size=8, byzantine_ranks=(0, 1), nan_ranks=(2,), steps=300,
                               hidden=128,
                               n_train=16384, n_test=4096, bucket_cap_mb=0.05),
-}
-assert set(CONFIGS) == set(SCALES)
+)
 
 
 def make_data(config: ScalingOutConfig):
@@ -119,10 +118,13 @@ def make_model(config: ScalingOutConfig) -> torch.nn.Module:
     return model
 
 
-def run(config: ScalingOutConfig, *, device: Optional[str] = None) -> Dict[str, List[dict]]:
+def run(config="ci", *, device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+        progress: bool = False) -> Result:
     """Start the processes, wait for them, return the records of rank 0 (checked against the rest).
 
-    Returns ``{"checks": [...], "curves": [...], "runs": [...]}``:
+    Returns a :class:`Result` with tables ``checks``, ``curves``, ``runs`` (also readable as
+    ``result["runs"]``; ``dtype`` is the model's float32 only and ``progress`` is accepted for the
+    common signature: the workers print nothing):
 
     * ``checks``: one record per rule: ``max_diff_simulated`` (real collectives against
       :meth:`RobustHook.simulate`, over all ranks) and ``max_diff_library`` (against the
@@ -142,6 +144,8 @@ def run(config: ScalingOutConfig, *, device: Optional[str] = None) -> Dict[str, 
     """
     import torch.multiprocessing as mp
 
+    config = resolve_config(config, CONFIGS)
+    only_dtype(dtype)
     if config.backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {config.backend!r}")
     if device is None:
@@ -178,7 +182,7 @@ def run(config: ScalingOutConfig, *, device: Optional[str] = None) -> Dict[str, 
         for rank in range(config.world_size):
             with open(os.path.join(tmp, f"rank{rank}.json")) as f:
                 results.append(json.load(f))
-    return _merge(results)
+    return Result(config, **_merge(results))
 
 
 def rank_device(device, rank: int) -> torch.device:
@@ -196,7 +200,7 @@ def rank_device(device, rank: int) -> torch.device:
     raise ValueError(f"device must be a CPU or CUDA device, got {device!r}")
 
 
-def summary(records: Dict[str, List[dict]]) -> List[dict]:
+def summary(records: Mapping[str, List[dict]]) -> List[dict]:
     """One row per run: its label, whether it was attacked, final test loss and accuracy, and the
     contributions dropped per step."""
     keys = ("run", "rule", "attacked", "final_loss", "final_accuracy", "dropped")

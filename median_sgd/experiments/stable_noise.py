@@ -21,23 +21,23 @@ Estimators (``ESTIMATORS``): the paper's three SPP estimators (eqs. 11, 12, 15) 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 
 from .._checks import value_checks
 from ..estimators import sgd_step, spp_step
-from . import SCALES, _random
+from . import _random
+from ._common import Result, check_dtype, check_each, check_fields, progress as progress_bar, resolve_config, scales
 
 __all__ = [
     "ESTIMATORS",
     "PAPER_ESTIMATORS",
     "StableNoiseConfig",
     "CONFIGS",
-    "StableNoiseResult",
     "simulate",
+    "summarise",
     "run",
 ]
 
@@ -73,16 +73,9 @@ class StableNoiseConfig:
     curve_every: int = 10  # the convergence records keep every curve_every-th iteration
 
     def __post_init__(self):
-        for name in ("dim", "steps", "seeds", "chunk", "curve_every"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau > 0):
-            raise ValueError(f"tau must be a finite number > 0, got {self.tau!r}")
-        if not (math.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"scale must be a finite number > 0, got {self.scale!r}")
-        if not self.inv_alphas or not all(0.5 <= a < math.inf for a in self.inv_alphas):
-            raise ValueError(f"inv_alphas must be non-empty values >= 0.5 (alpha <= 2), got {self.inv_alphas}")
+        check_fields(self, ("dim", "steps", "seeds", "chunk", "curve_every"), 1, integer=True)
+        check_fields(self, ("tau", "scale"), 0, lo_open=True)
+        check_each(self.inv_alphas, "inv_alphas (1/alpha, alpha <= 2)", 0.5)
         unknown = [e for e in self.estimators if e not in ESTIMATORS]
         if unknown or not self.estimators:
             raise ValueError(f"unknown estimators {unknown}; expected some of {list(ESTIMATORS)}")
@@ -92,31 +85,12 @@ class StableNoiseConfig:
         return tuple(1.0 / a for a in self.inv_alphas)
 
 
-CONFIGS: Dict[str, StableNoiseConfig] = {
+CONFIGS: Dict[str, StableNoiseConfig] = scales(
     # Both scales run the paper's full size (d, tau, iterations, seeds); the paper scale only
     # samples the noise level twice as finely.
-    "ci": StableNoiseConfig(),
-    "paper": StableNoiseConfig(inv_alphas=tuple(round(0.5 + 0.05 * i, 2) for i in range(21))),
-}
-assert set(CONFIGS) == set(SCALES)
-
-
-def _config(config: Union[str, StableNoiseConfig]) -> StableNoiseConfig:
-    if isinstance(config, str):
-        if config not in CONFIGS:
-            raise ValueError(f"unknown scale {config!r}; expected one of {', '.join(CONFIGS)}")
-        return CONFIGS[config]
-    if not isinstance(config, StableNoiseConfig):
-        raise TypeError(f"config must be a scale name or a StableNoiseConfig, got {type(config).__name__}")
-    return config
-
-
-def _progress(iterable, enabled: bool, total: int):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc="stable noise", unit="chunk")
+    ci=StableNoiseConfig(),
+    paper=StableNoiseConfig(inv_alphas=tuple(round(0.5 + 0.05 * i, 2) for i in range(21))),
+)
 
 
 def simulate(
@@ -134,9 +108,8 @@ def simulate(
     holds the ``(seeds, d)`` vectors ``g_hat``. No host synchronisation happens inside the loop
     (on a GPU, time it with ``torch.cuda.synchronize()`` after the call).
     """
-    cfg = _config(config)
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    cfg = resolve_config(config, CONFIGS)
+    check_dtype(dtype)
     device = torch.device(device)
     # Every draw comes from a CPU generator and is moved to the device: the same numbers on
     # every device (see ._random). The target stays on the CPU too, as the noise's location.
@@ -154,7 +127,7 @@ def simulate(
     errors[0] = 1.0
     chunks = range(0, cfg.steps, cfg.chunk)
     with value_checks(False):  # inputs validated above; the loop must not sync with the host
-        for start in _progress(chunks, progress, len(chunks)):
+        for start in progress_bar(chunks, enabled=progress, desc="stable noise", unit="chunk"):
             k = min(cfg.chunk, cfg.steps - start)
             noise = _random.stable(alpha, (k, n_alpha, cfg.seeds, cfg.dim), loc=target_cpu,
                                    scale=cfg.scale, generator=gen, device=device, dtype=dtype)
@@ -171,17 +144,6 @@ def simulate(
     return errors, target
 
 
-@dataclass
-class StableNoiseResult:
-    """Tidy records of a run (``final``, ``curves``) and the raw error tensor (on the CPU)."""
-
-    config: StableNoiseConfig
-    final: List[dict] = field(default_factory=list)
-    curves: List[dict] = field(default_factory=list)
-    errors: Optional[torch.Tensor] = None  # (steps + 1, estimators, alphas, seeds)
-    target: Optional[torch.Tensor] = None  # (seeds, d)
-
-
 def _summary(x: torch.Tensor) -> dict:
     """min / median / max / mean over the last dimension (the seeds); the median of an even count
     is the mean of the two middle values."""
@@ -189,36 +151,40 @@ def _summary(x: torch.Tensor) -> dict:
             "mean": x.mean(-1)}
 
 
-def run(
-    config: Union[str, StableNoiseConfig] = "ci",
-    *,
-    device="cpu",
-    dtype: torch.dtype = torch.float64,
-    progress: bool = False,
-) -> StableNoiseResult:
-    """Run Fig. 2's experiment and summarise it over seeds.
+def summarise(cfg: StableNoiseConfig, errors: torch.Tensor) -> Tuple[List[dict], List[dict]]:
+    """``(final, curves)``: the seed summaries of :func:`simulate`'s CPU ``errors`` as records.
 
     ``final``: one record per (noise level, estimator) with the ``min``/``median``/``max``/``mean``
     over seeds of the final relative error (Fig. 2 left). ``curves``: the same summary every
     ``curve_every`` iterations (and at the last one), per noise level and estimator (Fig. 2
     right). Each record also names ``alpha`` and ``inv_alpha`` (= 1/alpha, as configured).
     """
-    cfg = _config(config)
-    errors, target = simulate(cfg, device=device, dtype=dtype, progress=progress)
-    errors, target = errors.cpu(), target.cpu()  # one transfer
     steps = sorted(set(range(0, cfg.steps + 1, cfg.curve_every)) | {cfg.steps})
     curve = _summary(errors[steps])  # each (len(steps), estimators, alphas)
-    final = _summary(errors[-1])
-    result = StableNoiseResult(config=cfg, errors=errors, target=target)
+    last = _summary(errors[-1])
+    final: List[dict] = []
+    curves: List[dict] = []
     for a, inv_alpha in enumerate(cfg.inv_alphas):
         for e, name in enumerate(cfg.estimators):
             base = {"alpha": 1.0 / inv_alpha, "inv_alpha": inv_alpha, "estimator": name}
-            result.final.append({**base, **{k: v[e, a].item() for k, v in final.items()}})
+            final.append({**base, **{k: v[e, a].item() for k, v in last.items()}})
             for i, t in enumerate(steps):
-                result.curves.append(
-                    {**base, "step": t, **{k: v[i, e, a].item() for k, v in curve.items()}}
-                )
-    return result
+                curves.append({**base, "step": t, **{k: v[i, e, a].item() for k, v in curve.items()}})
+    return final, curves
+
+
+def run(config: Union[str, StableNoiseConfig] = "ci", *, device="cpu", dtype=torch.float64,
+        progress: bool = False) -> Result:
+    """Fig. 2's experiment (:func:`simulate`), summarised over seeds (:func:`summarise`).
+
+    Tables: ``final`` and ``curves`` (records), ``errors`` (the ``(steps + 1, estimators,
+    alphas, seeds)`` tensor of :func:`simulate`, on the CPU) and ``target`` (``(seeds, d)``).
+    """
+    cfg = resolve_config(config, CONFIGS)
+    errors, target = simulate(cfg, device=device, dtype=dtype, progress=progress)
+    errors, target = errors.cpu(), target.cpu()  # one transfer
+    final, curves = summarise(cfg, errors)
+    return Result(cfg, final=final, curves=curves, errors=errors, target=target)
 
 
 def alpha_index(config: StableNoiseConfig, inv_alphas: Sequence[float]) -> List[int]:

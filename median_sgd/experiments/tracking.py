@@ -27,15 +27,16 @@ noise is drawn in chunks, and nothing reads tensor data back to the host inside 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .._checks import value_checks
+from .._checks import check_real, value_checks
 from ..estimators import sgd_step, spp_step
 from ..medians import coordinate_median, geometric_median
-from . import SCALES, _random
+from . import _random
+from ._common import Result, check_dtype, check_each, check_fields, progress as progress_bar, resolve_config, scales
 
 __all__ = [
     "ESTIMATORS",
@@ -43,7 +44,6 @@ __all__ = [
     "target_of",
     "TrackingConfig",
     "CONFIGS",
-    "TrackingResult",
     "sample_lomax",
     "fixed_study",
     "drift_study",
@@ -95,23 +95,13 @@ class TrackingConfig:
     drift_taus: Tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
     def __post_init__(self):
-        for name in ("seeds", "chunk", "fixed_steps", "reference_samples", "curve_points",
-                     "drift_dim", "drift_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("fixed_tau", "drift_speed"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if not (isinstance(self.tail_index, (int, float)) and self.tail_index > 1):
-            raise ValueError(f"tail_index must be > 1 (so that the mean exists), got {self.tail_index!r}")
-        if not (isinstance(self.drift_alpha, (int, float)) and 1 < self.drift_alpha <= 2):
-            raise ValueError(f"drift_alpha must be in (1, 2] (so that the mean exists), got {self.drift_alpha!r}")
-        if not self.drift_taus or not all(
-            isinstance(t, (int, float)) and math.isfinite(t) and 0 < t <= 1 for t in self.drift_taus
-        ):
-            raise ValueError(f"drift_taus must be non-empty numbers in (0, 1], got {self.drift_taus!r}")
+        check_fields(self, ("seeds", "chunk", "fixed_steps", "reference_samples", "curve_points",
+                            "drift_dim", "drift_steps"), 1, integer=True)
+        check_fields(self, ("fixed_tau", "drift_speed"), 0, lo_open=True)
+        # both > 1 so that the mean exists
+        check_real(self.tail_index, "tail_index", 1, lo_open=True)
+        check_real(self.drift_alpha, "drift_alpha", 1, 2, lo_open=True)
+        check_each(self.drift_taus, "drift_taus", 0, 1, lo_open=True)
         d = len(self.mixing)
         if d == 0 or any(len(row) != d for row in self.mixing):
             raise ValueError(f"mixing must be a square (d, d) tuple of rows, got {self.mixing!r}")
@@ -125,9 +115,9 @@ class TrackingConfig:
         return len(self.mixing)
 
 
-CONFIGS: Dict[str, TrackingConfig] = {
-    "ci": TrackingConfig(),
-    "paper": TrackingConfig(
+CONFIGS: Dict[str, TrackingConfig] = scales(
+    ci=TrackingConfig(),
+    paper=TrackingConfig(
         seeds=256,
         fixed_steps=20_000,
         reference_samples=1_000_000,
@@ -135,26 +125,7 @@ CONFIGS: Dict[str, TrackingConfig] = {
         drift_steps=10_000,
         drift_taus=tuple(round(10 ** (-3 + 0.25 * i), 6) for i in range(13)),
     ),
-}
-assert set(CONFIGS) == set(SCALES)
-
-
-def _config(config: Union[str, TrackingConfig]) -> TrackingConfig:
-    if isinstance(config, str):
-        if config not in CONFIGS:
-            raise ValueError(f"unknown scale {config!r}; expected one of {', '.join(CONFIGS)}")
-        return CONFIGS[config]
-    if not isinstance(config, TrackingConfig):
-        raise TypeError(f"config must be a scale name or a TrackingConfig, got {type(config).__name__}")
-    return config
-
-
-def _progress(iterable, enabled: bool, total: int, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="chunk")
+)
 
 
 def sample_lomax(tail_index: float, size, *, generator=None, device=None, dtype=None) -> torch.Tensor:
@@ -164,10 +135,7 @@ def sample_lomax(tail_index: float, size, *, generator=None, device=None, dtype=
     Drawn on ``generator``'s device and returned on ``device`` (default: the generator's device,
     else the CPU).
     """
-    if isinstance(tail_index, bool) or not isinstance(tail_index, (int, float)) or not (
-        math.isfinite(tail_index) and tail_index > 0
-    ):
-        raise ValueError(f"tail_index must be a finite number > 0, got {tail_index!r}")
+    check_real(tail_index, "tail_index", 0, lo_open=True)
     dtype = torch.get_default_dtype() if dtype is None else dtype
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
@@ -203,10 +171,10 @@ def fixed_study(
     ``(steps + 1, d)`` path of the first seed) and ``samples`` (the first seed's first samples).
     Everything is returned on the CPU.
     """
-    cfg = _config(config)
+    cfg = resolve_config(config, CONFIGS)
     device = torch.device(device)
     gen = _random.generator(cfg.seed)  # CPU draws, moved: the same run on every device
-    kw = dict(device=device, dtype=dtype)
+    kw: Dict[str, Any] = dict(device=device, dtype=dtype)
     mixing = torch.tensor(cfg.mixing, **kw)
     d = cfg.dim
     location = _random.randn(d, generator=gen, **kw)
@@ -235,7 +203,7 @@ def fixed_study(
     samples: Optional[torch.Tensor] = None
     chunks = range(0, T, cfg.chunk)
     with value_checks(False):  # the inputs are ours and finite; no host sync inside the loop
-        for start in _progress(chunks, progress, len(chunks), "fixed distribution"):
+        for start in progress_bar(chunks, enabled=progress, desc="fixed distribution", unit="chunk"):
             k = min(cfg.chunk, T - start)
             g = location + sample_lomax(cfg.tail_index, (k, cfg.seeds, d), generator=gen, **kw) @ mixing.T
             if start == 0:
@@ -296,10 +264,10 @@ def drift_study(
     step, median over seeds), ``trace`` (estimator -> ``(steps, taus)``: ``<m_{t+1}, u>`` of the
     first seed) and ``target_trace`` (``(steps,)``: ``<x_t, u>``), on the CPU.
     """
-    cfg = _config(config)
+    cfg = resolve_config(config, CONFIGS)
     device = torch.device(device)
     gen = _random.generator(cfg.seed + 1)  # CPU draws, moved: the same run on every device
-    kw = dict(device=device, dtype=dtype)
+    kw: Dict[str, Any] = dict(device=device, dtype=dtype)
     d, T, names = cfg.drift_dim, cfg.drift_steps, cfg.estimators
     n_tau = len(cfg.drift_taus)
     steps = [(_STEPS[ESTIMATORS[e][0]], ESTIMATORS[e][1]) for e in names]
@@ -314,7 +282,7 @@ def drift_study(
     final_lag: Optional[torch.Tensor] = None
     chunks = range(0, T, cfg.chunk)
     with value_checks(False):
-        for start in _progress(chunks, progress, len(chunks), "drifting distribution"):
+        for start in progress_bar(chunks, enabled=progress, desc="drifting distribution", unit="chunk"):
             k = min(cfg.chunk, T - start)
             t = torch.arange(start, start + k, **kw)
             x = x0 + (cfg.drift_speed * t)[:, None] * u  # (k, d): x_t
@@ -356,28 +324,13 @@ def drift_study(
     }
 
 
-@dataclass
-class TrackingResult:
-    """Both studies' outputs (see :func:`fixed_study` and :func:`drift_study`), on the CPU."""
+def run(config: Union[str, TrackingConfig] = "ci", *, device="cpu", dtype=torch.float64,
+        progress: bool = False) -> Result:
+    """Both studies at a scale (``"ci"``/``"paper"``) or with a custom config.
 
-    config: TrackingConfig
-    fixed: dict = field(default_factory=dict)
-    drift: dict = field(default_factory=dict)
-
-
-def run(
-    config: Union[str, TrackingConfig] = "ci",
-    *,
-    device="cpu",
-    dtype: torch.dtype = torch.float64,
-    progress: bool = False,
-) -> TrackingResult:
-    """Run both studies at a scale (``"ci"``/``"paper"``) or with a custom config."""
-    cfg = _config(config)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    return TrackingResult(
-        config=cfg,
-        fixed=fixed_study(cfg, device=device, dtype=dtype, progress=progress),
-        drift=drift_study(cfg, device=device, dtype=dtype, progress=progress),
-    )
+    Tables (dicts of records and traces, on the CPU): ``fixed`` (:func:`fixed_study`) and
+    ``drift`` (:func:`drift_study`).
+    """
+    cfg = resolve_config(config, CONFIGS)
+    kw: Dict[str, Any] = dict(device=device, dtype=check_dtype(dtype), progress=progress)
+    return Result(cfg, fixed=fixed_study(cfg, **kw), drift=drift_study(cfg, **kw))

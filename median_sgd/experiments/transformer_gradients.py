@@ -31,8 +31,8 @@ paper says it reuses: ``d_model = d_hid = 200``, 2 heads, 2 layers, segments of 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch.nn.utils import parameters_to_vector
@@ -42,15 +42,16 @@ from ..data.text import TextCorpus, load_text_corpus, segment_ids
 from ..estimators import spp_step
 from ..medians import coordinate_median, geometric_median
 from ..models.transformer import TransformerLM
-from . import SCALES
+from ._common import Result, check_each, check_fields, only_dtype, progress as progress_bar, resolve_config, scales
 
 __all__ = [
     "ESTIMATORS",
     "FIGURE_CORPORA",
     "TransformerGradientsConfig",
     "CONFIGS",
-    "TransformerGradientsResult",
     "build_problem",
+    "problem_record",
+    "batch_size_study",
     "full_batch_gradient",
     "mean_gradient",
     "minibatch_gradient",
@@ -97,33 +98,24 @@ class TransformerGradientsConfig:
     data_root: Optional[str] = None
 
     def __post_init__(self):
-        for name in ("seq_len", "d_model", "nhead", "d_hid", "nlayers", "iterations", "seeds",
-                     "chunk", "median_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_fields(self, ("seq_len", "d_model", "nhead", "d_hid", "nlayers", "iterations", "seeds",
+                            "chunk", "median_samples"), 1, integer=True)
         if not self.corpora or any(c not in _CORPORA for c in self.corpora):
             raise ValueError(f"corpora must be some of {_CORPORA}, got {self.corpora!r}")
-        if not self.batch_sizes or any(
-            isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes
-        ):
-            raise ValueError(f"batch_sizes must be positive ints, got {self.batch_sizes!r}")
-        if not self.taus or any(
-            not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0 for t in self.taus
-        ):
-            raise ValueError(f"taus must be finite numbers > 0, got {self.taus!r}")
+        check_each(self.batch_sizes, "batch_sizes", 1, integer=True)
+        check_each(self.taus, "taus", 0, lo_open=True)
         if len(set(self.taus)) != len(self.taus):
             raise ValueError(f"taus must be distinct, got {self.taus!r}")
         if self.headline_tau not in self.taus:
             raise ValueError(f"headline_tau {self.headline_tau!r} must be one of taus {self.taus!r}")
 
 
-CONFIGS: Dict[str, TransformerGradientsConfig] = {
+CONFIGS: Dict[str, TransformerGradientsConfig] = scales(
     # Offline stand-ins for PTB (Fig. 3) and WikiText-2 (Fig. 4): CPython's help text and the
     # standard library's docstrings (median_sgd.data.text); a 32-wide model, segments of 16
     # tokens, the batch sizes divided by 4 (the help text has ~4,400 segments, so 1024 would be
     # a quarter of it), 300 iterations and one seed.
-    "ci": TransformerGradientsConfig(
+    ci=TransformerGradientsConfig(
         corpora=("pydoc", "docstrings"),
         seq_len=16,
         d_model=32,
@@ -134,21 +126,8 @@ CONFIGS: Dict[str, TransformerGradientsConfig] = {
     ),
     # Kunstner et al.'s PTB/WikiText-2 encoder transformer and the paper's batch sizes; the paper
     # states neither iterations nor seeds (1000 iterations is its Fig. 2's length).
-    "paper": TransformerGradientsConfig(median_samples=32),
-}
-assert set(CONFIGS) == set(SCALES)
-
-
-def _config(config: Union[str, TransformerGradientsConfig]) -> TransformerGradientsConfig:
-    if isinstance(config, str):
-        if config not in CONFIGS:
-            raise ValueError(f"unknown scale {config!r}; expected one of {', '.join(CONFIGS)}")
-        return CONFIGS[config]
-    if not isinstance(config, TransformerGradientsConfig):
-        raise TypeError(
-            f"config must be a scale name or a TransformerGradientsConfig, got {type(config).__name__}"
-        )
-    return config
+    paper=TransformerGradientsConfig(median_samples=32),
+)
 
 
 def _load_corpus(name: str, cfg: TransformerGradientsConfig) -> TextCorpus:
@@ -220,16 +199,125 @@ def _groups(model: TransformerLM) -> Dict[str, Tuple[int, int]]:
     return {k: (v[0], v[1]) for k, v in ranges.items()}
 
 
-@dataclass
-class TransformerGradientsResult:
-    """Tidy records of :func:`run` plus the per-coordinate noise kurtosis.
+def problem_record(corpus_name: str, corpus: TextCorpus, cfg: TransformerGradientsConfig,
+                   segments: torch.Tensor, loss0: torch.Tensor, g_hat: torch.Tensor) -> dict:
+    """The ``problems`` record of one corpus: its sizes, the loss and ``||g_hat||`` at ``w_0``."""
+    return {
+        "corpus": corpus_name,
+        "tokens": int(corpus["train"].numel()),
+        "vocab_size": corpus.vocab_size,
+        "segments": segments.shape[0],
+        "seq_len": cfg.seq_len,
+        "parameters": g_hat.numel(),
+        "loss": float(loss0),
+        "log_vocab": math.log(corpus.vocab_size),
+        "grad_norm": float(torch.linalg.vector_norm(g_hat)),
+    }
+
+
+def batch_size_study(corpus_name: str, model: TransformerLM, segments: torch.Tensor,
+                     g_hat: torch.Tensor, batch_size: int, cfg: TransformerGradientsConfig, *,
+                     progress: bool = False) -> Dict[str, Any]:
+    """Every seed, estimator and ``tau`` at one batch size: ``{"curves", "noise", "medians", "kurtosis"}``.
+
+    Seed ``s`` draws its mini-batches on the CPU from ``torch.Generator().manual_seed(data_seed +
+    1000 s + batch_size)`` (the same indices on every device); ``kurtosis`` is the ``(d,)``
+    per-coordinate kurtosis of the noise ``g_t - g_hat`` over all iterations and seeds (CPU,
+    float32; NaN where the noise is always 0). See :func:`run` for the records' fields.
+    """
+    device = g_hat.device
+    names = tuple(ESTIMATORS)
+    k, d, n_segments = len(cfg.taus), g_hat.numel(), segments.shape[0]
+    g_norm = torch.linalg.vector_norm(g_hat)
+    taus = torch.tensor(cfg.taus, dtype=g_hat.dtype, device=device)
+    curves: List[dict] = []
+    noise_records: List[dict] = []
+    medians: List[dict] = []
+    s2 = torch.zeros(d, dtype=torch.float64, device=device)
+    s4 = torch.zeros(d, dtype=torch.float64, device=device)
+    bar = progress_bar(enabled=progress, total=cfg.seeds * cfg.iterations,
+                       desc=f"{corpus_name} b={batch_size}", unit="it")
+    for seed in range(cfg.seeds):
+        gen = torch.Generator().manual_seed(cfg.data_seed + 1000 * seed + batch_size)
+        # All mini-batches of this seed drawn up front (on the CPU, so every device sees
+        # the same ones) and moved once: no host-device copy inside the loop.
+        batches = torch.stack([torch.randperm(n_segments, generator=gen)[:batch_size]
+                               for _ in range(cfg.iterations)]).to(device)
+        m = {name: torch.zeros(k, d, dtype=g_hat.dtype, device=device) for name in names}
+        errors = torch.empty(cfg.iterations + 1, len(names), k, dtype=torch.float64, device=device)
+        errors[0] = 1.0  # m_0 = 0
+        noise = torch.empty(cfg.iterations, dtype=torch.float64, device=device)
+        keep = min(cfg.median_samples, cfg.iterations) if seed == 0 else 0
+        kept = torch.empty(keep, d, dtype=g_hat.dtype, device=device) if keep else None
+        with value_checks(False):  # inputs are finite by construction; no host syncs
+            for t in range(cfg.iterations):
+                g = minibatch_gradient(model, segments[batches[t]], cfg.chunk)
+                if kept is not None and t < keep:
+                    kept[t] = g
+                delta = (g - g_hat).double()
+                noise[t] = torch.linalg.vector_norm(delta) / g_norm
+                sq = delta * delta
+                s2 += sq
+                s4 += sq * sq
+                for j, name in enumerate(names):
+                    m[name] = spp_step(m[name], g, taus, ESTIMATORS[name])
+                    errors[t + 1, j] = torch.linalg.vector_norm(m[name] - g_hat, dim=-1) / g_norm
+                bar.update(1)
+        errors, noise = errors.cpu(), noise.cpu()
+        if not bool(torch.isfinite(errors).all()):
+            raise FloatingPointError("non-finite estimate; the gradients overflowed")
+        for j, name in enumerate(names):
+            for i, tau in enumerate(cfg.taus):
+                curves.append({
+                    "corpus": corpus_name, "batch_size": batch_size, "estimator": name,
+                    "tau": tau, "seed": seed, "error": errors[:, j, i].tolist(),
+                })
+        noise_records.append({"corpus": corpus_name, "batch_size": batch_size, "seed": seed,
+                              "noise": noise.tolist()})
+        if kept is not None:
+            estimates = {
+                "mean": kept.mean(dim=0),
+                "coordinate median": coordinate_median(kept),
+                "geometric median": geometric_median(kept, max_iter=1000, tol=1e-8).median,
+            }
+            for est_name, est in estimates.items():
+                medians.append({
+                    "corpus": corpus_name, "batch_size": batch_size, "samples": keep,
+                    "estimate": est_name,
+                    "distance": float(torch.linalg.vector_norm(est - g_hat) / g_norm),
+                })
+            del kept
+    bar.close()
+    n = cfg.seeds * cfg.iterations
+    m2, m4 = s2 / n, s4 / n
+    kurtosis = torch.where(m2 > 0, m4 / torch.where(m2 > 0, m2 * m2, 1.0), torch.nan)
+    return {"curves": curves, "noise": noise_records, "medians": medians,
+            "kurtosis": kurtosis.float().cpu()}
+
+
+def run(
+    config: Union[str, TransformerGradientsConfig] = "ci",
+    *,
+    device="cpu",
+    dtype: Optional[torch.dtype] = None,
+    progress: bool = False,
+    corpora: Optional[Mapping[str, TextCorpus]] = None,
+) -> Result:
+    """Every corpus, batch size, seed, estimator and ``tau`` of ``config`` (see the module doc).
+
+    Per corpus: the fixed-weight problem (:func:`build_problem`, :func:`mean_gradient`), then
+    :func:`batch_size_study` per batch size. ``corpora`` maps names of ``config.corpora`` to
+    :class:`~median_sgd.data.text.TextCorpus` objects to use instead of loading them (your own
+    text, or a small one for a quick test). ``dtype``: the model's (``None``: float32, the only
+    one it is built in; accepted for the common signature).
+
+    Tables:
 
     * ``curves``: one record per corpus, batch size, estimator, ``tau`` and seed, with
       ``"error"`` the relative errors ``||m_t - g_hat|| / ||g_hat||`` for ``t = 0..iterations``;
     * ``noise``: one record per corpus, batch size and seed, with ``"noise"`` the relative noise
       norms ``||g_t - g_hat|| / ||g_hat||`` for ``t = 1..iterations``;
-    * ``problems``: one record per corpus (tokens, vocabulary, segments, parameters, the loss and
-      ``||g_hat||`` at the fixed weights);
+    * ``problems``: one record per corpus (:func:`problem_record`);
     * ``kurtosis[(corpus, batch_size)]``: the ``(d,)`` per-coordinate kurtosis of the noise over
       all iterations and seeds (NaN where the noise is always 0), and ``groups[corpus]`` the
       coordinate ranges of the embedding, the transformer layers and the decoder;
@@ -239,133 +327,32 @@ class TransformerGradientsResult:
       what CClip and VClip converge to when ``tau`` is small, against what momentum converges to;
     * ``corpora[name]``: the :class:`~median_sgd.data.text.TextCorpus` used.
     """
-
-    config: TransformerGradientsConfig
-    curves: List[dict] = field(default_factory=list)
-    noise: List[dict] = field(default_factory=list)
-    problems: List[dict] = field(default_factory=list)
-    medians: List[dict] = field(default_factory=list)
-    kurtosis: Dict[Tuple[str, int], torch.Tensor] = field(default_factory=dict)
-    groups: Dict[str, Dict[str, Tuple[int, int]]] = field(default_factory=dict)
-    corpora: Dict[str, TextCorpus] = field(default_factory=dict)
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="it")
-
-
-def run(
-    config: Union[str, TransformerGradientsConfig] = "ci",
-    *,
-    device="cpu",
-    progress: bool = False,
-    corpora: Optional[Mapping[str, TextCorpus]] = None,
-) -> TransformerGradientsResult:
-    """Run every corpus, batch size, seed, estimator and ``tau`` of ``config`` (see the module doc).
-
-    Mini-batches are drawn on the CPU from ``torch.Generator().manual_seed(data_seed + 1000 *
-    seed_index + batch_size)``, so the same indices are used on every device. ``corpora`` maps
-    names of ``config.corpora`` to :class:`~median_sgd.data.text.TextCorpus` objects to use
-    instead of loading them (your own text, or a small one for a quick test).
-    """
-    cfg = _config(config)
-    corpora = dict(corpora or {})
-    unknown = set(corpora) - set(cfg.corpora)
+    cfg = resolve_config(config, CONFIGS)
+    only_dtype(dtype)
+    given = dict(corpora or {})
+    unknown = set(given) - set(cfg.corpora)
     if unknown:
         raise ValueError(f"corpora given for names not in config.corpora: {sorted(unknown)}")
     device = torch.device(device)
-    result = TransformerGradientsResult(config=cfg)
-    names = tuple(ESTIMATORS)
-    k = len(cfg.taus)
+    records: Dict[str, List[dict]] = {"curves": [], "noise": [], "problems": [], "medians": []}
+    kurtosis: Dict[Tuple[str, int], torch.Tensor] = {}
+    groups: Dict[str, Dict[str, Tuple[int, int]]] = {}
+    used: Dict[str, TextCorpus] = {}
     for corpus_name in cfg.corpora:
-        corpus = corpora[corpus_name] if corpus_name in corpora else _load_corpus(corpus_name, cfg)
+        corpus = given[corpus_name] if corpus_name in given else _load_corpus(corpus_name, cfg)
         if not isinstance(corpus, TextCorpus):
             raise TypeError(f"corpora[{corpus_name!r}] must be a TextCorpus, got {type(corpus).__name__}")
-        result.corpora[corpus_name] = corpus
+        used[corpus_name] = corpus
         model, segments = build_problem(corpus, cfg, device=device)
-        n_segments = segments.shape[0]
-        too_big = [b for b in cfg.batch_sizes if b > n_segments]
+        too_big = [b for b in cfg.batch_sizes if b > segments.shape[0]]
         if too_big:
-            raise ValueError(f"batch sizes {too_big} exceed the {n_segments} segments of {corpus_name}")
+            raise ValueError(f"batch sizes {too_big} exceed the {segments.shape[0]} segments of {corpus_name}")
         loss0, g_hat = mean_gradient(model, segments, cfg.chunk)
-        g_norm = torch.linalg.vector_norm(g_hat)
-        d = g_hat.numel()
-        result.groups[corpus_name] = _groups(model)
-        result.problems.append({
-            "corpus": corpus_name,
-            "tokens": int(corpus["train"].numel()),
-            "vocab_size": corpus.vocab_size,
-            "segments": n_segments,
-            "seq_len": cfg.seq_len,
-            "parameters": d,
-            "loss": float(loss0),
-            "log_vocab": math.log(corpus.vocab_size),
-            "grad_norm": float(g_norm),
-        })
-        taus = torch.tensor(cfg.taus, dtype=g_hat.dtype, device=device)
+        groups[corpus_name] = _groups(model)
+        records["problems"].append(problem_record(corpus_name, corpus, cfg, segments, loss0, g_hat))
         for batch_size in cfg.batch_sizes:
-            s2 = torch.zeros(d, dtype=torch.float64, device=device)
-            s4 = torch.zeros(d, dtype=torch.float64, device=device)
-            bar = _progress(cfg.seeds * cfg.iterations, progress, f"{corpus_name} b={batch_size}")
-            for seed in range(cfg.seeds):
-                gen = torch.Generator().manual_seed(cfg.data_seed + 1000 * seed + batch_size)
-                # All mini-batches of this seed drawn up front (on the CPU, so every device sees
-                # the same ones) and moved once: no host-device copy inside the loop.
-                batches = torch.stack([torch.randperm(n_segments, generator=gen)[:batch_size]
-                                       for _ in range(cfg.iterations)]).to(device)
-                m = {name: torch.zeros(k, d, dtype=g_hat.dtype, device=device) for name in names}
-                errors = torch.empty(cfg.iterations + 1, len(names), k, dtype=torch.float64, device=device)
-                errors[0] = 1.0  # m_0 = 0
-                noise = torch.empty(cfg.iterations, dtype=torch.float64, device=device)
-                keep = min(cfg.median_samples, cfg.iterations) if seed == 0 else 0
-                kept = torch.empty(keep, d, dtype=g_hat.dtype, device=device) if keep else None
-                with value_checks(False):  # inputs are finite by construction; no host syncs
-                    for t in range(cfg.iterations):
-                        g = minibatch_gradient(model, segments[batches[t]], cfg.chunk)
-                        if kept is not None and t < keep:
-                            kept[t] = g
-                        delta = (g - g_hat).double()
-                        noise[t] = torch.linalg.vector_norm(delta) / g_norm
-                        sq = delta * delta
-                        s2 += sq
-                        s4 += sq * sq
-                        for j, name in enumerate(names):
-                            m[name] = spp_step(m[name], g, taus, ESTIMATORS[name])
-                            errors[t + 1, j] = torch.linalg.vector_norm(m[name] - g_hat, dim=-1) / g_norm
-                        if bar is not None:
-                            bar.update(1)
-                errors, noise = errors.cpu(), noise.cpu()
-                if not bool(torch.isfinite(errors).all()):
-                    raise FloatingPointError("non-finite estimate; the gradients overflowed")
-                for j, name in enumerate(names):
-                    for i, tau in enumerate(cfg.taus):
-                        result.curves.append({
-                            "corpus": corpus_name, "batch_size": batch_size, "estimator": name,
-                            "tau": tau, "seed": seed, "error": errors[:, j, i].tolist(),
-                        })
-                result.noise.append({"corpus": corpus_name, "batch_size": batch_size, "seed": seed,
-                                     "noise": noise.tolist()})
-                if kept is not None:
-                    estimates = {
-                        "mean": kept.mean(dim=0),
-                        "coordinate median": coordinate_median(kept),
-                        "geometric median": geometric_median(kept, max_iter=1000, tol=1e-8).median,
-                    }
-                    for est_name, est in estimates.items():
-                        result.medians.append({
-                            "corpus": corpus_name, "batch_size": batch_size, "samples": keep,
-                            "estimate": est_name,
-                            "distance": float(torch.linalg.vector_norm(est - g_hat) / g_norm),
-                        })
-                    del kept
-            if bar is not None:
-                bar.close()
-            n = cfg.seeds * cfg.iterations
-            m2, m4 = s2 / n, s4 / n
-            kurt = torch.where(m2 > 0, m4 / torch.where(m2 > 0, m2 * m2, 1.0), torch.nan)
-            result.kurtosis[(corpus_name, batch_size)] = kurt.float().cpu()
-    return result
+            study = batch_size_study(corpus_name, model, segments, g_hat, batch_size, cfg, progress=progress)
+            kurtosis[(corpus_name, batch_size)] = study.pop("kurtosis")
+            for name, rows in study.items():
+                records[name] += rows
+    return Result(cfg, **records, kurtosis=kurtosis, groups=groups, corpora=used)
