@@ -16,6 +16,7 @@ These are teaching tools that record whole paths; the solver to use is
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
