@@ -45,6 +45,7 @@ _SUBMODULES = (
     "plotting",
     "prox",
     "stable",
+    "weiszfeld",
 )
 
 
