@@ -13,8 +13,8 @@ a float ``x`` -> ``2 x``, ``0.0`` -> ``1.0``), a boolean flipped, ``and`` <-> ``
 strings, annotations and f-strings are left alone. ``--n`` sites are sampled with ``--seed``
 (the same sample on every run), each is written into a temporary copy of the repository (the
 real tree is never written), and the tests run there (``pytest -x -q``). A mutant is *killed*
-when the tests fail or run past ``--timeout-factor`` times the clean run (a hang counts as a
-catch), *survived* when they pass. The score is killed / sampled.
+when the tests fail or use more than ``--timeout-factor`` times the clean run's CPU time (a
+hang counts as a catch; CPU time, not wall time, so that a loaded machine does not kill mutants), *survived* when they pass. The score is killed / sampled.
 
 Mutants that survive are either holes in the tests or *equivalent* (the mutated program behaves
 the same, e.g. ``<`` -> ``<=`` where equality cannot happen); the table prints each survivor's
@@ -26,9 +26,12 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import random
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -242,16 +245,35 @@ def _copy_tree(root: Path, dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
-def _run_tests(copy: Path, tests: list[str], timeout: float | None, env: dict) -> tuple[str, float, str]:
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run_tests(copy: Path, tests: list[str], cpu_limit: float | None, env: dict) -> tuple[str, float, str]:
+    """Runs pytest in ``copy``; returns (status, CPU seconds, first failure).
+
+    The limit is on CPU time (``RLIMIT_CPU``), not wall time: on a loaded machine a run may wait
+    for a core several times as long as it computes, but a mutant that loops forever burns CPU.
+    A wall-clock limit 20 times larger catches a mutant that hangs without computing."""
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *tests]
-    start = time.perf_counter()
+
+    def limit() -> None:
+        if cpu_limit is not None:
+            seconds = int(math.ceil(cpu_limit))
+            resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds + 5))
+
+    before = _cpu_seconds()
     try:
-        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, preexec_fn=limit,
+                              timeout=None if cpu_limit is None else 20 * cpu_limit)
     except subprocess.TimeoutExpired:
-        return "timeout", time.perf_counter() - start, ""
-    seconds = time.perf_counter() - start
+        return "timeout", _cpu_seconds() - before, "(wall-clock limit)"
+    seconds = _cpu_seconds() - before
     if proc.returncode == 0:
         return "survived", seconds, ""
+    if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+        return "timeout", seconds, "(CPU-time limit)"
     failed = [ln for ln in proc.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
     detail = failed[0] if failed else (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
     return "killed", seconds, detail[:200]
@@ -266,17 +288,26 @@ def _invalidate(path: Path) -> None:
 
 def run(module: str, tests: list[str], n: int = 40, seed: int = 0, timeout_factor: float = 3.0,
         threads: int = 1, progress: bool = True, root: Path = ROOT, min_timeout: float = 10.0,
-        plugins: bool = True) -> dict:
+        plugins: bool = True, survivors_of: dict | None = None, lines: set[int] | None = None) -> dict:
     """Sample ``n`` mutants of ``module`` and run ``tests`` (paths relative to ``root``, the tree
     that is copied) against each; the results as a dict. ``plugins=False`` starts pytest without
-    its installed plugins (a second faster per run, for tests that need none)."""
+    its installed plugins (a second faster per run, for tests that need none). ``survivors_of``, an
+    earlier result on the same module source and sample, re-tests only its survivors (a mutant that
+    a subset of ``tests`` killed stays killed), for measuring what added tests catch. ``lines``:
+    every site on these lines instead of a sample (to check what a new test catches)."""
     root = Path(root).resolve()
     module_path = (root / module).resolve()
     rel = module_path.relative_to(root)
     source = module_path.read_text()
     sites = find_sites(source)
-    chosen = sample(sites, n, seed)
+    chosen = sample(sites, n, seed) if lines is None else [s for s in sites if s.line in lines]
     outcomes: list[Outcome] = []
+    earlier: dict = {}
+    if survivors_of is not None:
+        earlier = {(m["line"], m["col"], m["kind"], m["mutated"]): m for m in survivors_of["mutants"]}
+        if survivors_of["sites"] != len(sites) or set(earlier) != {
+                (s.line, s.col, s.kind, s.mutated) for s in chosen}:
+            raise SystemExit("survivors_of: a result of another module source or sample")
     with tempfile.TemporaryDirectory(prefix="mutate-") as tmp:
         copy = Path(tmp)
         _copy_tree(root, copy)
@@ -290,10 +321,15 @@ def run(module: str, tests: list[str], n: int = 40, seed: int = 0, timeout_facto
             raise SystemExit(f"the tests fail on the unmutated module: {detail}")
         timeout = max(min_timeout, timeout_factor * clean_seconds)
         if progress:
-            print(f"{rel}: {len(sites)} sites, {len(chosen)} sampled; clean run {clean_seconds:.1f} s, "
-                  f"timeout {timeout:.0f} s", file=sys.stderr)
+            print(f"{rel}: {len(sites)} sites, {len(chosen)} sampled; clean run {clean_seconds:.1f} s CPU, "
+                  f"limit {timeout:.0f} s CPU", file=sys.stderr)
         try:
             for i, site in enumerate(chosen):
+                before = earlier.get((site.line, site.col, site.kind, site.mutated))
+                if before is not None and before["status"] != "survived":
+                    outcomes.append(Outcome(site, before["status"], before["seconds"],
+                                            "(earlier run) " + before["detail"]))
+                    continue
                 target.write_text(apply(source, site))
                 _invalidate(target)
                 status, seconds, detail = _run_tests(copy, tests, timeout, env)
@@ -352,18 +388,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=40, help="mutants to sample (default 40)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout-factor", type=float, default=3.0,
-                        help="a mutant whose tests run longer than this times the clean run is killed")
+                        help="a mutant whose tests use more CPU time than this times the clean run is killed")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the test runs")
     parser.add_argument("--json", help="write the result here")
+    parser.add_argument("--root", default=str(ROOT), help="the tree to copy (default: this repository)")
+    parser.add_argument("--survivors-of", help="an earlier --json result: re-test only its survivors")
     parser.add_argument("--list", action="store_true", help="only list the sampled sites")
+    parser.add_argument("--lines", help="comma-separated line numbers: every site there, no sampling")
     args = parser.parse_args(argv)
     if args.list:
         sites = find_sites(Path(args.module).read_text())
-        for s in sample(sites, args.n, args.seed):
+        lines = {int(x) for x in args.lines.split(",")} if args.lines else None
+        for s in sample(sites, args.n, args.seed) if lines is None else [s for s in sites if s.line in lines]:
             print(f"{s.line:>5}  {s.kind:<15} {' '.join(s.original.split())[:60]}  ->  {s.mutated[:60]}")
         print(f"{len(sites)} sites")
         return 0
-    result = run(args.module, args.tests, args.n, args.seed, args.timeout_factor, args.threads)
+    earlier = json.loads(Path(args.survivors_of).read_text()) if args.survivors_of else None
+    result = run(args.module, args.tests, args.n, args.seed, args.timeout_factor, args.threads,
+                 root=Path(args.root), survivors_of=earlier,
+                 lines={int(x) for x in args.lines.split(",")} if args.lines else None)
     print(table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
