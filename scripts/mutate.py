@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import json
 import math
 import os
@@ -35,7 +36,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -250,13 +250,17 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _run_tests(copy: Path, tests: list[str], cpu_limit: float | None, env: dict) -> tuple[str, float, str]:
+def _run_tests(copy: Path, tests: list[str], cpu_limit: float | None, env: dict,
+               plugins: tuple[str, ...] = ()) -> tuple[str, float, str]:
     """Runs pytest in ``copy``; returns (status, CPU seconds, first failure).
 
     The limit is on CPU time (``RLIMIT_CPU``), not wall time: on a loaded machine a run may wait
     for a core several times as long as it computes, but a mutant that loops forever burns CPU.
     A wall-clock limit 20 times larger catches a mutant that hangs without computing."""
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+    for plugin in plugins:
+        cmd += ["-p", plugin]
+    cmd += tests
 
     def limit() -> None:
         if cpu_limit is not None:
@@ -290,8 +294,9 @@ def run(module: str, tests: list[str], n: int = 40, seed: int = 0, timeout_facto
         threads: int = 1, progress: bool = True, root: Path = ROOT, min_timeout: float = 10.0,
         plugins: bool = True, survivors_of: dict | None = None, lines: set[int] | None = None) -> dict:
     """Sample ``n`` mutants of ``module`` and run ``tests`` (paths relative to ``root``, the tree
-    that is copied) against each; the results as a dict. ``plugins=False`` starts pytest without
-    its installed plugins (a second faster per run, for tests that need none). ``survivors_of``, an
+    that is copied) against each; the results as a dict. pytest starts without autoloading its
+    installed plugins (nbval's import alone costs a second per run) but with hypothesis's;
+    ``plugins=False``: without hypothesis's either. ``survivors_of``, an
     earlier result on the same module source and sample, re-tests only its survivors (a mutant that
     a subset of ``tests`` killed stays killed), for measuring what added tests catch. ``lines``:
     every site on these lines instead of a sample (to check what a new test catches)."""
@@ -314,9 +319,9 @@ def run(module: str, tests: list[str], n: int = 40, seed: int = 0, timeout_facto
         target = copy / rel
         env = dict(os.environ, PYTHONPATH=str(copy), OMP_NUM_THREADS=str(threads),
                    MKL_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="")
-        if not plugins:
-            env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-        status, clean_seconds, detail = _run_tests(copy, tests, None, env)
+        env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+        loaded = ("_hypothesis_pytestplugin",) if plugins and importlib.util.find_spec("_hypothesis_pytestplugin") else ()
+        status, clean_seconds, detail = _run_tests(copy, tests, None, env, loaded)
         if status != "survived":
             raise SystemExit(f"the tests fail on the unmutated module: {detail}")
         timeout = max(min_timeout, timeout_factor * clean_seconds)
@@ -332,7 +337,7 @@ def run(module: str, tests: list[str], n: int = 40, seed: int = 0, timeout_facto
                     continue
                 target.write_text(apply(source, site))
                 _invalidate(target)
-                status, seconds, detail = _run_tests(copy, tests, timeout, env)
+                status, seconds, detail = _run_tests(copy, tests, timeout, env, loaded)
                 outcomes.append(Outcome(site, status, seconds, detail))
                 if progress:
                     print(f"  [{i + 1}/{len(chosen)}] line {site.line} {site.kind}: {status} ({seconds:.1f} s)",
