@@ -2,6 +2,7 @@
 
     python scripts/mutate.py median_sgd/prox.py tests/test_prox.py tests/test_prox_lp.py \
         --n 40 --seed 0 --json benchmarks/results/mutation/prox.json
+    python scripts/mutate.py summary benchmarks/results/mutation/*.json
 
 The module is parsed and every mutation site is listed (in source order): a comparison made
 strict or non-strict (``<`` <-> ``<=``) or negated (``<`` -> ``>=``, ``==`` -> ``!=``, ``in`` ->
@@ -27,10 +28,8 @@ import argparse
 import ast
 import importlib.util
 import json
-import math
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -245,42 +244,92 @@ def _copy_tree(root: Path, dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+# A fork server: imports pytest, torch and hypothesis once (never the mutated package), then
+# forks a child per test run, so that a run does not pay the ~2 s of those imports again.
+_SERVER = r"""
+import json, os, resource, signal, sys, time
+import pytest
+for name in ("torch", "numpy", "hypothesis", "hypothesis.strategies", "_hypothesis_pytestplugin"):
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+print("ready", flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            fd = os.open(job["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            if job["cpu"] is not None:
+                seconds = int(job["cpu"]) + 1
+                resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds + 5))
+            code = int(pytest.main(job["args"]))
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    start, walled = time.monotonic(), False
+    while True:
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            break
+        if job["wall"] is not None and time.monotonic() - start > job["wall"]:
+            os.kill(pid, signal.SIGKILL)
+            _, status, usage = os.wait4(pid, 0)
+            walled = True
+            break
+        time.sleep(0.02)
+    print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "cpu": usage.ru_utime + usage.ru_stime,
+                      "walled": walled}), flush=True)
+"""
 
 
-def _run_tests(copy: Path, tests: list[str], cpu_limit: float | None, env: dict,
-               plugins: tuple[str, ...] = ()) -> tuple[str, float, str]:
-    """Runs pytest in ``copy``; returns (status, CPU seconds, first failure).
+class _Runner:
+    """Runs pytest in ``copy`` through the fork server; returns (status, CPU seconds, first failure).
 
     The limit is on CPU time (``RLIMIT_CPU``), not wall time: on a loaded machine a run may wait
     for a core several times as long as it computes, but a mutant that loops forever burns CPU.
     A wall-clock limit 20 times larger catches a mutant that hangs without computing."""
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
-    for plugin in plugins:
-        cmd += ["-p", plugin]
-    cmd += tests
 
-    def limit() -> None:
-        if cpu_limit is not None:
-            seconds = int(math.ceil(cpu_limit))
-            resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds + 5))
+    def __init__(self, copy: Path, env: dict, plugins: tuple[str, ...]) -> None:
+        self.copy = copy
+        self.args = ["-x", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+        for plugin in plugins:
+            self.args += ["-p", plugin]
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER], cwd=copy, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise SystemExit("the fork server did not start")
 
-    before = _cpu_seconds()
-    try:
-        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, preexec_fn=limit,
-                              timeout=None if cpu_limit is None else 20 * cpu_limit)
-    except subprocess.TimeoutExpired:
-        return "timeout", _cpu_seconds() - before, "(wall-clock limit)"
-    seconds = _cpu_seconds() - before
-    if proc.returncode == 0:
-        return "survived", seconds, ""
-    if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
-        return "timeout", seconds, "(CPU-time limit)"
-    failed = [ln for ln in proc.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
-    detail = failed[0] if failed else (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
-    return "killed", seconds, detail[:200]
+    def __call__(self, tests: list[str], cpu_limit: float | None) -> tuple[str, float, str]:
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        out = self.copy / ".mutate-output.txt"
+        job = {"args": self.args + tests, "out": str(out), "cpu": cpu_limit,
+               "wall": None if cpu_limit is None else 20 * cpu_limit}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self.proc.stdout.readline())
+        seconds = reply["cpu"]
+        if reply["walled"]:
+            return "timeout", seconds, "(wall-clock limit)"
+        if reply["rc"] == 0:
+            return "survived", seconds, ""
+        if reply["rc"] in (-signal.SIGXCPU, -signal.SIGKILL):
+            return "timeout", seconds, "(CPU-time limit)"
+        text = out.read_text(errors="replace")
+        failed = [ln for ln in text.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+        detail = failed[0] if failed else (text.strip().splitlines() or ["(no output)"])[-1]
+        return "killed", seconds, detail[:200]
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def _invalidate(path: Path) -> None:
@@ -321,14 +370,15 @@ def run(module: str, tests: list[str], n: int = 40, seed: int = 0, timeout_facto
                    MKL_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="")
         env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
         loaded = ("_hypothesis_pytestplugin",) if plugins and importlib.util.find_spec("_hypothesis_pytestplugin") else ()
-        status, clean_seconds, detail = _run_tests(copy, tests, None, env, loaded)
-        if status != "survived":
-            raise SystemExit(f"the tests fail on the unmutated module: {detail}")
-        timeout = max(min_timeout, timeout_factor * clean_seconds)
-        if progress:
-            print(f"{rel}: {len(sites)} sites, {len(chosen)} sampled; clean run {clean_seconds:.1f} s CPU, "
-                  f"limit {timeout:.0f} s CPU", file=sys.stderr)
+        runner = _Runner(copy, env, loaded)
         try:
+            status, clean_seconds, detail = runner(tests, None)
+            if status != "survived":
+                raise SystemExit(f"the tests fail on the unmutated module: {detail}")
+            timeout = max(min_timeout, timeout_factor * clean_seconds)
+            if progress:
+                print(f"{rel}: {len(sites)} sites, {len(chosen)} sampled; clean run {clean_seconds:.1f} s CPU, "
+                      f"limit {timeout:.0f} s CPU", file=sys.stderr)
             for i, site in enumerate(chosen):
                 before = earlier.get((site.line, site.col, site.kind, site.mutated))
                 if before is not None and before["status"] != "survived":
@@ -337,13 +387,14 @@ def run(module: str, tests: list[str], n: int = 40, seed: int = 0, timeout_facto
                     continue
                 target.write_text(apply(source, site))
                 _invalidate(target)
-                status, seconds, detail = _run_tests(copy, tests, timeout, env, loaded)
+                status, seconds, detail = runner(tests, timeout)
                 outcomes.append(Outcome(site, status, seconds, detail))
                 if progress:
                     print(f"  [{i + 1}/{len(chosen)}] line {site.line} {site.kind}: {status} ({seconds:.1f} s)",
                           file=sys.stderr)
         finally:
             target.write_text(source)
+            runner.close()
     killed = sum(o.status != "survived" for o in outcomes)
     return {
         "module": str(rel),
@@ -386,7 +437,23 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def summary(paths: list[str]) -> str:
+    """One row per result file: module, commit, killed / sampled, score, and the survivors' lines."""
+    rows = [f"{'result':<40} {'commit':<14} {'killed':>9} {'score':>6}  survivors (line)"]
+    for path in paths:
+        r = json.loads(Path(path).read_text())
+        lines = ",".join(str(m["line"]) for m in r["mutants"] if m["status"] == "survived")
+        rows.append(f"{Path(path).stem:<40} {r['commit']:<14} {r['killed']:>4}/{r['sampled']:<4} "
+                    f"{100 * r['score']:>5.0f}%  {lines}")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["summary"]:
+        print(summary(argv[1:]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("module", help="the module file to mutate (inside this repository)")
     parser.add_argument("tests", nargs="+", help="test files (or node ids) that must catch the mutants")
