@@ -86,6 +86,29 @@ def test_column_blocks_gradients_match_the_problems_one_at_a_time():
     assert float(G.grad.abs().sum()) > 0 and float(w.grad.abs().sum()) > 0
 
 
+@pytest.mark.parametrize("shape", [(BATCH, N, D), ((), 40, 6), ((3,), 9, 4)])
+def test_gradients_are_the_one_step_formula(shape):
+    # z = sum_i b_i G_i / S, b_i = w_i / r_i, S = sum_i b_i, with r_i = ||G_i - z|| held constant:
+    # dz/dG_i = b_i / S (times the identity), dz/dw_i = (G_i - z) / (r_i S).
+    batch, n, d = shape
+    G0 = _problems(batch, n, d, seed=9)
+    gen = torch.Generator().manual_seed(10)
+    probe = torch.randn(*batch, d, generator=gen, dtype=F64)
+    w0 = torch.rand(*batch, n, generator=gen, dtype=F64) + 0.5
+    G = G0.clone().requires_grad_(True)
+    w = w0.clone().requires_grad_(True)
+    z = ms.geometric_median(G, w, tol=1e-12, max_iter=500).median
+    (z * probe).sum().backward()
+    assert G.grad is not None and w.grad is not None
+    z = z.detach()
+    r = (G0 - z.unsqueeze(-2)).norm(dim=-1)
+    b = w0 / r
+    S = b.sum(-1, keepdim=True)
+    torch.testing.assert_close(G.grad, (b / S).unsqueeze(-1) * probe.unsqueeze(-2), rtol=1e-8, atol=1e-12)
+    expected_w = ((G0 - z.unsqueeze(-2)) * probe.unsqueeze(-2)).sum(-1) / (r * S)
+    torch.testing.assert_close(w.grad, expected_w, rtol=1e-6, atol=1e-10)
+
+
 def test_column_blocks_without_batch_match_a_plain_weiszfeld():
     # 2-D, 300 x 1024 = 307200 elements: blocks of 873 columns (two blocks, the last one short)
     G = _problems((), 300, 1024, seed=5)
