@@ -130,3 +130,21 @@ def test_sgd_step_lp_inf_moves_along_the_largest_coordinates():
     m = torch.zeros(3, dtype=F64)
     g = torch.tensor([0.2, -0.5, 0.5], dtype=F64)
     torch.testing.assert_close(ms.sgd_step_lp(m, g, 0.1, math.inf), torch.tensor([0.0, -0.05, 0.05], dtype=F64))
+
+
+@pytest.mark.parametrize("p", [1.5, 3.0, 7.0])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_lp_norm_grad_finite_p_is_scale_free_from_tiny_to_huge(p, dtype):
+    # the gradient of a norm is homogeneous of degree 0: the same at every scale, subnormal
+    # vectors (whose p-th powers underflow) and huge ones (whose p-th powers overflow) included
+    v = torch.tensor([[1.0, -4.0, 3.0, 0.5], [0.0, 0.0, -2.0, 0.0]], dtype=F64)
+    reference = lp_norm_grad(v, p)
+    # a subgradient: <grad, v> = ||v||_p, ||grad||_q = 1 (q the dual exponent)
+    torch.testing.assert_close((reference * v).sum(-1), torch.linalg.vector_norm(v, ord=p, dim=-1))
+    q = p / (p - 1.0)
+    torch.testing.assert_close(torch.linalg.vector_norm(reference, ord=q, dim=-1), torch.ones(2, dtype=F64))
+    tiny, big = torch.finfo(dtype).tiny, torch.finfo(dtype).max
+    for scale in [tiny / 16, tiny * 4, 1e-3, 1.0, 1e3, big / 8]:
+        out = lp_norm_grad((v * (scale / 4)).to(dtype), p)
+        rtol = 1e-5 if dtype == torch.float32 or scale < tiny else 1e-12
+        torch.testing.assert_close(out.to(F64), reference, rtol=rtol, atol=rtol)
