@@ -94,3 +94,40 @@ def test_select_block_norm_mode_batched_chunks_match_the_problems_one_at_a_time(
     gen = torch.Generator().manual_seed(9)
     single = torch.stack([ms.select_block(G[i], 300, generator=gen) for i in range(2)])
     assert torch.equal(batched.sort(dim=-1).values, single.sort(dim=-1).values)
+
+
+# Defaults and bounds shared by select_block and BGmD
+
+
+def test_block_of_every_column():
+    G = _matrix((), 8, 12, seed=6)
+    assert ms.bgmd.resolve_block_size(12, 12) == 12
+    assert ms.bgmd.resolve_block_size(1.0, 12) == 12
+    for mode in ("topk", "norm"):
+        assert torch.equal(ms.select_block(G, 12, mode=mode).sort().values, torch.arange(12))
+    agg = ms.BGmD(12, mode="topk")
+    u = agg(G)
+    torch.testing.assert_close(u, ms.geometric_median(G).median)
+    assert agg.memory is not None and bool((agg.memory == 0).all())  # nothing left outside the block
+
+
+@pytest.mark.parametrize("mode", ["topk", "norm"])
+def test_cpu_blocks_come_in_increasing_order(mode):
+    G = _matrix((3,), 16, 500, seed=7)
+    idx = ms.select_block(G, 60, mode=mode, generator=torch.Generator().manual_seed(1))
+    assert bool((idx[..., 1:] > idx[..., :-1]).all())
+
+
+@pytest.mark.parametrize("power", [None, 0.5, 1.0, 3.0])
+def test_bgmd_draws_its_block_as_select_block_does(power):
+    # the same generator seed and the same defaults (mode "norm", power 2): the same block
+    G = _matrix((), 16, 300, seed=8)
+    kw = {} if power is None else {"power": power}
+    agg = ms.BGmD(30, generator=torch.Generator().manual_seed(5), memory=None, **kw)
+    agg(G)
+    expected = ms.select_block(G, 30, generator=torch.Generator().manual_seed(5), **kw)
+    assert agg.last_block is not None
+    assert torch.equal(agg.last_block.sort().values, expected.sort().values)
+    if power is not None and power != 2.0:
+        other = ms.select_block(G, 30, generator=torch.Generator().manual_seed(5))
+        assert not torch.equal(other.sort().values, expected.sort().values)  # power matters here
