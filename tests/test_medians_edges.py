@@ -183,3 +183,19 @@ def test_weighted_batch_with_a_data_point_median_in_some_problems():
         ref = ms.geometric_median(_repeat(G[i], counts), eps=0.05, max_iter=50, fixed_iter=True).median
         torch.testing.assert_close(res[i], ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ms.geometric_median(G[1], w[1]).median, G[1, 0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("column", [0, 500, -1])
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_column_blocks_scale_with_the_largest_value_in_one_column(column, batch):
+    # The iteration scales G by a power of two from max |G| (read block by block): a maximum
+    # near overflow in a single column, first, middle or last, must still give a finite answer,
+    # that of the same data scaled down exactly (power-of-two scaling is exact).
+    n, d = (300, 1024) if batch == () else (80, 2048)
+    G = _problems(batch, n, d, seed=11)
+    G[..., column] = -G[..., column].abs() * 1e306  # negative: the largest |G| is -min G
+    down = 2.0**-1000
+    res = ms.geometric_median(G, tol=1e-10).median
+    ref = ms.geometric_median(G * down, tol=1e-10).median / down
+    assert bool(torch.isfinite(res).all())
+    torch.testing.assert_close(res, ref, rtol=1e-9, atol=0)
