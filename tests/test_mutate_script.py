@@ -96,6 +96,15 @@ def test_run_kills_and_reports_survivors_without_touching_the_tree(toy_repo: Pat
     json.dumps(result)
     text = mutate.table(result)
     assert "x <= lo" in text and f"{result['killed']}/{result['sampled']} killed" in text
+    saved = tmp_path / "toy-result.json"
+    saved.write_text(json.dumps(result))
+    row = mutate.summary([str(saved)]).splitlines()[1]
+    assert f"{result['killed']}/{result['sampled']}" in row and str(5) in row.split()[-1].split(",")
+    # --survivors-of: only the survivors run again; the killed stay killed
+    again = mutate.run("toy.py", ["test_toy.py"], n=100, seed=0, root=toy_repo, progress=False,
+                       min_timeout=3.0, plugins=False, survivors_of=result)
+    assert [m["status"] for m in again["mutants"]] == [m["status"] for m in result["mutants"]]
+    assert sum(m["detail"].startswith("(earlier run)") for m in again["mutants"]) == result["killed"]
 
 
 def test_run_refuses_failing_clean_tests(toy_repo: Path):
