@@ -185,17 +185,27 @@ def check_real(
     Wrong types raise :class:`ArgumentTypeError`, values out of range ``ValueError``; both
     messages name the argument and the allowed range.
     """
-    kind = "an integer" if integer else "a finite number"
-    bound = _bound(lo, hi, lo_open, hi_open)
-    wanted = f"{name} must be {kind}{' ' + bound if bound else ''}"
     want_type = numbers.Integral if integer else numbers.Real
     if isinstance(x, bool) or not isinstance(x, want_type):
-        raise ArgumentTypeError(f"{wanted}, got {x!r} ({type(x).__name__})")
+        raise ArgumentTypeError(f"{_wanted(name, lo, hi, lo_open, hi_open, integer)}, got {x!r} "
+                                f"({type(x).__name__})")
     value: float | int = int(x) if integer else float(x)  # type: ignore[call-overload]
-    if not math.isfinite(value):
-        raise ValueError(f"{wanted}, got {x!r}")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise ValueError(f"{wanted}, got {x!r}")
-    if hi is not None and (value > hi or (hi_open and value == hi)):
-        raise ValueError(f"{wanted}, got {x!r}")
+    if (not math.isfinite(value)
+            or (lo is not None and (value < lo or (lo_open and value == lo)))
+            or (hi is not None and (value > hi or (hi_open and value == hi)))):
+        raise ValueError(f"{_wanted(name, lo, hi, lo_open, hi_open, integer)}, got {x!r}")
     return value
+
+
+def _wanted(name: str, lo, hi, lo_open: bool, hi_open: bool, integer: bool) -> str:
+    # built only for an error: optimizers check their hyperparameters at every step
+    kind = "an integer" if integer else "a finite number"
+    bound = _bound(lo, hi, lo_open, hi_open)
+    return f"{name} must be {kind}{' ' + bound if bound else ''}"
+
+
+def check_generator(generator):
+    """``generator`` must be a ``torch.Generator`` or ``None`` (torch's global generator)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator

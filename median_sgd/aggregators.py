@@ -37,12 +37,23 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ._checks import check_sample_matrix, value_checks
-from .bgmd import BGmD, _column_stats, _select_from_squares, resolve_block_size
+from ._checks import ArgumentTypeError, check_choice, check_generator, check_real, check_sample_matrix, value_checks
+from .bgmd import (MEMORY_RULES, MODES, BGmD, bgmd_step, column_stats, resolve_block_size,
+                   take_columns, zero_columns)
+from ._masked import (
+    finite_rows,
+    gm_weights,
+    masked_coordinate_median,
+    masked_mean,
+    masked_trimmed_mean,
+    zero_dropped,
+)
 from .medians import GeometricMedianResult, geometric_median
 
 __all__ = [
@@ -57,104 +68,160 @@ __all__ = [
     "krum_scores",
     "make_aggregator",
     "AGGREGATORS",
+    "Option",
+    "Rule",
+    "REGISTRY",
+    "PLACES",
+    "get_rule",
+    "resolve_rule",
+    "place_defaults",
 ]
 
 
 # --------------------------------------------------------------------------------------------
-# Masked rules: the rows of a (..., n, d) matrix with a (..., n) mask of the rows that count.
-# Shapes never depend on the mask (no boolean indexing, no host synchronisation). On finite data
-# the mean, the medians, Krum and BGmD compute, operation for operation, what the plain functions
-# compute (bit for bit: the training chapters' outputs depend on it); the trimmed mean sums the
-# same values in another order.
+# The registry: every robust rule once, with its names, its options and their defaults, for each
+# place it runs (``PLACES``): make_aggregator ("aggregator"), optim.SampleMedianSGD
+# ("optimizer") and distributed.robust_hook ("hook"). Each option is checked by one function,
+# wherever it is given.
+
+#: where a rule runs: :func:`make_aggregator`, :class:`median_sgd.optim.SampleMedianSGD`,
+#: :func:`median_sgd.distributed.robust_hook`
+PLACES = ("aggregator", "optimizer", "hook")
+
+#: the default of an option that has none: the caller must give it (Krum's ``f``)
+REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
 
 
-def _finite_rows(G: torch.Tensor) -> torch.Tensor:
-    """``(..., n)`` bool: the rows of ``G`` whose entries are all finite (their largest magnitude
-    is: NaN and inf propagate through it; one pass, no mask of ``G``'s size)."""
-    return torch.isfinite(G.abs().amax(-1))
+@dataclass(frozen=True)
+class Option:
+    """One option of a rule: its ``name``, its ``default`` and ``check(value) -> value``, which
+    returns the value normalised (``float``/``int``/as given) or raises ``TypeError`` /
+    ``ValueError`` with a message that names the option and what it accepts."""
+
+    name: str
+    default: Any
+    check: Callable[[Any], Any]
+    doc: str = ""
+
+    def with_default(self, default: Any) -> "Option":
+        """The same option with another default (a place where the rule runs differently)."""
+        return Option(self.name, default, self.check, self.doc)
 
 
-def _zero_dropped(G: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """``G`` with the rows outside ``ok`` set to 0 (finite placeholders that get weight 0)."""
-    return torch.where(ok.unsqueeze(-1), G, 0)
+@dataclass(frozen=True)
+class Rule:
+    """A robust rule: its canonical ``name``, the ``aliases`` that also select it, and for each
+    place of :data:`PLACES` it runs in, the options it accepts there with their defaults.
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _sum_rows_over(terms: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """``sum_i terms_i / count`` over dim -2, in the accumulation dtype; 0 where ``count`` is 0.
-
-    ``terms`` (..., n, d) holds 0 in the rows that do not count, ``count`` (..., 1) the number of
-    rows that do. Half precision is summed in float32. The plain ``sum / count`` (what ``mean``
-    computes, bit for bit) overflows only when the terms are huge; there the sum is redone from
-    ``terms / count``, each term at most ``max / count``, whose sum cannot overflow.
+    ``differences`` says why a default differs between places (each such difference is
+    deliberate: a place runs the rule under other constraints).
     """
-    acc = _acc_dtype(terms.dtype)
-    safe = count.clamp_min(1)
-    fast = terms.sum(-2, dtype=acc) / safe
-    scaled = (terms.to(acc) / safe.unsqueeze(-1)).sum(-2)
-    out = torch.where(torch.isfinite(fast), fast, scaled)
-    return torch.where(count > 0, out, 0)
+
+    name: str
+    summary: str
+    aliases: Tuple[str, ...] = ()
+    options: Mapping[str, Tuple[Option, ...]] = field(default_factory=dict, hash=False)
+    differences: str = ""
+
+    def __post_init__(self) -> None:  # read-only, like the record itself
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        """The canonical name, then the aliases."""
+        return (self.name, *self.aliases)
+
+    @property
+    def places(self) -> Tuple[str, ...]:
+        """The places (of :data:`PLACES`) where the rule runs."""
+        return tuple(p for p in PLACES if p in self.options)
+
+    def options_in(self, place: str) -> Tuple[Option, ...]:
+        """The options the rule accepts in ``place`` (``ValueError`` if it does not run there)."""
+        if place not in self.options:
+            raise ValueError(f"rule {self.name!r} does not run in the {place}; it runs in "
+                             f"{', '.join(self.places)}")
+        return self.options[place]
+
+    def defaults(self, place: str) -> Dict[str, Any]:
+        """``{option: default}`` in ``place`` (the options without a default left out)."""
+        return {o.name: o.default for o in self.options_in(place) if o.default is not REQUIRED}
+
+    def check(self, options: Mapping[str, Any], place: str) -> Dict[str, Any]:
+        """The given ``options`` checked (and normalised); no default is added.
+
+        An option the rule does not take in ``place`` raises ``TypeError`` (as an unexpected
+        keyword argument does), a bad value ``TypeError`` or ``ValueError``.
+        """
+        accepted = {o.name: o for o in self.options_in(place)}
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise TypeError(f"unknown {self.name} option(s) {unknown}; expected some of "
+                            f"{list(accepted)}")
+        return {name: accepted[name].check(value) for name, value in options.items()}
+
+    def resolve(self, options: Mapping[str, Any], place: str) -> Dict[str, Any]:
+        """Every option of the rule in ``place``: the defaults, overridden by the checked
+        ``options``."""
+        return {**self.defaults(place), **self.check(options, place)}
 
 
-def _masked_mean(G: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """``mean_{i: ok_i} G_i`` (..., d) in ``G``'s dtype; 0 where no row is ok."""
-    count = ok.sum(-1, keepdim=True)
-    return _sum_rows_over(_zero_dropped(G, ok), count).to(G.dtype)
+def _real_option(name: str, default: Any, lo=None, hi=None, doc: str = "", *,
+                 label: Optional[str] = None, **bounds) -> Option:
+    """An option checked by :func:`median_sgd._checks.check_real` (``label`` names it in errors)."""
+    shown = label or name
+    return Option(name, default, lambda value: check_real(value, shown, lo, hi, **bounds), doc)
 
 
-def _sorted_with_dropped_last(G: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """Every column of ``G`` sorted, the rows outside ``ok`` moved to the end (as +inf)."""
-    return torch.where(ok.unsqueeze(-1), G, torch.inf).sort(dim=-2).values
+def _choice_option(name: str, default: Any, choices: Tuple[Any, ...], doc: str = "") -> Option:
+    return Option(name, default, lambda value: check_choice(value, name, choices), doc)
 
 
-def _masked_coordinate_median(G: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """``median_{i: ok_i} G_ij`` per coordinate (..., d); the mean of the two middle values for an
-    even count (as :func:`median_sgd.coordinate_median`); 0 where no row is ok.
-
-    The middle of two values is ``(a + b) / 2``, or ``a / 2 + b / 2`` where ``a + b`` overflows.
-    """
-    n, d = G.shape[-2], G.shape[-1]
-    m = ok.sum(-1, keepdim=True)  # (..., 1) rows that count
-    s = _sorted_with_dropped_last(G, ok)
-    lower = torch.div(m - 1, 2, rounding_mode="floor").clamp_min(0)
-    upper = torch.div(m, 2, rounding_mode="floor").clamp_max(n - 1)
-    shape = (*G.shape[:-2], 1, d)
-    a = s.gather(-2, lower.unsqueeze(-1).expand(shape)).squeeze(-2)
-    b = s.gather(-2, upper.unsqueeze(-1).expand(shape)).squeeze(-2)
-    mid = (a + b) / 2
-    mid = torch.where(torch.isfinite(mid), mid, a / 2 + b / 2)
-    return torch.where(m > 0, mid, 0)
+def _check_flag(name: str) -> Callable[[Any], bool]:
+    def check(value):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
+        return value
+    return check
 
 
-def _masked_trimmed_mean(G: torch.Tensor, ok: torch.Tensor, t: int) -> torch.Tensor:
-    """Per coordinate, the mean of the ok values after dropping ``min(t, (m - 1) // 2)`` of them
-    at each end (``m`` ok rows, ``t = floor(trim n)`` for all ``n`` rows); 0 where no row is ok.
-
-    Dropped rows do not lower the number trimmed: the rule still tolerates ``t`` bad values that
-    look finite, however many others were dropped, as long as one value is left (down to the
-    median when fewer than ``2 t + 1`` rows remain).
-    """
-    n = G.shape[-2]
-    m = ok.sum(-1, keepdim=True)  # (..., 1)
-    if t == 0:
-        return _masked_mean(G, ok)
-    trimmed = torch.minimum(torch.div(m - 1, 2, rounding_mode="floor").clamp_min(0),
-                            torch.full_like(m, t))
-    s = _sorted_with_dropped_last(G, ok)
-    pos = torch.arange(n, device=G.device)
-    keep = (pos >= trimmed) & (pos < m - trimmed)  # (..., n): positions t .. m - t - 1
-    terms = torch.where(keep.unsqueeze(-1), s, 0)
-    return _sum_rows_over(terms, m - 2 * trimmed).to(G.dtype)
+def _check_block_size(k):
+    """``k``: an int ``>= 1`` (coordinates) or a float fraction in ``(0, 1]`` (of ``d``), as
+    given (the block size itself depends on ``d``: :func:`median_sgd.resolve_block_size`)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise TypeError(f"k must be an int (a number of coordinates) or a float fraction, got {k!r}")
+    if isinstance(k, numbers.Integral):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+    else:
+        resolve_block_size(k, 1)  # type: ignore[arg-type]  # validates the fraction
+    return k
 
 
-def _gm_weights(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Weights for :func:`geometric_median`: 1 on the ok rows, 0 elsewhere; all 1 where no row is
-    ok (the rows are then zeroed placeholders, whose median is 0)."""
-    w = ok.to(dtype)
-    return torch.where(ok.any(-1, keepdim=True), w, torch.ones_like(w))
+# Weiszfeld's options (:func:`median_sgd.geometric_median`, whose defaults these are)
+EPS = _real_option("eps", 1e-8, 0, lo_open=True, doc="smoothing floor, relative to the median distance")
+TOL = _real_option("tol", 1e-6, 0, doc="stopping tolerance of the optimality test")
+MAX_ITER = _real_option("max_iter", 100, 1, integer=True, doc="iterations (hook: rounds)")
+FIXED_ITER = Option("fixed_iter", False, _check_flag("fixed_iter"),
+                    "always run max_iter iterations (no host synchronisation)")
+WEISZFELD = (EPS, TOL, MAX_ITER, FIXED_ITER)
+#: one step of an optimizer or one bucket of a hook must not wait for the host: a fixed,
+#: small budget of iterations (10 per step; 8 rounds, each two collectives, per bucket)
+_OPTIMIZER_WEISZFELD = (EPS, TOL, MAX_ITER.with_default(10), FIXED_ITER.with_default(True))
+_HOOK_WEISZFELD = (EPS, TOL, MAX_ITER.with_default(8), FIXED_ITER.with_default(True))
+INIT = _choice_option("init", "median", ("median", "mean"),
+                      "hook's starting point: the coordinate-wise median (robust) or the mean (RFA)")
+TRIM = _real_option("trim", 0.1, 0, 0.5, hi_open=True,
+                    doc="fraction trimmed at each end: floor(trim n) values")
+K = Option("k", 0.1, _check_block_size, "BGmD's block: int coordinates or float fraction of d")
+MODE = _choice_option("mode", "norm", MODES, "BGmD's block choice (select_block)")
+MEMORY = _choice_option("memory", "mean", MEMORY_RULES, "BGmD's memory rule")
+POWER = _real_option("power", 2.0, 0, lo_open=True, doc="exponent of the column norms in 'norm' mode")
+GENERATOR = Option("generator", None, check_generator, "BGmD's block sampler ('norm' mode)")
+SEED = _real_option("seed", 0, integer=True, doc="the hook's block sampler seed, the same on every rank")
+F = _real_option("f", REQUIRED, 0, integer=True, label="f (the number of Byzantine rows)",
+                 doc="Krum's assumed number of Byzantine rows")
+M = _real_option("m", 1, 1, integer=True, doc="Krum: rows averaged (multi-Krum)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +250,7 @@ class Aggregator:
         """Check the shape and dtype of ``G``; its finite rows (counted in ``last_dropped``)."""
         with value_checks(False):  # NaN and Inf are data here, not a caller's error
             check_sample_matrix(G)
-        ok = _finite_rows(G)
+        ok = finite_rows(G)
         self.last_dropped = G.shape[-2] - ok.sum(-1)
         return ok
 
@@ -194,7 +261,7 @@ class Mean(Aggregator):
     name = "mean"
 
     def __call__(self, G):
-        return _masked_mean(G, self._rows(G))
+        return masked_mean(G, self._rows(G))
 
 
 class CoordinateMedian(Aggregator):
@@ -204,7 +271,7 @@ class CoordinateMedian(Aggregator):
     name = "cmd"
 
     def __call__(self, G):
-        return _masked_coordinate_median(G, self._rows(G))
+        return masked_coordinate_median(G, self._rows(G))
 
 
 class GeometricMedian(Aggregator):
@@ -218,15 +285,13 @@ class GeometricMedian(Aggregator):
     name = "gmd"
 
     def __init__(self, **gm_options) -> None:
-        unknown = sorted(set(gm_options) - {"eps", "tol", "max_iter", "fixed_iter"})
-        if unknown:
-            raise TypeError(f"unknown geometric_median option(s) {unknown}")
+        REGISTRY["geometric_median"].check(gm_options, "aggregator")
         self.gm_options = dict(gm_options)
         self.last_gm: Optional[GeometricMedianResult] = None
 
     def __call__(self, G):
         ok = self._rows(G)
-        self.last_gm = geometric_median(_zero_dropped(G, ok), _gm_weights(ok, G.dtype),
+        self.last_gm = geometric_median(zero_dropped(G, ok), gm_weights(ok, G.dtype),
                                         **self.gm_options)
         return self.last_gm.median
 
@@ -240,32 +305,29 @@ class GeometricMedian(Aggregator):
 class TrimmedMean(Aggregator):
     """Per coordinate, the mean of the finite rows' values after dropping ``floor(trim n)`` at each
     end (``n`` all rows: dropped rows do not lower the number trimmed, see
-    :func:`_masked_trimmed_mean`; at least one value is kept)."""
+    :func:`masked_trimmed_mean`; at least one value is kept)."""
 
     name = "trimmed_mean"
 
     def __init__(self, trim: float = 0.1) -> None:
-        if isinstance(trim, bool) or not isinstance(trim, numbers.Real) or not (0 <= trim < 0.5):
-            raise ValueError(f"trim must be a number in [0, 0.5), got {trim!r}")
-        self.trim: float = float(trim)
+        self.trim: float = TRIM.check(trim)
 
     def __call__(self, G):
         ok = self._rows(G)
-        return _masked_trimmed_mean(G, ok, int(math.floor(self.trim * G.shape[-2])))
+        return masked_trimmed_mean(G, ok, int(math.floor(self.trim * G.shape[-2])))
 
     def __repr__(self) -> str:
         return f"TrimmedMean(trim={self.trim!r})"
 
 
 def _check_f(f, n: int) -> int:
-    if isinstance(f, bool) or not isinstance(f, numbers.Integral) or f < 0:
-        raise ValueError(f"f (the number of Byzantine rows) must be an integer >= 0, got {f!r}")
-    if n - int(f) - 2 < 1:
+    f = F.check(f)
+    if n - f - 2 < 1:
         raise ValueError(
             f"Krum needs n - f - 2 >= 1 neighbours (n >= f + 3; Blanchard et al. assume "
             f"n >= 2f + 3), got n = {n}, f = {f}"
         )
-    return int(f)
+    return f
 
 
 def _krum_scores(G: torch.Tensor, f: int, ok: torch.Tensor) -> torch.Tensor:
@@ -274,7 +336,7 @@ def _krum_scores(G: torch.Tensor, f: int, ok: torch.Tensor) -> torch.Tensor:
     given); ``inf`` for the rows outside ``ok``."""
     n = G.shape[-2]
     work = G if G.dtype in (torch.float32, torch.float64) else G.float()
-    work = _zero_dropped(work, ok)
+    work = zero_dropped(work, ok)
     sq = torch.cdist(work, work).square()  # (..., n, n)
     # Exclude i itself and the dropped rows: push them to +inf (also a distance that overflowed
     # to NaN in cdist's ||a||^2 + ||b||^2 - 2 a.b), then the n - f - 2 smallest of each row.
@@ -302,12 +364,11 @@ def krum_scores(G: torch.Tensor, f: int) -> torch.Tensor:
 def _krum(G: torch.Tensor, f: int, m: int, ok: torch.Tensor) -> torch.Tensor:
     """:func:`krum` over the rows in ``ok``: the mean of the ok rows among the ``m`` best."""
     n = G.shape[-2]
-    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or not 1 <= m <= n:
-        raise ValueError(f"m must be an integer in [1, n = {n}], got {m!r}")
+    m = int(check_real(m, f"m (at most n = {n})", 1, n, integer=True))
     scores = _krum_scores(G, _check_f(f, n), ok)
-    best = torch.topk(scores, int(m), dim=-1, largest=False).indices  # (..., m)
+    best = torch.topk(scores, m, dim=-1, largest=False).indices  # (..., m)
     rows = torch.gather(G, -2, best.unsqueeze(-1).expand(*best.shape, G.shape[-1]))
-    return _masked_mean(rows, torch.gather(ok, -1, best))
+    return masked_mean(rows, torch.gather(ok, -1, best))
 
 
 def krum(G: torch.Tensor, f: int, m: int = 1) -> torch.Tensor:
@@ -325,18 +386,19 @@ class Krum(Aggregator):
     name = "krum"
 
     def __init__(self, f: int, m: int = 1) -> None:
-        if isinstance(f, bool) or not isinstance(f, numbers.Integral) or f < 0:
-            raise ValueError(f"f (the number of Byzantine rows) must be an integer >= 0, got {f!r}")
-        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
-            raise ValueError(f"m must be an integer >= 1, got {m!r}")
-        self.f: int = int(f)
-        self.m: int = int(m)
+        self.f: int = F.check(f)
+        self.m: int = M.check(m)
 
     def __call__(self, G):
         return _krum(G, self.f, self.m, self._rows(G))
 
     def __repr__(self) -> str:
         return f"Krum(f={self.f}, m={self.m})"
+
+
+# _WorkersBGmD's names of the masked rules (the class is moving into the Weiszfeld core)
+_finite_rows, _zero_dropped, _gm_weights = finite_rows, zero_dropped, gm_weights
+_masked_coordinate_median = masked_coordinate_median
 
 
 class _WorkersBGmD(BGmD):
@@ -370,7 +432,7 @@ class _WorkersBGmD(BGmD):
     def _dropping_step(self, G, ok, m, k):
         count = ok.sum(-1, keepdim=True)  # (..., 1): the rows that count
         # scaled by s, s^2 (so they cannot overflow); the dropped rows are zero: they add nothing
-        s, colsum, sq = _column_stats(G)
+        s, colsum, sq = column_stats(G)
         if m is not None:  # A = G + 1 m^T over the rows that count
             ms_ = m.to(colsum.dtype) * s.unsqueeze(-1)
             colsum_a = colsum + count * ms_
@@ -378,38 +440,35 @@ class _WorkersBGmD(BGmD):
         else:
             colsum_a = colsum
         sq = torch.nan_to_num(sq, nan=torch.inf)  # an overflowed column (inf - inf) ranks first
-        idx = _select_from_squares(sq, k, self.mode, self.generator, self.power)  # (..., k)
-        if G.dim() == 2:
-            block = G.index_select(-1, idx)
-        else:
-            block = torch.gather(G, -1, idx.unsqueeze(-2).expand(*G.shape[:-1], k))
-        if m is not None:
-            block = block + torch.gather(m, -1, idx).unsqueeze(-2)
-        block_ok = ok & _finite_rows(block)
-        gm = geometric_median(_zero_dropped(block, block_ok), _gm_weights(block_ok, G.dtype),
-                              **self.gm_options)
-        update = G.new_zeros(sq.shape).scatter_(-1, idx, gm.median)
 
-        self._record(sq, idx, gm, G.dtype)
+        def block_median(idx):
+            block = take_columns(G, idx)
+            if m is not None:
+                block = block + torch.gather(m, -1, idx).unsqueeze(-2)
+            block_ok = ok & _finite_rows(block)
+            self.last_gm = geometric_median(_zero_dropped(block, block_ok), _gm_weights(block_ok, G.dtype),
+                                            **self.gm_options)
+            return self.last_gm.median
 
-        rule = self.memory_rule
-        if rule is None:
-            self.memory = None
-            return update
-        if rule == "mean":
-            new = colsum_a / (count.clamp_min(1) * s.unsqueeze(-1))  # exact unscaling (s = 2^k)
-        elif rule == "median":
-            # The coordinate-wise median commutes with adding m_j to a whole column.
-            med = _masked_coordinate_median(G, ok)
-            new = med if m is None else med + m
-        else:  # "gm": the residual rows A - C_k(A), which are zero on the block
-            A = G.clone() if m is None else G + m.unsqueeze(-2)
-            A.scatter_(-1, idx.unsqueeze(-2).expand(*A.shape[:-1], k), 0.0)
-            A_ok = ok & _finite_rows(A)
-            new = geometric_median(_zero_dropped(A, A_ok), _gm_weights(A_ok, G.dtype),
-                                   **self.gm_options).median
-        # a memory that overflowed saturates (the next step drops rows that overflow with it)
-        self.memory = torch.nan_to_num(new.to(G.dtype), nan=0.0).scatter_(-1, idx, 0.0)
+        def memory_of(idx):
+            rule = self.memory_rule
+            if rule == "mean":
+                new = colsum_a / (count.clamp_min(1) * s.unsqueeze(-1))  # exact unscaling (s = 2^k)
+            elif rule == "median":
+                # The coordinate-wise median commutes with adding m_j to a whole column.
+                med = _masked_coordinate_median(G, ok)
+                new = med if m is None else med + m
+            else:  # "gm": the residual rows A - C_k(A), which are zero on the block
+                A = zero_columns(G.clone() if m is None else G + m.unsqueeze(-2), idx)
+                A_ok = ok & _finite_rows(A)
+                new = geometric_median(_zero_dropped(A, A_ok), _gm_weights(A_ok, G.dtype),
+                                       **self.gm_options).median
+            # a memory that overflowed saturates (the next step drops rows that overflow with it)
+            return torch.nan_to_num(new.to(G.dtype), nan=0.0)
+
+        idx, update, self.memory = bgmd_step(sq, k, self.mode, self.generator, self.power,
+                                             block_median, memory_of if self.memory_rule else None)
+        self._record(sq, idx, self.last_gm, G.dtype)
         return update
 
 
@@ -425,13 +484,49 @@ def _multi_krum(f: int, m: Optional[int] = None) -> Krum:
     return Krum(f, m)
 
 
-AGGREGATORS: Dict[str, Callable[..., Aggregator]] = {
+#: every rule by its canonical name; :func:`get_rule` also finds it by an alias
+REGISTRY: Dict[str, Rule] = {rule.name: rule for rule in (
+    Rule("mean", "mean_i G_i: plain (mini-batch) SGD, breakdown point 0", ("sgd",),
+         {place: () for place in PLACES}),
+    Rule("coordinate_median", "median_i G_ij per coordinate (CmD)", ("cmd",),
+         {place: () for place in PLACES}),
+    Rule("trimmed_mean", "per coordinate, the mean after dropping floor(trim n) values at each end",
+         (), {"aggregator": (TRIM,), "optimizer": (TRIM,), "hook": (TRIM.with_default(0.25),)},
+         differences="the hook trims 0.25 of the ranks: world sizes are small, and with 0.1 "
+                     "fewer than 10 ranks would trim nothing (floor(0.1 W) = 0), the mean"),
+    Rule("geometric_median", "argmin_z sum_i ||z - G_i||, smoothed Weiszfeld (GmD; RFA in the hook)",
+         ("gmd", "gm"),
+         {"aggregator": WEISZFELD, "optimizer": _OPTIMIZER_WEISZFELD,
+          "hook": (INIT, *_HOOK_WEISZFELD)},
+         differences="the aggregator runs geometric_median's own defaults (max_iter=100, stop "
+                     "when converged); the optimizer runs a fixed 10 iterations per step and the "
+                     "hook a fixed 8 rounds per bucket (each round two collectives), so that "
+                     "neither waits for the host; the hook starts at the coordinate-wise median "
+                     "(init='median'): from the mean a huge Byzantine vector leaves a trace that "
+                     "a fixed budget of rounds does not remove (chapter 'Scaling out')"),
+    Rule("bgmd", "block geometric median with memory (Acharya et al. 2022; median_sgd.BGmD)", (),
+         {"aggregator": (K, MODE, MEMORY, GENERATOR, POWER, *WEISZFELD),
+          "hook": (K, MODE.with_default("topk"),
+                   _choice_option("memory", "median", ("median", "mean", None), MEMORY.doc),
+                   SEED, POWER, INIT, *_HOOK_WEISZFELD)},
+         differences="the aggregator reproduces the paper (mode='norm' sampling, memory='mean'); "
+                     "the hook defaults to mode='topk' (a deterministic block: no sampler to keep "
+                     "in step across ranks, no host synchronisation) and memory='median' (with "
+                     "the paper's mean memory one Byzantine rank controls the memory and, through "
+                     "it, every later update: chapter 'Scaling out', 'The mean memory lets the "
+                     "mean through'); the hook has no 'gm' memory rule"),
+    Rule("krum", "the row whose n - f - 2 nearest rows are closest (Blanchard et al. 2017)", (),
+         {"aggregator": (F, M)}),
+    Rule("multi_krum", "the mean of the m rows of smallest Krum score", (),
+         {"aggregator": (F, M.with_default(REQUIRED))}),
+)}
+
+_BY_NAME: Dict[str, Rule] = {name: rule for rule in REGISTRY.values() for name in rule.names}
+
+# make_aggregator's constructor of each rule
+_FACTORIES: Dict[str, Callable[..., Aggregator]] = {
     "mean": Mean,
-    "sgd": Mean,
-    "cmd": CoordinateMedian,
     "coordinate_median": CoordinateMedian,
-    "gmd": GeometricMedian,
-    "gm": GeometricMedian,
     "geometric_median": GeometricMedian,
     "bgmd": _bgmd,  # type: ignore[dict-item]
     "trimmed_mean": TrimmedMean,
@@ -439,19 +534,58 @@ AGGREGATORS: Dict[str, Callable[..., Aggregator]] = {
     "multi_krum": _multi_krum,
 }
 
+#: every name :func:`make_aggregator` takes (canonical names and aliases) -> its constructor
+AGGREGATORS: Dict[str, Callable[..., Aggregator]] = {
+    name: _FACTORIES[rule.name] for rule in REGISTRY.values() if "aggregator" in rule.options
+    for name in rule.names
+}
+
+
+def get_rule(name: str, place: Optional[str] = None, *, what: str = "rule") -> Rule:
+    """The :class:`Rule` called ``name`` (its canonical name or an alias, any case); with
+    ``place``, one that runs there. ``what`` names the argument in the errors: a ``TypeError``
+    for a name that is not a string, a ``ValueError`` listing the names accepted otherwise."""
+    if place is not None:
+        check_choice(place, "place", PLACES)
+    if not isinstance(name, str):
+        raise TypeError(f"{what} name must be a string, got {type(name).__name__}")
+    rule = _BY_NAME.get(name.lower())
+    if rule is not None and (place is None or place in rule.options):
+        return rule
+    accepted = sorted(n for r in REGISTRY.values() if place is None or place in r.options
+                      for n in r.names)
+    where = "" if rule is None else f" ({rule.name!r} does not run in the {place})"
+    raise ValueError(f"unknown {what} {name!r}{where}; expected one of {', '.join(accepted)}")
+
+
+def resolve_rule(name: str, place: str = "aggregator", **options) -> Tuple[Rule, Dict[str, Any]]:
+    """``(rule, options)``: the rule called ``name`` in ``place`` and every one of its options
+    there, the defaults overridden by the given (checked) ``options``."""
+    rule = get_rule(name, place)
+    return rule, rule.resolve(options, place)
+
+
+def place_defaults(place: str) -> Dict[str, Any]:
+    """``{option: default}`` over every rule that runs in ``place``. An option has one default
+    per place (a test checks it), so this is well defined."""
+    out: Dict[str, Any] = {}
+    for rule in REGISTRY.values():
+        if place in rule.options:
+            out.update(rule.defaults(place))
+    return out
+
 
 def make_aggregator(name: str, **options):
     """An aggregator by name: ``"mean"``/``"sgd"``, ``"cmd"``, ``"gmd"``, ``"bgmd"``,
     ``"trimmed_mean"``, ``"krum"``, ``"multi_krum"`` (aliases: ``"coordinate_median"``, ``"gm"``,
-    ``"geometric_median"``); ``options`` are its constructor's keywords (``bgmd``: ``k`` (default
-    0.1, the paper's 10%), ``mode``, ``memory``, ``generator``, Weiszfeld options; ``krum``: ``f``,
-    ``m``; ``trimmed_mean``: ``trim``; ``gmd``: Weiszfeld options)."""
-    if not isinstance(name, str):
-        raise TypeError(f"aggregator name must be a string, got {type(name).__name__}")
-    key = name.lower()
-    if key not in AGGREGATORS:
-        raise ValueError(f"unknown aggregator {name!r}; expected one of {', '.join(sorted(AGGREGATORS))}")
+    ``"geometric_median"``; :data:`REGISTRY`); ``options`` are its constructor's keywords
+    (``bgmd``: ``k`` (default 0.1, the paper's 10%), ``mode``, ``memory``, ``generator``,
+    Weiszfeld options; ``krum``: ``f``, ``m``; ``trimmed_mean``: ``trim``; ``gmd``: Weiszfeld
+    options). ``REGISTRY[name].options["aggregator"]`` lists them with their defaults."""
+    rule = get_rule(name, "aggregator", what="aggregator")
     try:
-        return AGGREGATORS[key](**options)
-    except TypeError as err:
-        raise TypeError(f"bad options for aggregator {name!r}: {err}") from None
+        rule.check(options, "aggregator")
+        return _FACTORIES[rule.name](**options)
+    except TypeError as err:  # a wrong type of value stays an ArgumentTypeError (a ValueError too)
+        kind = ArgumentTypeError if isinstance(err, ArgumentTypeError) else TypeError
+        raise kind(f"bad options for aggregator {name!r}: {err}") from None

@@ -29,7 +29,7 @@ from typing import ClassVar, Dict, Optional, Tuple, Type, Union
 
 import torch
 
-from ._checks import check_float_tensor
+from ._checks import check_float_tensor, check_generator, check_real
 from ._numerics import to_device
 
 __all__ = [
@@ -56,22 +56,15 @@ PSI_LEVELS = (0.0, 0.1, 0.2, 0.4)  # the corruption fractions of the paper's fig
 
 
 def _check_psi(psi) -> float:
-    if isinstance(psi, bool) or not isinstance(psi, numbers.Real) or not (0.0 <= psi < 1.0):  # type: ignore[operator]
-        raise ValueError(f"psi (the corrupted fraction) must be a number in [0, 1), got {psi!r}")
-    return float(psi)
+    return check_real(psi, "psi (the corrupted fraction)", 0, 1, hi_open=True)
 
 
-def _check_positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-        math.isfinite(value) and value > 0  # type: ignore[operator]
-    ):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+def _check_amount(amount) -> float:
+    return check_real(amount, "amount (the fraction of pixels hit)", 0, 1)
 
 
-def _check_generator(generator) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+def _check_target(target) -> int:
+    return int(check_real(target, "target (a class index)", 0, integer=True))
 
 
 def _check_clip(clip) -> Optional[Tuple[float, float]]:
@@ -80,18 +73,16 @@ def _check_clip(clip) -> Optional[Tuple[float, float]]:
         return None
     if isinstance(clip, (str, bytes)) or not isinstance(clip, (tuple, list)) or len(clip) != 2:
         raise TypeError(f"clip must be None or a pair (lo, hi) of numbers, got {clip!r}")
-    if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in clip):
-        raise TypeError(f"clip must be None or a pair (lo, hi) of numbers, got {clip!r}")
-    lo, hi = float(clip[0]), float(clip[1])
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ValueError(f"clip = (lo, hi) must be finite with lo < hi, got {clip!r}")
+    lo, hi = (check_real(v, "each end of clip = (lo, hi)") for v in clip)
+    if not lo < hi:
+        raise ValueError(f"clip = (lo, hi) must have lo < hi, got {clip!r}")
     return lo, hi
 
 
 def _draw(kind: str, shape, generator, device, dtype) -> torch.Tensor:
     """``torch.rand``/``torch.randn`` of ``shape`` on ``device`` from ``generator`` (drawn on the
     generator's own device when it differs, then moved)."""
-    _check_generator(generator)
+    check_generator(generator)
     where = device if generator is None else generator.device
     fn = torch.rand if kind == "rand" else torch.randn
     return to_device(fn(shape, generator=generator, device=where, dtype=dtype), device)
@@ -141,7 +132,7 @@ def scaled_bit_flip(G: torch.Tensor, mask: torch.Tensor, scale: float = 100.0) -
     ``G`` is ``(..., n, d)`` and ``mask`` ``(..., n)``."""
     check_float_tensor(G, "G", min_dim=2)
     mask = _check_mask(mask, G.shape[:-1], "G").to(G.device)
-    scale = _check_positive(scale, "scale")
+    scale = check_real(scale, "scale", 0, lo_open=True)
     return torch.where(mask.unsqueeze(-1), G * (-scale), G)
 
 
@@ -151,7 +142,7 @@ def gaussian_gradient_noise(
     """``g_i <- g_i + z_i``, ``z_i ~ N(0, std^2 I)``, for the masked rows (the paper: variance 100)."""
     check_float_tensor(G, "G", min_dim=2)
     mask = _check_mask(mask, G.shape[:-1], "G").to(G.device)
-    std = _check_positive(std, "std")
+    std = check_real(std, "std", 0, lo_open=True)
     z = _draw("randn", G.shape, generator, G.device, G.dtype)
     return torch.where(mask.unsqueeze(-1), G + std * z, G)
 
@@ -183,7 +174,7 @@ def gaussian_feature_noise(
     """
     check_float_tensor(x, "x", min_dim=1)
     m = _image_mask(x, mask)
-    std = _check_positive(std, "std")
+    std = check_real(std, "std", 0, lo_open=True)
     clip = _check_clip(clip)
     noisy = x + std * _draw("randn", x.shape, generator, x.device, x.dtype)
     if clip is not None:
@@ -204,8 +195,7 @@ def salt_and_pepper(
     with probability ``amount`` (the paper: 90% of the pixels)."""
     check_float_tensor(x, "x", min_dim=1)
     m = _image_mask(x, mask)
-    if isinstance(amount, bool) or not isinstance(amount, numbers.Real) or not 0 <= amount <= 1:
-        raise ValueError(f"amount must be a number in [0, 1], got {amount!r}")
+    _check_amount(amount)
     u = _draw("rand", x.shape, generator, x.device, torch.float32)
     hit = u < amount
     salt = u < amount / 2  # half of the hits
@@ -218,9 +208,7 @@ def backdoor(y: torch.Tensor, mask: torch.Tensor, target: int = 8) -> torch.Tens
     if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex():
         raise TypeError(f"y must be an integer tensor of class labels, got {getattr(y, 'dtype', type(y))}")
     mask = _check_mask(mask, y.shape, "y").to(y.device)
-    if isinstance(target, bool) or not isinstance(target, numbers.Integral) or target < 0:
-        raise ValueError(f"target must be a class index >= 0, got {target!r}")
-    return torch.where(mask, torch.full_like(y, int(target)), y)
+    return torch.where(mask, torch.full_like(y, _check_target(target)), y)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,17 +231,21 @@ class Attack:
     kind: ClassVar[str] = "none"
     name: ClassVar[str] = "none"
 
+    def __init_subclass__(cls, *, kind: Optional[str] = None, name: Optional[str] = None,
+                          **kwargs) -> None:
+        # a rule says where it acts and its name in its class line, class X(Attack, kind=...);
+        # a subclass that says nothing keeps its parent's
+        super().__init_subclass__(**kwargs)
+        cls.kind = cls.kind if kind is None else kind
+        cls.name = cls.name if name is None else name
+
     def __post_init__(self):
         _check_psi(self.psi)
         for field in ("scale", "std"):
             if hasattr(self, field):
-                _check_positive(getattr(self, field), field)
-        amount = getattr(self, "amount", 0.0)
-        if isinstance(amount, bool) or not isinstance(amount, numbers.Real) or not 0 <= amount <= 1:
-            raise ValueError(f"amount must be a number in [0, 1], got {amount!r}")
-        target = getattr(self, "target", 0)
-        if isinstance(target, bool) or not isinstance(target, numbers.Integral) or target < 0:
-            raise ValueError(f"target must be a class index >= 0, got {target!r}")
+                check_real(getattr(self, field), field, 0, lo_open=True)
+        _check_amount(getattr(self, "amount", 0.0))
+        _check_target(getattr(self, "target", 0))
         if hasattr(self, "clip"):  # stored as a tuple of floats (hashable; the caller's list is kept)
             object.__setattr__(self, "clip", _check_clip(self.clip))
 
@@ -290,61 +282,51 @@ class NoAttack(Attack):
 
 
 @dataclass(frozen=True)
-class ScaledBitFlip(Attack):
+class ScaledBitFlip(Attack, kind="gradient", name="bit_flip"):
     """:func:`scaled_bit_flip` on a fresh ``psi``-fraction of the rows: ``g <- -scale g``."""
 
     scale: float = 100.0
-    kind: ClassVar[str] = "gradient"
-    name: ClassVar[str] = "bit_flip"
 
     def _gradients(self, G, mask, generator):
         return scaled_bit_flip(G, mask, self.scale)
 
 
 @dataclass(frozen=True)
-class GradientNoise(Attack):
+class GradientNoise(Attack, kind="gradient", name="gradient_noise"):
     """:func:`gaussian_gradient_noise` on a fresh ``psi``-fraction of the rows: ``g <- g + N(0, std^2)``."""
 
     std: float = 10.0
-    kind: ClassVar[str] = "gradient"
-    name: ClassVar[str] = "gradient_noise"
 
     def _gradients(self, G, mask, generator):
         return gaussian_gradient_noise(G, mask, self.std, generator=generator)
 
 
 @dataclass(frozen=True)
-class FeatureNoise(Attack):
+class FeatureNoise(Attack, kind="feature", name="feature_noise"):
     """:func:`gaussian_feature_noise` on a fresh ``psi``-fraction of the samples."""
 
     std: float = 10.0
     clip: Optional[Tuple[float, float]] = (0.0, 1.0)
-    kind: ClassVar[str] = "feature"
-    name: ClassVar[str] = "feature_noise"
 
     def _batch(self, x, y, mask, generator):
         return gaussian_feature_noise(x, mask, self.std, clip=self.clip, generator=generator), y
 
 
 @dataclass(frozen=True)
-class ImpulseNoise(Attack):
+class ImpulseNoise(Attack, kind="feature", name="impulse"):
     """:func:`salt_and_pepper` (90% of the pixels) on a fresh ``psi``-fraction of the samples."""
 
     amount: float = 0.9
-    kind: ClassVar[str] = "feature"
-    name: ClassVar[str] = "impulse"
 
     def _batch(self, x, y, mask, generator):
         return salt_and_pepper(x, mask, self.amount, generator=generator), y
 
 
 @dataclass(frozen=True)
-class Backdoor(Attack):
+class Backdoor(Attack, kind="label", name="backdoor"):
     """:func:`backdoor` on a fresh ``psi``-fraction of the samples: their label becomes ``target``."""
 
     target: int = 8
-    kind: ClassVar[str] = "label"
-    name: ClassVar[str] = "backdoor"
 
     def _batch(self, x, y, mask, generator):
         return x, backdoor(y, mask, self.target)

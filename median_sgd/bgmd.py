@@ -27,17 +27,12 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ._checks import check_choice, check_sample_matrix, value_checks, value_checks_enabled
+from ._checks import check_choice, check_real, check_sample_matrix, value_checks, value_checks_enabled
 from ._numerics import opmath_dtype, to_device
-from .medians import (
-    GeometricMedianResult,
-    _max_abs,
-    _max_abs_matrix,
-    _pow2_scale,
-    _syncs_are_free,
-    coordinate_median,
-    geometric_median,
-)
+from ._numerics import pow2_scale as _pow2_scale
+from .medians import GeometricMedianResult, coordinate_median, geometric_median
+from .weiszfeld import max_abs as _max_abs
+from .weiszfeld import max_abs_matrix as _max_abs_matrix
 
 __all__ = ["select_block", "resolve_block_size", "BGmD", "MODES", "MEMORY_RULES"]
 
@@ -56,9 +51,7 @@ def resolve_block_size(k: Union[int, float], d: int) -> int:
         if not 1 <= k <= d:
             raise ValueError(f"k must satisfy 1 <= k <= d = {d}, got {k}")
         return k
-    k = float(k)
-    if not (math.isfinite(k) and 0.0 < k <= 1.0):
-        raise ValueError(f"a fractional k must lie in (0, 1], got {k}")
+    k = check_real(k, "a fractional k", 0.0, 1.0, lo_open=True)
     return max(1, int(math.floor(k * d + 1e-9)))
 
 
@@ -81,10 +74,16 @@ def _exponential(shape, generator: Optional[torch.Generator], device: torch.devi
     return to_device(u, device).clamp_min_(torch.finfo(torch.float64).tiny)
 
 
+def _syncs_are_free(device: torch.device) -> bool:
+    """Whether reading a value on the host is free (the CPU): the ordered block selection is
+    taken only then. Tests patch it to run the device code path on the CPU."""
+    return device.type == "cpu"
+
+
 _CHUNK_ELEMENTS = 1 << 19  # CPU column statistics: ~2 MB chunks of G stay in cache
 
 
-def _column_stats(G: torch.Tensor, m: Optional[torch.Tensor] = None):
+def column_stats(G: torch.Tensor, m: Optional[torch.Tensor] = None):
     """Scaled column statistics of ``A = G + 1 m^T`` (``G`` (..., n, d), ``m`` (..., d) or None).
 
     Returns ``(s, sums, squares)``: ``s`` (...,) a power of two bringing ``max(|G|, |m|)`` to 1,
@@ -145,7 +144,7 @@ def _largest(keys: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(keys, k, dim=-1, sorted=False).indices
 
 
-def _select_from_squares(
+def select_from_squares(
     sq: torch.Tensor, k: int, mode: str, generator: Optional[torch.Generator], power: float
 ) -> torch.Tensor:
     """The block (indices, shape (..., k)) from squared column norms ``sq``."""
@@ -193,13 +192,10 @@ def select_block(
     check_sample_matrix(G)
     check_choice(mode, "mode", MODES)
     _check_generator(generator)
-    if isinstance(power, bool) or not isinstance(power, numbers.Real) or not (
-        math.isfinite(power) and power > 0
-    ):
-        raise ValueError(f"power must be a finite number > 0, got {power!r}")
+    power = check_real(power, "power", 0.0, lo_open=True)
     k = resolve_block_size(k, G.shape[-1])
-    sq = _column_stats(G)[2]  # squared column norms (scaled: the same order, the same draws)
-    return _select_from_squares(sq, k, mode, generator, float(power))
+    sq = column_stats(G)[2]  # squared column norms (scaled: the same order, the same draws)
+    return select_from_squares(sq, k, mode, generator, power)
 
 
 class BGmD:
@@ -254,10 +250,7 @@ class BGmD:
         check_choice(mode, "mode", MODES)
         check_choice(memory, "memory", MEMORY_RULES)
         _check_generator(generator)
-        if isinstance(power, bool) or not isinstance(power, numbers.Real) or not (
-            math.isfinite(power) and power > 0
-        ):
-            raise ValueError(f"power must be a finite number > 0, got {power!r}")
+        check_real(power, "power", 0.0, lo_open=True)
         unknown = sorted(set(gm_options) - set(_GM_OPTIONS))
         if unknown:
             raise TypeError(
@@ -294,7 +287,7 @@ class BGmD:
         m = self._memory_for(G)
         # Column statistics of A = G + 1 m^T without forming A (an n x d allocation costs as much
         # as a Weiszfeld iteration), scaled so that they cannot overflow.
-        s, colsum, sq = _column_stats(G, m)  # (...,), (..., d) each
+        s, colsum, sq = column_stats(G, m)  # (...,), (..., d) each
         # A NaN or Inf anywhere in a column makes its sum NaN or Inf: an O(d) finiteness check
         # instead of check_finite's O(n d) (scaled, a finite column's sum cannot overflow).
         if value_checks_enabled() and not bool(torch.isfinite(colsum).all()):
@@ -326,38 +319,72 @@ class BGmD:
 
     def _step(self, G, m, k, n, d, s, colsum, sq):
         # colsum, sq: scaled by s, s^2 (in float32 for half-precision G), the sums of A's columns
-        idx = _select_from_squares(sq, k, self.mode, self.generator, self.power)  # (..., k)
-        if G.dim() == 2:
-            block = G.index_select(-1, idx)  # (n, k); faster than gather on the CPU
-        else:
-            block = torch.gather(G, -1, idx.unsqueeze(-2).expand(*G.shape[:-1], k))  # (..., n, k)
         work = colsum.dtype  # half precision: G + m and the medians in float32
-        if m is not None:
-            # A's block; finite values whose sum overflows saturate (a NaN stays)
-            block = _saturate(block.to(work) + torch.gather(m, -1, idx).to(work).unsqueeze(-2))
-        gm = geometric_median(block, **self.gm_options)
-        median = _saturate(gm.median, G.dtype)
-        gm = GeometricMedianResult(median=median, n_iter=gm.n_iter, converged=gm.converged)
-        update = G.new_zeros(*G.shape[:-2], d).scatter_(-1, idx, median)
 
-        self._record(sq, idx, gm, G.dtype)
+        def block_median(idx):
+            block = take_columns(G, idx)
+            if m is not None:
+                # A's block; finite values whose sum overflows saturate (a NaN stays)
+                block = _saturate(block.to(work) + torch.gather(m, -1, idx).to(work).unsqueeze(-2))
+            gm = geometric_median(block, **self.gm_options)
+            median = _saturate(gm.median, G.dtype)
+            self.last_gm = GeometricMedianResult(median=median, n_iter=gm.n_iter, converged=gm.converged)
+            return median
 
-        rule = self.memory_rule
-        if rule is None:
-            self.memory = None
-            return update
-        if rule == "mean":
-            new = colsum / (n * s.unsqueeze(-1))  # exact unscaling: n s is n times a power of two
-        elif rule == "median":
-            # The coordinate-wise median commutes with adding m_j to a whole column.
-            new = coordinate_median(G) if m is None else coordinate_median(G).to(work) + m.to(work)
-        else:  # "gm": the residual rows A - C_k(A), which are zero on the block
-            A = G.to(work, copy=True) if m is None else _saturate(G.to(work) + m.to(work).unsqueeze(-2))
-            A.scatter_(-1, idx.unsqueeze(-2).expand(*A.shape[:-1], k), 0.0)
-            new = geometric_median(A, **self.gm_options).median
-        # stored in G's dtype, finite (a memory beyond the dtype's range saturates)
-        self.memory = _saturate(new, G.dtype).scatter_(-1, idx, 0.0)
+        def memory_of(idx):
+            rule = self.memory_rule
+            if rule == "mean":
+                new = colsum / (n * s.unsqueeze(-1))  # exact unscaling: n s is n times a power of two
+            elif rule == "median":
+                # The coordinate-wise median commutes with adding m_j to a whole column.
+                new = coordinate_median(G) if m is None else coordinate_median(G).to(work) + m.to(work)
+            else:  # "gm": the residual rows A - C_k(A), which are zero on the block
+                A = G.to(work, copy=True) if m is None else _saturate(G.to(work) + m.to(work).unsqueeze(-2))
+                new = geometric_median(zero_columns(A, idx), **self.gm_options).median
+            # stored in G's dtype, finite (a memory beyond the dtype's range saturates)
+            return _saturate(new, G.dtype)
+
+        idx, update, self.memory = bgmd_step(sq, k, self.mode, self.generator, self.power,
+                                             block_median, memory_of if self.memory_rule else None)
+        self._record(sq, idx, self.last_gm, G.dtype)
         return update
+
+
+def take_columns(G: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``G[..., :, idx]`` for ``G`` (..., n, d) and a block ``idx`` (..., k)."""
+    if G.dim() == 2 or idx.dim() == 1:
+        return G.index_select(-1, idx)  # faster than gather on the CPU
+    return torch.gather(G, -1, idx.unsqueeze(-2).expand(*G.shape[:-1], idx.shape[-1]))
+
+
+def zero_columns(A: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``A`` (..., n, d) with the columns ``idx`` (..., k) set to 0, in place: the residual ``A - C_k(A)``."""
+    if idx.dim() == 1:
+        return A.index_fill_(-1, idx, 0.0)
+    return A.scatter_(-1, idx.unsqueeze(-2).expand(*A.shape[:-1], idx.shape[-1]), 0.0)
+
+
+def bgmd_step(sq, k, mode, generator, power, block_median, memory_of):
+    """``I = select(sq)``, ``u_I = block_median(I)``, ``u_J = 0``, ``m = memory_of(I)`` with ``m_I = 0``.
+
+    One step of Algorithm 1 of Acharya et al. (chapter "Block geometric median descent") given
+    the squared column norms ``sq`` (..., d) of the memory-augmented matrix ``A``: the block
+    ``I`` of ``k`` columns by :func:`select_block`'s rule (``mode``, ``generator``, ``power``),
+    the update ``u`` (the block's geometric median ``block_median(I)`` (..., k) scattered into
+    zeros) and the new memory (``memory_of(I)`` (..., d) with the block zeroed; ``None`` when
+    ``memory_of`` is). Where the rows live is the callers' business: :class:`BGmD` (rows in this
+    process), ``make_aggregator("bgmd")`` (the finite rows) and the DDP hook's ``"bgmd"`` rule
+    (one row per rank) pass their own ``block_median`` and ``memory_of``. Returns
+    ``(I, u, m)``.
+    """
+    idx = select_from_squares(sq, k, mode, generator, power)  # (..., k)
+    median = block_median(idx)
+    zeros = median.new_zeros(*median.shape[:-1], sq.shape[-1])
+    update = zeros.index_copy_(-1, idx, median) if idx.dim() == 1 else zeros.scatter_(-1, idx, median)
+    if memory_of is None:
+        return idx, update, None
+    new = memory_of(idx)
+    return idx, update, new.index_fill_(-1, idx, 0.0) if idx.dim() == 1 else new.scatter_(-1, idx, 0.0)
 
 
 def _saturate(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

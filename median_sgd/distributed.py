@@ -59,139 +59,18 @@ from typing import Dict, Hashable, Optional
 import torch
 import torch.distributed as dist
 
-from ._checks import check_choice, check_float_tensor, value_checks
-from ._numerics import scaled_l2_norm
-from .aggregators import _masked_coordinate_median, _masked_trimmed_mean
-from .bgmd import MODES as BLOCK_MODES
-from .bgmd import _select_from_squares, resolve_block_size
+from ._checks import check_float_tensor, value_checks
+from ._masked import masked_coordinate_median, masked_trimmed_mean
+from .aggregators import get_rule, place_defaults
+from .bgmd import bgmd_step, resolve_block_size
+from .weiszfeld import CollectiveCounter, ProcessGroupRanks, SimulatedRanks, ranks_weiszfeld
 
 __all__ = ["RULES", "RobustHook", "robust_hook", "SimulatedRanks"]
 
+# The hook's names of its rules; the registry (median_sgd.aggregators.REGISTRY) holds their
+# options and defaults, and also takes the other names of each ("geometric_median" for "gm").
 RULES = ("mean", "coordinate_median", "trimmed_mean", "gm", "bgmd")
-MEMORY_RULES = ("median", "mean", None)
-_OPTIONS = {
-    "mean": (),
-    "coordinate_median": (),
-    "trimmed_mean": ("trim",),
-    "gm": ("init", "eps", "tol", "max_iter", "fixed_iter"),
-    "bgmd": ("k", "mode", "memory", "seed", "power", "init", "eps", "tol", "max_iter",
-             "fixed_iter"),
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Communication: real process groups, or every rank simulated in one tensor
-
-
-class _Counter:
-    """Collective calls and elements sent per rank (ring / pairwise algorithms)."""
-
-    def __init__(self) -> None:
-        self.collectives = 0
-        self.elements = 0.0
-
-    def add(self, elements: float) -> None:
-        self.collectives += 1
-        self.elements += elements
-
-
-class _ProcessGroupRanks:
-    """The collectives of one rank in a ``torch.distributed`` process group.
-
-    Local tensors have no rank dimension: a bucket is ``(n,)``, a per-rank number ``()``.
-    """
-
-    def __init__(self, group, counter: _Counter) -> None:
-        self.group = group
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        self.counter = counter
-
-    def all_reduce(self, t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """``sum_r t_r`` on every rank (into ``t`` itself with ``inplace=True``)."""
-        out = t if inplace else t.clone()
-        dist.all_reduce(out, group=self.group)
-        self.counter.add(2.0 * (self.world - 1) / self.world * t.numel())
-        return out
-
-    def gather_numbers(self, t: torch.Tensor) -> torch.Tensor:
-        """A per-rank number ``()`` -> ``(world,)``, every rank's value, on every rank."""
-        out = t.new_empty(self.world)
-        _all_gather_into(out, t.reshape(1), self.group)
-        self.counter.add(self.world - 1)
-        return out
-
-    def gather_shards(self, t: torch.Tensor) -> torch.Tensor:
-        """Each rank's ``(c,)`` shard -> the ``(world * c,)`` concatenation, on every rank."""
-        out = t.new_empty(self.world * t.numel())
-        _all_gather_into(out, t.contiguous(), self.group)
-        self.counter.add((self.world - 1) * t.numel())
-        return out
-
-    def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
-        """``(world * c,)`` -> ``(world, c)``: row ``r`` is chunk ``self.rank`` of rank ``r``'s ``t``."""
-        out = torch.empty_like(t)
-        dist.all_to_all_single(out, t.contiguous(), group=self.group)
-        self.counter.add((self.world - 1) / self.world * t.numel())
-        return out.view(self.world, -1)
-
-    def mine(self, t: torch.Tensor) -> torch.Tensor:
-        """This rank's entry of a ``(world,)`` vector."""
-        return t[self.rank]
-
-    def shared(self, t: torch.Tensor) -> torch.Tensor:
-        """A value that is identical on every rank, as one copy (here: itself)."""
-        return t
-
-    def spread(self, t: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`shared`."""
-        return t
-
-
-class SimulatedRanks:
-    """All ``world`` ranks in one process: every local tensor has a leading rank dimension.
-
-    Rank ``r``'s bucket is row ``r`` of a ``(world, n)`` tensor; the collectives act along that
-    dimension, so the aggregation code of :class:`RobustHook` runs unchanged and every rank's
-    result comes out as a row.
-    """
-
-    def __init__(self, world: int, counter: Optional[_Counter] = None) -> None:
-        self.world = world
-        self.counter = counter or _Counter()
-
-    def all_reduce(self, t, inplace=False):
-        self.counter.add(2.0 * (self.world - 1) / self.world * t[0].numel())
-        return t.sum(0, keepdim=True).expand_as(t).clone()
-
-    def gather_numbers(self, t):  # (world,) -> (world, world): row r is what rank r receives
-        self.counter.add(self.world - 1)
-        return t.unsqueeze(0).expand(self.world, self.world).clone()
-
-    def gather_shards(self, t):  # (world, c) -> (world, world * c)
-        self.counter.add((self.world - 1) * t[0].numel())
-        return t.reshape(1, -1).expand(self.world, -1).clone()
-
-    def all_to_all(self, t):  # (world, world * c) -> (world, world, c), out[r, s] = chunk r of s
-        self.counter.add((self.world - 1) / self.world * t[0].numel())
-        return t.reshape(self.world, self.world, -1).transpose(0, 1).contiguous()
-
-    def mine(self, t):  # (world, world) -> (world,): rank r's own entry of its copy
-        idx = torch.arange(self.world, device=t.device)
-        return t[idx, idx]
-
-    def shared(self, t):
-        return t[0]
-
-    def spread(self, t):
-        return t.unsqueeze(0).expand(self.world, *t.shape)
-
-
-def _all_gather_into(out: torch.Tensor, t: torch.Tensor, group) -> None:
-    gather = getattr(dist, "all_gather_single", None)  # torch >= 2.13; older: the deprecated name
-    if gather is None:
-        gather = dist.all_gather_into_tensor
-    gather(out, t, group=group)
+_DEFAULTS = place_defaults("hook")
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,43 +95,24 @@ class RobustHook:
     """
 
     def __init__(self, rule: str, **options) -> None:
-        check_choice(rule, "rule", RULES)
-        unknown = sorted(set(options) - set(_OPTIONS[rule]))
-        if unknown:
-            raise TypeError(
-                f"unknown option(s) {unknown} for rule {rule!r}; expected some of {list(_OPTIONS[rule])}"
-            )
+        self.spec = get_rule(rule, "hook")
+        settings = {**_DEFAULTS, **self.spec.check(options, "hook")}
         self.rule = rule
-        self.trim = _trim(options.get("trim", 0.25))
-        self.eps = _positive(options.get("eps", 1e-8), "eps")
-        self.tol = _nonnegative(options.get("tol", 1e-6), "tol")
-        self.max_iter = _iterations(options.get("max_iter", 8))
-        self.fixed_iter = _flag(options.get("fixed_iter", True), "fixed_iter")
-        self.init = check_choice(options.get("init", "median"), "init", ("median", "mean"))
-        k = options.get("k", 0.1)
-        if isinstance(k, bool) or not isinstance(k, numbers.Real):
-            raise TypeError(f"k must be an int (coordinates per bucket) or a float fraction, got {k!r}")
-        if not isinstance(k, numbers.Integral):
-            resolve_block_size(k, 1)  # type: ignore[arg-type]  # validates the fraction
-        elif k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self.k = k
-        self.mode = check_choice(options.get("mode", "topk"), "mode", BLOCK_MODES)
-        self.memory_rule = check_choice(options.get("memory", "median"), "memory", MEMORY_RULES)
-        seed = options.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an integer, got {seed!r}")
-        self.seed = int(seed)
-        power = options.get("power", 2.0)
-        if isinstance(power, bool) or not isinstance(power, numbers.Real) or not (
-            math.isfinite(power) and power > 0  # type: ignore[operator]
-        ):
-            raise ValueError(f"power must be a finite number > 0, got {power!r}")
-        self.power = float(power)
+        self.trim: float = settings["trim"]
+        self.eps: float = settings["eps"]
+        self.tol: float = settings["tol"]
+        self.max_iter: int = settings["max_iter"]
+        self.fixed_iter: bool = settings["fixed_iter"]
+        self.init: str = settings["init"]
+        self.k = settings["k"]
+        self.mode: str = settings["mode"]
+        self.memory_rule: Optional[str] = settings["memory"]
+        self.seed: int = settings["seed"]
+        self.power: float = settings["power"]
         self.options = dict(options)
         self.memory: Dict[Hashable, torch.Tensor] = {}
         self._generators: Dict[torch.device, torch.Generator] = {}
-        self._counter = _Counter()
+        self._counter = CollectiveCounter()
         self._buckets = 0
         self._dropped: Dict[torch.device, torch.Tensor] = {}
         self._verified: set = set()  # the process groups whose ranks were checked to match
@@ -271,7 +131,7 @@ class RobustHook:
                 "elements_sent": self._counter.elements, "dropped": dropped}
 
     def reset_stats(self) -> None:
-        self._counter = _Counter()
+        self._counter = CollectiveCounter()
         self._buckets = 0
         self._dropped = {}
 
@@ -305,7 +165,7 @@ class RobustHook:
         check_float_tensor(x, "x", min_dim=1)
         if x.dim() != 1:
             raise ValueError(f"x must be a flat (n,) tensor, got shape {tuple(x.shape)}")
-        ranks = _ProcessGroupRanks(group, self._counter)
+        ranks = ProcessGroupRanks(group, self._counter)
         if ranks.world > 1 and group not in self._verified:
             self._check_same_hook(x, ranks)
             self._verified.add(group)
@@ -334,10 +194,11 @@ class RobustHook:
     def _fingerprint(self) -> int:
         """A 56-bit hash of the rule and its effective options (the defaults filled in)."""
         attrs = {"memory": "memory_rule"}
-        values = tuple((name, getattr(self, attrs.get(name, name))) for name in _OPTIONS[self.rule])
-        return _hash56(repr((self.rule, values)))
+        values = tuple((o.name, getattr(self, attrs.get(o.name, o.name)))
+                       for o in self.spec.options_in("hook"))
+        return _hash56(repr((self.spec.name, values)))  # aliases of one rule match
 
-    def _check_same_hook(self, x: torch.Tensor, ranks: "_ProcessGroupRanks") -> None:
+    def _check_same_hook(self, x: torch.Tensor, ranks: "ProcessGroupRanks") -> None:
         """All-gather (rule and options, length, dtype) once; raise on every rank if they differ."""
         mine = torch.tensor([self._fingerprint(), x.numel(), _hash56(str(x.dtype))],
                             dtype=torch.int64, device=x.device)
@@ -365,13 +226,14 @@ class RobustHook:
     def _aggregate(self, x, ranks, key):
         work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         y = x.to(work)
-        if self.rule == "bgmd":
+        rule = self.spec.name
+        if rule == "bgmd":
             out, dropped = self._bgmd(y, ranks, key)
         else:
             good = _finite(y)
-            if self.rule == "mean":
+            if rule == "mean":
                 out, dropped = self._mean(y, good, ranks)
-            elif self.rule in ("coordinate_median", "trimmed_mean"):
+            elif rule in ("coordinate_median", "trimmed_mean"):
                 out, dropped = self._coordinatewise(y, good, ranks)
             else:
                 out, dropped = self._geometric_median(y, good, ranks)
@@ -411,50 +273,25 @@ class RobustHook:
         received = ranks.all_to_all(chunks)  # (..., world, c + 1): every rank's copy of my shard
         ok = received[..., c] > 0.5  # (..., world): which ranks' buckets are finite
         shards = received[..., :c]
-        if (rule or self.rule) == "coordinate_median":
-            mine = _masked_coordinate_median(shards, ok)
+        if (rule or self.spec.name) == "coordinate_median":
+            mine = masked_coordinate_median(shards, ok)
         else:
-            mine = _masked_trimmed_mean(shards, ok, int(math.floor(self.trim * world)))
+            mine = masked_trimmed_mean(shards, ok, int(math.floor(self.trim * world)))
         return ranks.gather_shards(mine)[..., :n], (~ok).sum(-1)
 
     def _geometric_median(self, y, good, ranks):
-        """Weiszfeld by all-reduce rounds: the iteration of :func:`median_sgd.geometric_median`,
-        over the finite ranks. Returns the median and the ranks dropped."""
+        """Weiszfeld by all-reduce rounds (:func:`median_sgd.weiszfeld.ranks_weiszfeld`: the
+        iteration of :func:`median_sgd.geometric_median`) over the finite ranks. Returns the
+        median and the ranks dropped."""
         if self.init == "mean":
             centre, dropped = self._mean(y, good, ranks)  # as geometric_median starts
         else:
             # the coordinate-wise median: within the honest ranks' range whatever the others send,
             # so a fixed number of rounds suffices however far they are
             centre, dropped = self._coordinatewise(y, good, ranks, "coordinate_median")
-        # Weiszfeld's iteration is translation equivariant: iterate on y - centre from 0, so the
-        # iterates and the rounding floor (~ eps ||z||) have the scale of the ranks' spread, not
-        # of a large component that all gradients share.
-        yc = y - centre
-        z = torch.zeros_like(centre)
-        done = torch.zeros(z.shape[:-1], dtype=torch.bool, device=y.device)
-        rounding = 4 * torch.finfo(y.dtype).eps
-        for _ in range(self.max_iter):
-            diff = yc - z
-            # a dropped rank sends NaN for its distance: all ranks then give it weight 0
-            dist = torch.where(good, scaled_l2_norm(diff), torch.nan)
-            dist_all = ranks.gather_numbers(dist)  # (..., world), the same on every rank
-            # weight 0 also for a distance too large for the dtype (the limit of 1 / distance)
-            ok = torch.isfinite(dist_all)
-            floor = _distance_floor(dist_all, ok, z, self.eps, rounding)
-            beta = torch.where(ok, 1.0 / torch.maximum(dist_all, floor), 0.0)
-            pull = torch.where(ranks.mine(ok).unsqueeze(-1), ranks.mine(beta).unsqueeze(-1) * diff,
-                               0.0)
-            resultant = ranks.all_reduce(pull, inplace=True)
-            beta_sum = beta.sum(-1, keepdim=True)
-            step = torch.where(beta_sum > 0, resultant / beta_sum, 0.0)
-            active = ~done
-            z = torch.where(active.unsqueeze(-1), z + step, z)
-            absorbed = torch.where(ok, torch.clamp_min(1.0 - dist_all / floor, 0.0), 0.0).sum(-1)
-            stationarity = scaled_l2_norm(resultant) - absorbed
-            done = done | (stationarity <= self.tol * ok.sum(-1))
-            if not self.fixed_iter and bool(done.all()):  # identical on every rank
-                break
-        return centre + z, dropped
+        median = ranks_weiszfeld(y, good, centre, ranks, eps=self.eps, tol=self.tol,
+                                 max_iter=self.max_iter, fixed_iter=self.fixed_iter)
+        return median, dropped
 
     def _bgmd(self, y, ranks, key):
         n = y.shape[-1]
@@ -467,23 +304,31 @@ class RobustHook:
         # squared column norms ||A[:, j]||^2 of the finite ranks
         sq = ranks.shared(ranks.all_reduce(torch.where(good.unsqueeze(-1), a * a, 0.0),
                                            inplace=True))
-        idx = _select_from_squares(sq, k, self.mode, self._generator(sq.device), self.power)
-        block = a[..., idx]
-        u_block, dropped = self._geometric_median(block, good, ranks)  # the same on every rank
-        out = torch.zeros_like(a).index_copy_(-1, idx, u_block)
-        if self.memory_rule is None:
-            self.memory.pop(key, None)
-        else:
+        dropped = []
+
+        def block_median(idx):  # the same on every rank
+            u_block, dropped_ranks = self._geometric_median(a[..., idx], good, ranks)
+            dropped.append(dropped_ranks)
+            return u_block
+
+        def memory_of(idx):
             if self.memory_rule == "mean":
                 residual, _ = self._mean(a, good, ranks)
             else:
                 residual, _ = self._coordinatewise(a, good, ranks, "coordinate_median")
+            return ranks.shared(residual)
+
+        _, out, memory = bgmd_step(sq, k, self.mode, self._generator(sq.device), self.power,
+                                   block_median, memory_of if self.memory_rule else None)
+        if memory is None:
+            self.memory.pop(key, None)
+        else:
             if key not in self.memory and isinstance(key, tuple):
                 # a rebuilt bucket: forget the memory of the old buckets of its parameters
                 for stale in [k for k in self.memory if isinstance(k, tuple) and set(k) & set(key)]:
                     del self.memory[stale]
-            self.memory[key] = ranks.shared(residual).index_fill(-1, idx, 0.0)
-        return out, dropped
+            self.memory[key] = memory
+        return out, dropped[0]
 
     def _generator(self, device: torch.device) -> Optional[torch.Generator]:
         if self.mode != "norm":
@@ -504,51 +349,27 @@ def _hash56(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
 
 
-def _distance_floor(dist, ok, z, eps, rounding):
-    """Weiszfeld's smoothing floor, as :func:`median_sgd.geometric_median` sets it (shape (..., 1)).
-
-    ``eps`` times the median distance to ``z`` of the ranks that count (``ok``: a scale that a
-    minority of far ranks cannot inflate; their mean distance if the median is 0, else 1), and
-    at least the rounding noise ``~ machine epsilon * ||z||``. Computed from all-gathered
-    distances and the shared ``z``, so every rank gets the same floor.
-    """
-    count = ok.sum(-1)
-    ordered = torch.where(ok, dist, torch.inf).sort(dim=-1).values
-    lower = torch.div(count - 1, 2, rounding_mode="floor").clamp_min(0)  # Tensor.median's
-    med = ordered.gather(-1, lower.unsqueeze(-1)).squeeze(-1)
-    # each distance divided by the count first: the sum of finite distances cannot overflow
-    mean = torch.where(ok, dist / count.clamp_min(1).unsqueeze(-1), 0.0).sum(-1)
-    scale = torch.where(torch.isfinite(med) & (med > 0), med,
-                        torch.where(mean > 0, mean, torch.ones_like(mean)))
-    noise = rounding * scaled_l2_norm(z)
-    return torch.maximum(eps * scale, noise).unsqueeze(-1)
-
-
 def robust_hook(rule: str, **options) -> RobustHook:
     """A DDP communication hook that aggregates each gradient bucket robustly across ranks.
 
-    ``ddp_model.register_comm_hook(None, robust_hook("gm"))``. ``rule`` and its options:
+    ``ddp_model.register_comm_hook(None, robust_hook("gm"))``. The rules, their other names
+    (``"geometric_median"`` for ``"gm"``, ``"cmd"``, ...), options and defaults are those of
+    :data:`median_sgd.aggregators.REGISTRY` for the ``"hook"`` (``rule.differences`` says why
+    some defaults differ from :func:`~median_sgd.aggregators.make_aggregator`'s):
 
-    * ``"mean"``: the all-reduce mean (DDP's default behaviour);
-    * ``"coordinate_median"``: per coordinate, the median over ranks (mean of the two middle
-      values for an even world size);
-    * ``"trimmed_mean"``: per coordinate, the mean after dropping ``floor(trim * world_size)``
-      values at each end; ``trim=0.25``;
-    * ``"gm"``: the geometric median of the ranks' bucket vectors by Weiszfeld rounds of
-      all-reduce, with :func:`median_sgd.geometric_median`'s ``eps=1e-8`` (relative smoothing),
-      ``tol=1e-6`` and ``max_iter=8``; ``fixed_iter=True`` (default) always runs ``max_iter``
-      rounds, with no host synchronisation, ``False`` stops once the (all-reduced, hence
-      identical) optimality test passes. ``init="median"`` (default) starts from the
-      coordinate-wise median (robust: the rounds needed do not grow with how far a Byzantine
-      rank's vector is), ``init="mean"`` from the mean (exactly
-      :func:`median_sgd.geometric_median`'s iteration, and RFA's);
-    * ``"bgmd"``: per bucket, ``k`` coordinates (an int, or a float fraction of the bucket:
-      ``k=0.1``) chosen by ``mode`` (``"topk"``: the largest column norms, default; ``"norm"``:
-      norm-proportional sampling with a generator seeded by ``seed`` on every rank; ``power`` as
-      in :func:`median_sgd.select_block`) get the geometric median (the ``"gm"`` options apply),
-      the others go to a memory: ``memory="median"`` (default: the coordinate-wise median over
-      ranks of the memory-augmented gradients), ``"mean"`` (the paper's rule: their mean, which a
-      Byzantine rank controls; see the chapter) or ``None``.
+    * ``"mean"``: the all-reduce mean (DDP's default); ``"coordinate_median"``: per coordinate,
+      the median over ranks; ``"trimmed_mean"``: per coordinate, the mean after dropping
+      ``floor(trim * world_size)`` values at each end (``trim=0.25``);
+    * ``"gm"``: the geometric median by Weiszfeld rounds of all-reduce (``eps=1e-8``,
+      ``tol=1e-6`` as in :func:`median_sgd.geometric_median`; ``max_iter=8`` rounds, all of them
+      with ``fixed_iter=True``, no host synchronisation; ``False`` stops once the all-reduced
+      optimality test passes), from the coordinate-wise median (``init="median"``: the rounds
+      needed do not grow with how far a Byzantine rank is) or the mean (``"mean"``, RFA's);
+    * ``"bgmd"``: per bucket, ``k`` coordinates (int, or fraction: ``k=0.1``) chosen by ``mode``
+      (``"topk"``; ``"norm"`` samples them with a generator seeded by ``seed`` on every rank,
+      ``power`` as in :func:`median_sgd.select_block`) get the geometric median (the ``"gm"``
+      options apply), the others go to a memory: ``memory="median"`` (the coordinate-wise median
+      over ranks), ``"mean"`` (the paper's, which one Byzantine rank controls) or ``None``.
 
     Every rule drops a rank whose bucket holds a NaN or an Inf (weight 0 in that bucket, the same
     on every rank, counted in ``hook.stats["dropped"]``; for ``"bgmd"``, a bucket that overflows
@@ -561,36 +382,3 @@ def robust_hook(rule: str, **options) -> RobustHook:
     """
     return RobustHook(rule, **options)
 
-
-def _trim(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 <= value < 0.5):  # type: ignore[operator]
-        raise ValueError(f"trim must be a number in [0, 0.5), got {value!r}")
-    return float(value)
-
-
-def _positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-        math.isfinite(value) and value > 0  # type: ignore[operator]
-    ):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _nonnegative(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-        math.isfinite(value) and value >= 0  # type: ignore[operator]
-    ):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _iterations(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def _flag(value, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return value

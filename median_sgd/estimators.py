@@ -21,16 +21,23 @@ of shape ``(seeds, d)``). Inputs are never modified.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ._checks import Scalar, check_choice, check_same_kind, check_tau, check_vector
-from .prox import _check_p, _clip_l1, _clip_l2, _clip_lp, l2_norm
+from ._numerics import host_reads_are_free, opmath_dtype, pow2_scale
+from .prox import check_p, clip_l1_unchecked, clip_l2_unchecked, clip_lp_unchecked, l2_norm, l2_step_weight, radius_in_range
 
-__all__ = ["DIVERGENCES", "spp_step", "sgd_step", "spp_step_lp", "sgd_step_lp", "lp_norm_grad"]
+__all__ = ["DIVERGENCES", "METHODS", "SCOPES", "spp_step", "sgd_step", "spp_step_lp", "sgd_step_lp",
+           "lp_norm_grad", "estimator_update", "weight_step", "default_foreach", "SMALL_TENSOR"]
 
 DIVERGENCES = ("sq", "l2", "l1")
+METHODS = ("spp", "sgd")
+SCOPES = ("param", "global")
 
 
 def _check_pair(m: torch.Tensor, g: torch.Tensor) -> torch.Size:
@@ -63,8 +70,8 @@ def spp_step(m: torch.Tensor, g: torch.Tensor, tau: Scalar, div: str) -> torch.T
     if div == "sq":
         return m + (tau / (1.0 + tau)) * delta
     if div == "l2":
-        return m + _clip_l2(delta, tau)
-    return m + _clip_l1(delta, tau)
+        return m + clip_l2_unchecked(delta, tau)
+    return m + clip_l1_unchecked(delta, tau)
 
 
 def sgd_step(m: torch.Tensor, g: torch.Tensor, tau: Scalar, div: str) -> torch.Tensor:
@@ -102,10 +109,10 @@ def spp_step_lp(m: torch.Tensor, g: torch.Tensor, tau: Scalar, p: float) -> torc
     ``spp_step(m, g, tau, "l1")`` and ``spp_step(m, g, tau, "l2")``; ``p = inf`` projects onto the
     ``l_1`` ball.
     """
-    p = _check_p(p)
+    p = check_p(p)
     shape = _check_pair(m, g)
     tau = check_tau(tau, _like(m, shape), "tau")
-    return m + _clip_lp(g - m, tau, p)
+    return m + clip_lp_unchecked(g - m, tau, p)
 
 
 def lp_norm_grad(v: torch.Tensor, p: float) -> torch.Tensor:
@@ -115,7 +122,7 @@ def lp_norm_grad(v: torch.Tensor, p: float) -> torch.Tensor:
     (the minimum-norm subgradient). Computed with ``v`` scaled by its largest entry, so no overflow.
     """
     check_vector(v, "v")
-    return _lp_norm_grad(v, _check_p(p))
+    return _lp_norm_grad(v, check_p(p))
 
 
 def _lp_norm_grad(v: torch.Tensor, p: float) -> torch.Tensor:
@@ -137,7 +144,391 @@ def sgd_step_lp(m: torch.Tensor, g: torch.Tensor, tau: Scalar, p: float) -> torc
     ``p = 1`` is ``sgd_step(m, g, tau, "l1")`` (signed increment) and ``p = 2`` is
     ``sgd_step(m, g, tau, "l2")`` (adaptive momentum), up to rounding.
     """
-    p = _check_p(p)
+    p = check_p(p)
     shape = _check_pair(m, g)
     tau = check_tau(tau, _like(m, shape), "tau", in_range=True)
     return m + tau * _lp_norm_grad(g - m, p)
+
+
+# --------------------------------------------------------------------------------------------
+# The update over lists of tensors, in place (torch.optim's functional form: ``estimator_update``
+# dispatches to ``_single_tensor_update``, a loop that finishes each tensor while it is in cache,
+# and ``_multi_tensor_update``, ``torch._foreach_*`` kernels for a (device, dtype) bucket)
+
+#: Below this many elements a tensor's arithmetic costs less than a Python-level op on it, so the
+#: per-tensor loop hands such tensors (biases, norms) to the multi-tensor kernels in one go.
+SMALL_TENSOR = 1 << 16
+
+Foreach = Union[bool, str]
+#: ``(tensors, alpha)``: where the update's increments are also added, ``t <- t + alpha (m+ - m)``.
+Mirror = Tuple[List[torch.Tensor], float]
+
+
+def default_foreach(foreach: Optional[bool], tensors: Sequence[torch.Tensor]) -> Foreach:
+    """``foreach=None``: multi-tensor kernels on accelerators, ``"auto"`` on the CPU.
+
+    As torch.optim does: on a GPU the step is bound by kernel launches (a ``_foreach_`` op is a
+    few launches for all tensors), on the CPU by memory traffic, and a loop that finishes each
+    tensor while it is still in cache is faster; small tensors still go through the multi-tensor
+    kernels there, where a Python-level loop would cost more than their arithmetic.
+    """
+    if foreach is not None:
+        return bool(foreach)
+    return True if all(t.device.type != "cpu" for t in tensors) else "auto"
+
+
+def estimator_update(
+    estimates: List[torch.Tensor],
+    samples: List[torch.Tensor],
+    *,
+    tau: float,
+    div: str,
+    method: str = "spp",
+    scope: str = "param",
+    foreach: Foreach = "auto",
+    weights: Optional[List[torch.Tensor]] = None,
+    lr=0.0,
+    shrink=1.0,
+    mirror: Optional[Mirror] = None,
+    scratch: Optional[dict] = None,
+) -> None:
+    """``m <- step(m, g, tau, div)`` in place for every pair: :func:`spp_step` / :func:`sgd_step` on lists.
+
+    Each tensor is one vector (``scope="param"``) or the concatenation of all is
+    (``"global"``; it matters only for ``div="l2"``, as ``"sq"`` and ``"l1"`` act coordinate by
+    coordinate). With ``weights``, each weight then takes its step ``w <- shrink w - lr m``
+    (:func:`weight_step`; in the loop right after its estimate, while both are in cache;
+    ``lr``, ``shrink``: numbers or 0-dim tensors on the weights' device). With ``mirror =
+    (tensors, alpha)`` the increments are added there too, ``t <- t + alpha (m+ - m)`` (Clip21's
+    server average). ``foreach``: ``True`` (multi-tensor kernels for all), ``False`` (a loop over
+    all) or ``"auto"`` (the loop for tensors of at least :data:`SMALL_TENSOR` elements).
+    ``scratch`` (a dict kept by the caller) holds one buffer per (device, dtype) for the loop's
+    differences ``g - m``, so that the loop allocates nothing. Norms of ``g - m`` never overflow
+    (nor, for the subgradient step, underflow): they are scaled by powers of two where needed
+    (:func:`median_sgd.prox.l2_norm`). Chapter "Clipping is secretly estimating the median
+    gradient" (method (17)).
+    """
+    if not estimates:
+        return
+    if foreach == "auto":
+        loop = [i for i, m in enumerate(estimates) if m.numel() >= SMALL_TENSOR]
+        multi = [i for i, m in enumerate(estimates) if m.numel() < SMALL_TENSOR]
+    elif foreach:
+        loop, multi = [], list(range(len(estimates)))
+    else:
+        loop, multi = list(range(len(estimates))), []
+    ws: List[Optional[torch.Tensor]] = list(weights) if weights is not None else [None] * len(estimates)
+    mirrored: List[Optional[torch.Tensor]] = list(mirror[0]) if mirror is not None else [None] * len(estimates)
+
+    def pick(items, index):
+        return [items[i] for i in index]
+
+    single = _Lists(pick(estimates, loop), pick(samples, loop), pick(ws, loop), pick(mirrored, loop))
+    buckets = [_Lists(*b) for b in _buckets(pick(estimates, multi), pick(samples, multi),
+                                             pick(ws, multi), pick(mirrored, multi)).values()]
+    rule = _Rule(tau, div, method, lr, shrink, mirror[1] if mirror is not None else 0.0)
+    if div == "l2" and scope == "global":
+        _global_l2_update(single, buckets, rule, scratch)
+        return
+    _single_tensor_update(single, rule, scratch)
+    for bucket in buckets:
+        _multi_tensor_update(bucket, rule)
+
+
+class _Lists:
+    """Parallel lists: estimates, samples, weights and mirrors (None where there are none)."""
+
+    def __init__(self, ms, gs, ws, mirrors) -> None:
+        self.ms: List[torch.Tensor] = ms
+        self.gs: List[torch.Tensor] = gs
+        self.ws: List[Optional[torch.Tensor]] = ws
+        self.mirrors: List[Optional[torch.Tensor]] = mirrors
+
+
+class _Rule:
+    """The options of one update: ``tau``, ``div``, ``method``, the weight step and the mirror."""
+
+    def __init__(self, tau: float, div: str, method: str, lr, shrink, alpha: float) -> None:
+        self.tau, self.div, self.method = tau, div, method
+        self.lr, self.shrink, self.alpha = lr, shrink, alpha
+        self.clip = method == "spp"
+        self.tiny = method == "sgd"  # the subgradient step needs the direction of even a tiny g - m
+        # "sq": m + w (g - m), momentum with beta = 1/(1+tau) (spp) or 1 - tau (sgd)
+        self.sq_weight = (tau / (1.0 + tau) if self.clip else tau) if div == "sq" else 0.0
+
+
+def _buckets(*lists: Sequence) -> Dict[Tuple[torch.device, torch.dtype], List[list]]:
+    """Group parallel lists by the (device, dtype) of the first list's tensors."""
+    out: Dict[Tuple[torch.device, torch.dtype], List[list]] = defaultdict(lambda: [[] for _ in lists])
+    for items in zip(*lists):
+        key = (items[0].device, items[0].dtype)
+        for bucket, item in zip(out[key], items):
+            bucket.append(item)
+    return out
+
+
+def _difference(m: torch.Tensor, g: torch.Tensor, scratch: Optional[dict], need: int) -> torch.Tensor:
+    """``g - m``, written into the caller's scratch buffer for ``(device, dtype)`` when there is one."""
+    if scratch is None or not m.is_contiguous() or not g.is_contiguous():
+        return torch.sub(g, m)
+    key = (m.device, m.dtype)
+    buf = scratch.get(key)
+    if buf is None or buf.numel() < m.numel():
+        buf = scratch[key] = torch.empty(max(need, m.numel()), device=m.device, dtype=m.dtype)
+    return torch.sub(g, m, out=buf[: m.numel()].view(m.shape))
+
+
+def _largest(ms: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], int]:
+    need: Dict[Tuple[torch.device, torch.dtype], int] = defaultdict(int)
+    for m in ms:
+        key = (m.device, m.dtype)
+        need[key] = max(need[key], m.numel())
+    return need
+
+
+def _wide(d: torch.Tensor) -> torch.Tensor:
+    """float16 differences in float32, where the weight of an ``"l2"`` step (as small as
+    tau / ||g - m||) stays in range."""
+    return d.float() if d.dtype == torch.float16 else d
+
+
+@functools.lru_cache(maxsize=256)
+def _sign_plan(dtype: torch.dtype, tau: float) -> Tuple[int, float, float, float]:
+    """``(muls, big, t, alpha)``: ``m + alpha * clamp(d * big**muls, -t, t) = m + tau * sign(d)``, exactly.
+
+    Every nonzero ``|d|`` is at least the smallest subnormal ``2**-D``; ``big = 2**E`` (the
+    largest power of two), applied ``muls`` times, lifts it to ``2**(muls E - D)``, at least the
+    clamping bound ``t = tau 2**-j``, so every nonzero difference (and +-Inf) clamps to ``+-t``,
+    0 stays 0 and NaN stays NaN (``torch.sign(nan)`` is 0, which would hide it). Scaling by
+    powers of two is exact, so ``alpha t = 2**j t`` is tau rounded to ``dtype``.
+    """
+    fi = torch.finfo(dtype)
+    top = math.frexp(fi.max)[1] - 1  # E: 2**E is the largest power of two
+    low = 1 - math.frexp(fi.smallest_normal * fi.eps)[1]  # D: 2**-D is the smallest subnormal
+    tau_d = float(torch.tensor(tau, dtype=dtype))
+    exponent = math.frexp(tau_d)[1]  # tau_d < 2**exponent
+    for muls in (1, 2):
+        j = max(0, exponent + low - muls * top)
+        if j <= top:
+            return muls, 2.0**top, tau_d * 2.0**-j, 2.0**j
+    raise AssertionError("unreachable: two scalings reach every finite tau")
+
+
+def _increment_(d: torch.Tensor, rule: _Rule) -> torch.Tensor:
+    """``"l1"``: the increment ``m+ - m`` from ``d = g - m``, in place: ``clip_l1(d, tau)`` or
+    ``tau sign(d)`` (exact, NaN kept: :func:`_sign_plan`; the result is ``alpha`` times it)."""
+    if rule.clip:
+        bound = float(radius_in_range(rule.tau, d.dtype))
+        return d.clamp_(-bound, bound)
+    muls, big, t, _ = _sign_plan(d.dtype, rule.tau)
+    for _ in range(muls):
+        d.mul_(big)
+    return d.clamp_(-t, t)
+
+
+def _increment_alpha(d: torch.Tensor, rule: _Rule) -> float:
+    return _sign_plan(d.dtype, rule.tau)[3] if rule.div == "l1" and not rule.clip else 1.0
+
+
+def _add_increment_(m: torch.Tensor, mirror: Optional[torch.Tensor], u: torch.Tensor, alpha: float,
+                    rule: _Rule) -> None:
+    m.add_(u, alpha=alpha) if alpha != 1.0 else m.add_(u)
+    if mirror is not None:
+        mirror.add_(u, alpha=alpha * rule.alpha)
+
+
+def _lerp_(m: torch.Tensor, g: torch.Tensor, f: torch.Tensor) -> None:
+    """``m <- m + f (g - m)``; for float16 in float32, where ``f`` (down to tau / ||g - m||)
+    can be below float16's normal range."""
+    if m.dtype == torch.float16:
+        m.add_(g.float().sub_(m).mul_(f))
+    else:
+        m.lerp_(g, f if f.dtype == m.dtype else f.to(m.dtype))
+
+
+def _single_tensor_update(lists: _Lists, rule: _Rule, scratch: Optional[dict],
+                          l2_weight: Optional[torch.Tensor] = None) -> None:
+    """The loop: each tensor's estimate, then its weight, while both are in cache.
+
+    ``l2_weight``: the ``"l2"`` weight of every unscaled difference (the global scope's, from
+    the norm of all of them); else each tensor's own. Without a mirror the ``"sq"`` and
+    ``"l2"`` steps are one fused ``lerp_`` each and the difference is never kept.
+    """
+    need = _largest(lists.ms)
+    cast: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
+    for m, g, w, mirror in zip(lists.ms, lists.gs, lists.ws, lists.mirrors):
+        key = (m.device, m.dtype)
+        if rule.div == "sq" and mirror is None:
+            m.lerp_(g, rule.sq_weight)
+        elif rule.div == "sq":
+            _add_increment_(m, mirror, torch.sub(g, m).mul_(rule.sq_weight), 1.0, rule)
+        elif rule.div == "l1":
+            d = _difference(m, g, scratch if mirror is None else None, need[key])
+            _add_increment_(m, mirror, _increment_(d, rule), _increment_alpha(d, rule), rule)
+        else:
+            if l2_weight is None:
+                n, s, _ = l2_norm(_difference(m, g, scratch, need[key]), None, tiny=rule.tiny)
+                f = l2_step_weight(n, s, rule.tau, clip=rule.clip)
+            else:
+                if key not in cast:
+                    cast[key] = l2_weight.to(device=m.device, dtype=opmath_dtype(m.dtype))
+                f = cast[key]
+            if mirror is None:
+                _lerp_(m, g, f)
+            else:
+                d = _wide(torch.sub(g, m))
+                _add_increment_(m, mirror, d.mul_(f.to(d.dtype)), 1.0, rule)
+        weight_step(w, m, rule.lr, rule.shrink)
+
+
+def _multi_tensor_update(bucket: _Lists, rule: _Rule) -> None:
+    """``torch._foreach_*`` kernels for one (device, dtype) bucket: a few launches for all."""
+    bm, bg = bucket.ms, bucket.gs
+    if rule.div == "sq" and bucket.mirrors[0] is None:
+        torch._foreach_lerp_(bm, bg, rule.sq_weight)
+    elif rule.div == "sq":
+        d = list(torch._foreach_sub(bg, bm))
+        torch._foreach_mul_(d, rule.sq_weight)
+        _foreach_add_increments_(bucket, d, 1.0, rule)
+    elif rule.div == "l1":
+        d = list(torch._foreach_sub(bg, bm))
+        if rule.clip:
+            bound = float(radius_in_range(rule.tau, d[0].dtype))
+            torch._foreach_clamp_min_(d, -bound)
+            torch._foreach_clamp_max_(d, bound)
+            _foreach_add_increments_(bucket, d, 1.0, rule)
+        else:
+            muls, big, t, alpha = _sign_plan(d[0].dtype, rule.tau)
+            if d[0].device.type == "cpu":
+                # on the CPU, _foreach_mul_ with a Python number is ~4x slower than with a 0-dim tensor
+                scale: Union[float, torch.Tensor] = torch.tensor(big, dtype=d[0].dtype)
+            else:
+                scale = big
+            for _ in range(muls):
+                torch._foreach_mul_(d, scale)
+            torch._foreach_clamp_min_(d, -t)
+            torch._foreach_clamp_max_(d, t)
+            _foreach_add_increments_(bucket, d, alpha, rule)
+    else:
+        d = _foreach_differences(bg, bm)
+        n, s = _foreach_norms_(d, rule.tiny, safe=bg[0].dtype == torch.float16)
+        f = l2_step_weight(n, s, rule.tau, clip=rule.clip, of_scaled=True).to(d[0].dtype)
+        torch._foreach_mul_(d, list(f.unbind()))
+        _foreach_add_increments_(bucket, d, 1.0, rule)
+    _foreach_weight_step(bucket.ws, bm, rule.lr, rule.shrink)
+
+
+def _foreach_add_increments_(bucket: _Lists, d: List[torch.Tensor], alpha: float, rule: _Rule) -> None:
+    if alpha != 1.0:
+        torch._foreach_add_(bucket.ms, d, alpha=alpha)
+    else:
+        torch._foreach_add_(bucket.ms, d)
+    if bucket.mirrors[0] is not None:
+        torch._foreach_add_(bucket.mirrors, d, alpha=alpha * rule.alpha)  # type: ignore[arg-type]
+
+
+def _foreach_differences(gs: List[torch.Tensor], ms: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``g - m`` for a (device, dtype) bucket, float16 in float32 (:func:`_wide`)."""
+    deltas = torch._foreach_sub(gs, ms)
+    return [_wide(d) for d in deltas] if deltas[0].dtype == torch.float16 else list(deltas)
+
+
+def _foreach_norms_(deltas: List[torch.Tensor], tiny: bool, safe: bool = False
+                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The stacked norms ``n / s`` of a bucket (:func:`median_sgd.prox.l2_norm` per tensor).
+
+    Where scaling is needed the deltas are scaled in place (``deltas[i] *= s[i]``) and ``s`` is
+    returned; else ``s`` is None. Half precision sums in float32. ``safe``: the deltas are
+    float32 copies of float16 differences, which need no scaling.
+    """
+    dtype = deltas[0].dtype
+    work = opmath_dtype(dtype)
+    kwargs = {"dtype": work} if work != dtype else {}
+    if safe:  # float32 sums of (differences of) float16 values neither over- nor underflow
+        return torch.stack(torch._foreach_norm(deltas, 2, **kwargs)), None
+    if host_reads_are_free(deltas[0]):
+        n = torch.stack(torch._foreach_norm(deltas, 2, **kwargs))
+        lo, hi = (float(t) for t in torch.aminmax(n))
+        if not math.isinf(hi) and (lo > 0 or not tiny):
+            return n, None
+    a = torch.stack(torch._foreach_norm(deltas, math.inf)).to(work)
+    s = pow2_scale(a, 33)
+    s = s if tiny else s.clamp(max=1.0)  # only large vectors are scaled down, unless tiny
+    torch._foreach_mul_(deltas, list(s.to(dtype).unbind()))
+    return torch.stack(torch._foreach_norm(deltas, 2, **kwargs)), s
+
+
+def _combined_norm(norms: Sequence[torch.Tensor], scales: Sequence[Optional[torch.Tensor]],
+                   device: torch.device, tiny: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The norm of the concatenation from per-part norms ``n_i / s_i``, as ``(n, s)``: no overflow.
+
+    Parts with a scale are first brought to the smallest scale (powers of two: exact), then the
+    vector of part norms is itself normed without overflow.
+    """
+    parts = [n.reshape(-1).to(device) for n in norms]
+    common = parts[0].dtype
+    for p in parts[1:]:
+        common = torch.promote_types(common, p.dtype)
+    N = torch.cat([p.to(common) for p in parts])
+    if all(s is None for s in scales):
+        n, s, _ = l2_norm(N, None, tiny=tiny)
+        return n, s
+    S = torch.cat([torch.ones_like(p.to(common)) if s is None else s.reshape(-1).to(device, common)
+                   for p, s in zip(parts, scales)])
+    smallest = S.amin()
+    n, s, _ = l2_norm(N * (smallest / S), None, tiny=tiny)
+    return n, smallest if s is None else smallest * s
+
+
+def _global_l2_update(single: _Lists, buckets: List[_Lists], rule: _Rule, scratch: Optional[dict]) -> None:
+    """``"l2"`` on the concatenation of all tensors: the norm of the whole difference first (the
+    loop's differences are recomputed in the second pass, not kept), then the steps."""
+    norms, scales = [], []
+    need = _largest(single.ms)
+    for m, g in zip(single.ms, single.gs):
+        n, s, _ = l2_norm(_difference(m, g, scratch, need[(m.device, m.dtype)]), None, tiny=rule.tiny)
+        norms.append(n)
+        scales.append(s)
+    deltas = []
+    for bucket in buckets:
+        d = _foreach_differences(bucket.gs, bucket.ms)
+        n, s = _foreach_norms_(d, rule.tiny, safe=bucket.gs[0].dtype == torch.float16)
+        norms.append(n)
+        scales.append(s)
+        deltas.append((d, s))
+    device = (single.ms or buckets[0].ms)[0].device
+    n, s = _combined_norm(norms, scales, device, rule.tiny)
+    f = l2_step_weight(n, s, rule.tau, clip=rule.clip)  # the weight of the unscaled difference
+    _single_tensor_update(single, rule, scratch, l2_weight=f)
+    for bucket, (d, s_part) in zip(buckets, deltas):
+        here = f.to(device=d[0].device, dtype=opmath_dtype(d[0].dtype))
+        if s_part is None:
+            torch._foreach_mul_(d, here.to(d[0].dtype))
+        else:  # these deltas were scaled by s_part in place
+            torch._foreach_mul_(d, list((here / s_part.to(here)).to(d[0].dtype).unbind()))
+        _foreach_add_increments_(bucket, d, 1.0, rule)
+        _foreach_weight_step(bucket.ws, bucket.ms, rule.lr, rule.shrink)
+
+
+def weight_step(w: Optional[torch.Tensor], m: torch.Tensor, lr, shrink=1.0) -> None:
+    """``w <- shrink w - lr m`` in place (nothing without a weight); ``lr``, ``shrink``: numbers
+    or 0-dim tensors on ``w``'s device (a tensor lr is never read on the host)."""
+    if w is None:
+        return
+    if isinstance(shrink, torch.Tensor) or shrink != 1.0:
+        w.mul_(shrink)
+    if isinstance(lr, torch.Tensor):
+        w.sub_(m * lr)
+    else:
+        w.add_(m, alpha=-lr)
+
+
+def _foreach_weight_step(ws: List[Optional[torch.Tensor]], ms: List[torch.Tensor], lr, shrink) -> None:
+    if not ws or ws[0] is None:
+        return
+    if isinstance(shrink, torch.Tensor) or shrink != 1.0:
+        torch._foreach_mul_(ws, shrink)  # type: ignore[arg-type]
+    if isinstance(lr, torch.Tensor):
+        torch._foreach_sub_(ws, torch._foreach_mul(ms, lr))  # type: ignore[arg-type]
+    else:
+        torch._foreach_add_(ws, ms, alpha=-lr)  # type: ignore[arg-type]

@@ -32,7 +32,7 @@ def prox_l1(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     """Soft thresholding: ``prox_{tau ||.||_1}(v)_i = sign(v_i) max(|v_i| - tau, 0)``."""
     check_vector(v, "v")
     tau = check_tau(tau, v)
-    return torch.sign(v) * torch.clamp_min(v.abs() - _in_range(tau, v.dtype), 0.0)
+    return torch.sign(v) * torch.clamp_min(v.abs() - radius_in_range(tau, v.dtype), 0.0)
 
 
 def prox_l2(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
@@ -49,19 +49,19 @@ def prox_sq(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     """Shrinkage: ``prox_{tau ||.||^2 / 2}(v) = v / (1 + tau)``."""
     check_vector(v, "v")
     tau = check_tau(tau, v)
-    return v / (1.0 + _in_range(tau, v.dtype))
+    return v / (1.0 + radius_in_range(tau, v.dtype))
 
 
 def clip_l1(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     """Componentwise clipping: ``clip_{tau,1}(v)_i = min(max(v_i, -tau), tau)``."""
     check_vector(v, "v")
-    return _clip_l1(v, check_tau(tau, v))
+    return clip_l1_unchecked(v, check_tau(tau, v))
 
 
 def clip_l2(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     """Vectorwise clipping: ``clip_{tau,2}(v) = tau / max(tau, ||v||_2) * v`` (exact, 0 -> 0)."""
     check_vector(v, "v")
-    return _clip_l2(v, check_tau(tau, v))
+    return clip_l2_unchecked(v, check_tau(tau, v))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def _power_of_two_scale(a: torch.Tensor, tiny: bool) -> torch.Tensor:
     return s if tiny else s.clamp(max=1.0)
 
 
-def _in_range(tau: Scalar, dtype: torch.dtype) -> Scalar:
+def radius_in_range(tau: Scalar, dtype: torch.dtype) -> Scalar:
     """A Python ``tau`` above the largest value of ``dtype`` becomes what it rounds to there (inf).
 
     PyTorch refuses to convert such a number into a tensor's dtype (``RuntimeError``); as a
@@ -133,28 +133,43 @@ def _times(v: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.T
 # Unchecked kernels, for callers that validated ``v`` and shaped ``tau`` with ``check_tau``.
 
 
-def _clip_l1(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
+def clip_l1_unchecked(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
     if isinstance(tau, float):
-        tau = _in_range(tau, v.dtype)
+        tau = radius_in_range(tau, v.dtype)
         return torch.clamp(v, -tau, tau)  # type: ignore[arg-type]  # a float: clamp takes numbers
     return torch.minimum(torch.maximum(v, -tau), tau)  # type: ignore[arg-type]  # a tensor here
 
 
-def _clip_l2(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
-    norm, scale, vs = l2_norm(v)
+def l2_step_weight(norm: torch.Tensor, scale: Optional[torch.Tensor], tau: Scalar, *,
+                   clip: bool = True, of_scaled: bool = False) -> torch.Tensor:
+    """The weight ``f`` of the step ``f v`` along ``v`` with ``||v||_2 = norm / scale`` (:func:`l2_norm`).
+
+    ``clip=True``: ``tau / max(tau, ||v||)`` (:func:`clip_l2`: exactly 1 inside the ball);
+    ``clip=False``: ``tau / ||v||``, and 0 where ``v = 0`` (a step of length ``tau`` along ``v``,
+    the subgradient 0 chosen at the kink). With ``of_scaled`` the weight applies to the scaled
+    vector ``v scale`` instead, so it never leaves the range (``tau / ||v||`` itself can be below
+    the smallest normal number when ``||v||`` overflows). The one clipping rule of the package:
+    :func:`clip_l2`, the estimators' ``"l2"`` steps and Clip21 use it.
+    """
     if scale is None:
-        # 1 where ||v|| <= tau (exactly: no rounding inside the ball), tau / ||v|| outside.
+        if not clip:
+            return torch.where(norm > 0, torch.div(tau, norm), torch.zeros_like(norm))
         # torch.div, not ``tau / tensor``: for a Python number PyTorch evaluates the latter as
         # ``tensor.reciprocal() * tau``, which is not exactly tau / ||v||.
-        if isinstance(tau, float) and tau <= torch.finfo(norm.dtype).max:
-            factor = torch.div(tau, norm.clamp_min(tau))
-        else:  # a tau beyond the dtype's range is inf there, and inf / inf is NaN
-            factor = torch.where(norm <= tau, 1.0, torch.div(tau, norm))
-        return _times(v, factor, v.dtype)
-    # ||v|| = norm / scale: the factor applies to vs = v scale, so it never leaves the range
-    # (tau / ||v|| itself can be below the smallest normal number when ||v|| overflows).
-    factor = torch.where(norm <= tau * scale, 1.0 / scale, torch.div(tau, norm))
-    return _times(vs, factor, v.dtype)
+        if not isinstance(tau, torch.Tensor) and tau <= torch.finfo(norm.dtype).max:
+            return torch.div(tau, norm.clamp_min(tau))
+        return torch.where(norm <= tau, 1.0, torch.div(tau, norm))  # inf / inf would be NaN
+    ratio = torch.div(tau, norm)  # tau / ||v scale||: in range, the scaled norm is ~2**32
+    if clip:
+        inside = norm <= tau * scale
+        return torch.where(inside, 1.0 / scale if of_scaled else 1.0, ratio if of_scaled else ratio * scale)
+    return torch.where(norm > 0, ratio if of_scaled else ratio * scale, 0.0)
+
+
+def clip_l2_unchecked(v: torch.Tensor, tau: Scalar) -> torch.Tensor:
+    norm, scale, vs = l2_norm(v)
+    # 1 where ||v|| <= tau (exactly: no rounding inside the ball), tau / ||v|| outside
+    return _times(vs, l2_step_weight(norm, scale, tau, of_scaled=True), v.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +190,7 @@ LP_MIN_ABOVE_ONE = 1.01
 _LP_INNER, _LP_OUTER = 8, 12
 
 
-def _check_p(p) -> float:
+def check_p(p) -> float:
     """``p`` must be a real number with ``1 <= p <= LP_MAX_FINITE`` or ``p = inf``."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"p must be a real number, got {type(p).__name__}")
@@ -193,7 +208,7 @@ def _check_p(p) -> float:
 
 def dual_exponent(p: float) -> float:
     """``q`` with ``1/p + 1/q = 1`` (``1 -> inf``, ``inf -> 1``)."""
-    p = _check_p(p)
+    p = check_p(p)
     if p == 1.0:
         return math.inf
     if p == math.inf:
@@ -212,8 +227,8 @@ def clip_lp(v: torch.Tensor, tau: Scalar, p: float) -> torch.Tensor:
     iteration counts (no host synchronisation), accurate to ~1e-14 relative in float64.
     """
     check_vector(v, "v")
-    p = _check_p(p)
-    return _clip_lp(v, check_tau(tau, v), p)
+    p = check_p(p)
+    return clip_lp_unchecked(v, check_tau(tau, v), p)
 
 
 def prox_lp(v: torch.Tensor, tau: Scalar, p: float) -> torch.Tensor:
@@ -222,15 +237,15 @@ def prox_lp(v: torch.Tensor, tau: Scalar, p: float) -> torch.Tensor:
     ``p = 1`` equals :func:`prox_l1` and ``p = 2`` :func:`prox_l2` up to rounding.
     """
     check_vector(v, "v")
-    p = _check_p(p)
-    return v - _clip_lp(v, check_tau(tau, v), p)
+    p = check_p(p)
+    return v - clip_lp_unchecked(v, check_tau(tau, v), p)
 
 
-def _clip_lp(v: torch.Tensor, tau: Scalar, p: float) -> torch.Tensor:
+def clip_lp_unchecked(v: torch.Tensor, tau: Scalar, p: float) -> torch.Tensor:
     if p == 1.0:
-        return _clip_l1(v, tau)
+        return clip_l1_unchecked(v, tau)
     if p == 2.0:
-        return _clip_l2(v, tau)
+        return clip_l2_unchecked(v, tau)
     work = v if v.dtype in (torch.float32, torch.float64) else v.float()
     if p == math.inf:
         out = _project_l1_ball(work, tau)

@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._checks import value_checks_enabled
+from ._checks import check_generator, check_real, value_checks_enabled
 
 __all__ = ["sample_stable"]
 
@@ -53,8 +53,7 @@ def sample_stable(
         dtype = torch.get_default_dtype()
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    check_generator(generator)
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
     device = torch.device(device)
@@ -110,14 +109,9 @@ def sample_stable(
 
 
 def _param(value: Param, name: str, size: torch.Size, device, work) -> torch.Tensor:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number or a tensor, got bool")
-    if isinstance(value, numbers.Real):
-        if not math.isfinite(float(value)):
-            raise ValueError(f"{name} must be finite, got {value}")
-        return torch.tensor(float(value), device=device, dtype=work)
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    if not isinstance(value, torch.Tensor):  # a number (a bool is not one)
+        return torch.tensor(check_real(value, f"{name} (a number or a tensor)"), device=device,
+                            dtype=work)
     try:
         shape = torch.broadcast_shapes(value.shape, size)
     except RuntimeError:

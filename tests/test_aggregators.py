@@ -261,3 +261,144 @@ def test_dropping_rows_on_cuda_has_no_host_sync(name, no_host_sync):
     for u in outs:
         assert u.device == G.device and torch.isfinite(u).all()
     assert int(agg.last_dropped) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: one vocabulary of rule names and options for make_aggregator, SampleMedianSGD
+# and robust_hook
+
+
+def test_registry_every_name_resolves_to_one_rule():
+    from median_sgd.aggregators import PLACES, REGISTRY, Rule, get_rule
+
+    seen = {}
+    for canonical, rule in REGISTRY.items():
+        assert isinstance(rule, Rule) and rule.name == canonical and rule.summary
+        assert rule.places and set(rule.places) <= set(PLACES)
+        for name in rule.names:
+            assert name not in seen, f"{name!r} names both {seen[name]} and {canonical}"
+            seen[name] = canonical
+            assert get_rule(name) is rule and get_rule(name.upper()) is rule
+            for place in rule.places:
+                assert get_rule(name, place) is rule
+    # every name that worked before the registry still works, in each place it worked
+    for name in ("mean", "sgd", "cmd", "coordinate_median", "gmd", "gm", "geometric_median",
+                 "bgmd", "trimmed_mean", "krum", "multi_krum"):
+        assert name in AGGREGATORS and get_rule(name, "aggregator")
+    for name in ("mean", "coordinate_median", "trimmed_mean", "geometric_median"):
+        assert get_rule(name, "optimizer")
+    from median_sgd.distributed import RULES
+    for name in RULES:
+        assert get_rule(name, "hook")
+    assert set(AGGREGATORS) == {n for r in REGISTRY.values() if "aggregator" in r.places
+                                for n in r.names}
+    with pytest.raises(TypeError):  # read-only: no caller changes a rule for everyone
+        REGISTRY["bgmd"].options["hook"] = ()  # type: ignore[index]
+
+
+def test_registry_options_have_one_default_per_place_and_differences_are_documented():
+    from median_sgd.aggregators import PLACES, REGISTRY
+
+    for place in PLACES:
+        defaults = {}
+        for rule in REGISTRY.values():
+            if place in rule.places:
+                for name, value in rule.defaults(place).items():
+                    assert defaults.setdefault(name, value) == value, (place, name)
+    for rule in REGISTRY.values():
+        per_place = [rule.defaults(p) for p in rule.places]
+        shared = set.intersection(*(set(d) for d in per_place))
+        if any(d[k] != per_place[0][k] for d in per_place for k in shared):
+            assert rule.differences, f"{rule.name}: defaults differ between places, say why"
+        for option in (o for p in rule.places for o in rule.options_in(p)):
+            if option.default is not ms.aggregators.REQUIRED:
+                assert option.check(option.default) == option.default  # defaults are valid
+
+
+def test_registry_defaults_are_the_ones_each_place_uses():
+    import inspect
+
+    from median_sgd.aggregators import REGISTRY
+    from median_sgd.distributed import robust_hook
+    from median_sgd.optim import SampleMedianSGD
+
+    gm, bgmd = REGISTRY["geometric_median"], REGISTRY["bgmd"]
+    signature = inspect.signature(ms.geometric_median).parameters
+    assert gm.defaults("aggregator") == {k: signature[k].default for k in gm.defaults("aggregator")}
+    signature = inspect.signature(ms.BGmD).parameters
+    for name in ("mode", "memory", "power", "generator"):
+        assert bgmd.defaults("aggregator")[name] == signature[name].default
+    assert make_aggregator("bgmd").k == bgmd.defaults("aggregator")["k"]
+    assert TrimmedMean().trim == REGISTRY["trimmed_mean"].defaults("aggregator")["trim"]
+    assert Krum(1).m == REGISTRY["krum"].defaults("aggregator")["m"]
+
+    opt = SampleMedianSGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    assert opt.defaults["gm_options"] == {k: v for k, v in gm.defaults("optimizer").items()
+                                          if k in ("max_iter", "fixed_iter")}
+    assert opt.defaults["trim"] == REGISTRY["trimmed_mean"].defaults("optimizer")["trim"]
+
+    attrs = {"memory": "memory_rule"}
+    for name in ("trimmed_mean", "gm", "bgmd"):
+        hook, rule = robust_hook(name), REGISTRY[ms.aggregators.get_rule(name).name]
+        for option, value in rule.defaults("hook").items():
+            assert getattr(hook, attrs.get(option, option)) == value, (name, option)
+
+
+def test_one_vocabulary_across_the_three_places():
+    """An alias runs the same rule as the canonical name in every place that rule runs."""
+    from median_sgd.aggregators import REGISTRY
+    from median_sgd.distributed import robust_hook
+    from median_sgd.optim import SampleMedianSGD
+
+    G = rows(7, 5)
+    for rule in REGISTRY.values():
+        for alias in rule.aliases:
+            if "aggregator" in rule.places and not rule.name.endswith("krum"):
+                assert torch.equal(make_aggregator(alias)(G), make_aggregator(rule.name)(G))
+            if "hook" in rule.places:
+                a, b = robust_hook(alias), robust_hook(rule.name)
+                assert torch.equal(a.simulate(G), b.simulate(G))
+                assert a._fingerprint() == b._fingerprint()  # ranks may spell the rule differently
+            if "optimizer" in rule.places:
+                steps = []
+                for name in (alias, rule.name):
+                    p = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+                    p.grad_sample = G.clone()
+                    SampleMedianSGD([p], lr=1.0, aggregate=name).step()
+                    steps.append(p.detach())
+                assert torch.equal(*steps), alias
+
+
+def test_registry_errors_are_clear():
+    from median_sgd.aggregators import get_rule, resolve_rule
+    from median_sgd.distributed import robust_hook
+    from median_sgd.optim import SampleMedianSGD
+
+    param = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match=r"'krum' does not run in the hook"):
+        robust_hook("krum", f=1)
+    with pytest.raises(ValueError, match=r"unknown aggregate 'bgmd' \('bgmd' does not run in the optimizer\)"):
+        SampleMedianSGD(param, lr=0.1, aggregate="bgmd")
+    with pytest.raises(ValueError, match="unknown rule 'median'; expected one of .*coordinate_median"):
+        get_rule("median", "hook")
+    with pytest.raises(TypeError, match="rule name must be a string"):
+        get_rule(None)
+    with pytest.raises(ValueError, match="unknown place"):
+        get_rule("mean", "server")
+    with pytest.raises(TypeError, match=r"unknown geometric_median option\(s\) \['trim'\]; expected some of \['init'"):
+        robust_hook("gm", trim=0.1)
+    with pytest.raises(TypeError, match=r"unknown geometric_median option\(s\) \['iters'\]"):
+        SampleMedianSGD(param, lr=0.1, gm_options={"iters": 3})
+    with pytest.raises(ValueError, match=r"eps must be a finite number > 0, got -1"):
+        SampleMedianSGD(param, lr=0.1, aggregate="gm", gm_options={"eps": -1})
+    with pytest.raises(ValueError, match=r"trim must be a finite number in \[0, 0.5\), got 0.5"):
+        make_aggregator("trimmed_mean", trim=0.5)
+    with pytest.raises(ValueError, match=r"trim must be"):  # a wrong type stays a ValueError too
+        make_aggregator("trimmed_mean", trim="0.2")
+    with pytest.raises(ValueError, match="memory"):
+        robust_hook("bgmd", memory="gm")  # the hook has no geometric-median memory
+    rule, options = resolve_rule("gm", "hook", max_iter=3)
+    assert rule.name == "geometric_median"
+    assert options == {"init": "median", "eps": 1e-8, "tol": 1e-6, "max_iter": 3, "fixed_iter": True}
+    with pytest.raises(TypeError, match="unknown bgmd option"):
+        resolve_rule("bgmd", "hook", generator=None)  # the hook seeds its own sampler

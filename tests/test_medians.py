@@ -536,18 +536,18 @@ def test_gm_objective_helper(gen):
 # answer of the plain iteration
 # ---------------------------------------------------------------------------------------------
 
-import median_sgd.medians as medians_module  # noqa: E402
+import median_sgd.weiszfeld as weiszfeld_module  # noqa: E402
 
 
 def _gm_pair(G, weights=None, **kw):
     """(default, plain) results: the default takes the Gram path where it applies, plain never."""
     fast = gm(G, weights, **kw)
-    saved = medians_module._GRAM_MAX_N
-    medians_module._GRAM_MAX_N = 0
+    saved = weiszfeld_module._GRAM_MAX_N
+    weiszfeld_module._GRAM_MAX_N = 0
     try:
         plain = gm(G, weights, **kw)
     finally:
-        medians_module._GRAM_MAX_N = saved
+        weiszfeld_module._GRAM_MAX_N = saved
     return fast, plain
 
 
@@ -557,7 +557,7 @@ def _spread(G):
 
 def _uses_gram(G):
     n, d = G.shape[-2:]
-    return n <= medians_module._GRAM_MAX_N and n * d >= medians_module._GRAM_MIN_SIZE
+    return n <= weiszfeld_module._GRAM_MAX_N and n * d >= weiszfeld_module._GRAM_MIN_SIZE
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -636,7 +636,7 @@ def test_gm_gram_path_respects_max_iter_and_reports_non_convergence():
 def test_gm_gram_path_forced_on_small_problems(seed, monkeypatch):
     # The Gram iteration on problems of any size (forced): the same answer as the plain one, also
     # with a data point at the median (1-D, odd n) and with weights.
-    monkeypatch.setattr(medians_module, "_GRAM_MIN_SIZE", 1)
+    monkeypatch.setattr(weiszfeld_module, "_GRAM_MIN_SIZE", 1)
     for n, d in [(5, 1), (7, 3), (12, 5), (30, 2)]:
         G = random_problem(seed, n, d)
         w = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=F64) + 0.1
@@ -653,8 +653,8 @@ def test_gm_column_blocks_match_one_block(dtype, monkeypatch):
     # iterates as the one-block formula up to rounding, and the numpy reference.
     G = _corrupted(11, 10, 37, 50.0, noisy=True)[1]
     one = gm(G.to(dtype), max_iter=17, tol=0.0, fixed_iter=True)
-    monkeypatch.setattr(medians_module, "_BLOCK_ELEMENTS", 64)  # 3 columns per block
-    assert medians_module._block_columns(G) < G.shape[-1]
+    monkeypatch.setattr(weiszfeld_module, "_BLOCK_ELEMENTS", 64)  # 3 columns per block
+    assert weiszfeld_module.block_columns(G) < G.shape[-1]
     blocks = gm(G.to(dtype), max_iter=17, tol=0.0, fixed_iter=True)
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
     np.testing.assert_allclose(blocks.median.double().numpy(), one.median.double().numpy(), rtol=rtol, atol=rtol)
@@ -663,7 +663,7 @@ def test_gm_column_blocks_match_one_block(dtype, monkeypatch):
     assert bool(adaptive.converged)
     w = torch.rand(21, generator=torch.Generator().manual_seed(3), dtype=F64).to(dtype) + 0.1
     res = gm(G.to(dtype), w, max_iter=1000)
-    monkeypatch.setattr(medians_module, "_BLOCK_ELEMENTS", 1 << 30)
+    monkeypatch.setattr(weiszfeld_module, "_BLOCK_ELEMENTS", 1 << 30)
     ref = gm(G.to(dtype), w, max_iter=1000)
     torch.testing.assert_close(res.median, ref.median, rtol=0, atol=(1e-3 if dtype == torch.float32 else 1e-9))
 

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import median_sgd as ms
 import median_sgd.bgmd as bgmd_module
-import median_sgd.medians as medians_module
+import median_sgd.weiszfeld as weiszfeld_module
 from median_sgd.aggregators import make_aggregator
 from median_sgd.optim import SampleMedianSGD
 
@@ -179,7 +179,7 @@ def no_host_reads():
         return getitem(self, index)
 
     with pytest.MonkeyPatch.context() as mp, ms.value_checks(False):
-        for module in (medians_module, bgmd_module):
+        for module in (weiszfeld_module, bgmd_module):
             mp.setattr(module, "_syncs_are_free", lambda device: False)
         for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__",
                      "__array__", "nonzero", "argwhere", "unique", "masked_select", "cpu",
@@ -222,7 +222,7 @@ def test_gm_fixed_iter_reads_nothing_on_the_host(shape, weighted):
     w = torch.rand(shape[:-1], generator=g) + 0.1 if weighted else None
     if len(shape) == 2 and shape[1] > 1000:
         # the shape of a problem the adaptive mode hands to the Gram route: fixed_iter never does
-        assert shape[0] <= medians_module._GRAM_MAX_N and shape[0] * shape[1] >= medians_module._GRAM_MIN_SIZE
+        assert shape[0] <= weiszfeld_module._GRAM_MAX_N and shape[0] * shape[1] >= weiszfeld_module._GRAM_MIN_SIZE
     expected = ms.geometric_median(G, w, fixed_iter=True, max_iter=30)
     with no_host_reads():
         res = ms.geometric_median(G, w, fixed_iter=True, max_iter=30)

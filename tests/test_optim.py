@@ -425,14 +425,14 @@ def test_default_cpu_path_mixes_loop_and_multi_tensor_kernels(div, method, scope
 
 @pytest.mark.parametrize("div,method,scope", RULES)
 def test_mixed_path_never_reads_tensor_values_on_the_host(div, method, scope):
-    from median_sgd.optim import _estimator_update
+    from median_sgd.estimators import estimator_update
 
     shapes = [(300, 300), (7,), (2, 3)]
     ms_ = [torch.empty(s, device="meta") for s in shapes]
     gs = [torch.empty(s, device="meta") for s in shapes]
     ws = [torch.empty(s, device="meta") for s in shapes]
-    _estimator_update(ms_, gs, tau=0.5, div=div, method=method, scope=scope, foreach="auto",
-                      weights=ws, lr=0.1, shrink=0.9)
+    estimator_update(ms_, gs, tau=0.5, div=div, method=method, scope=scope, foreach="auto",
+                     weights=ws, lr=0.1, shrink=0.9)
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])

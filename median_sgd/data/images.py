@@ -17,7 +17,6 @@ shards, give each client 8 random shards).
 
 from __future__ import annotations
 
-import numbers
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from .._checks import check_real
 
 __all__ = ["ImageData", "load_images", "load_digits", "iid_split", "shard_split", "IMAGE_DATASETS"]
 
@@ -73,8 +74,7 @@ def _make(name, x_train, y_train, x_test, y_test, num_classes) -> ImageData:
 def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> ImageData:
     """scikit-learn's 8x8 digits (1,797 images, 10 classes), pixels scaled from 0..16 to [0, 1],
     split at random (stratified by class) into train and test sets."""
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
+    check_real(test_fraction, "test_fraction", 0, 1, lo_open=True, hi_open=True)
     from sklearn.datasets import load_digits as _sk_digits
     from sklearn.model_selection import train_test_split
 
@@ -149,20 +149,14 @@ def load_images(name: str, *, root: Optional[os.PathLike] = None, download: bool
 
 
 def _check_count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def _check_clients(n_clients) -> int:
-    return _check_count(n_clients, "n_clients")
+    return int(check_real(value, name, 1, integer=True))
 
 
 def iid_split(n_samples: int, n_clients: int, *,
               generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
     """Homogeneous split: a uniformly random partition of ``range(n_samples)`` into
     ``n_clients`` parts of sizes differing by at most one."""
-    _check_clients(n_clients)
+    _check_count(n_clients, "n_clients")
     if n_samples < n_clients:
         raise ValueError(f"cannot split {n_samples} samples among {n_clients} clients")
     perm = torch.randperm(n_samples, generator=generator)
@@ -176,7 +170,7 @@ def shard_split(labels: torch.Tensor, n_clients: int, *, n_shards: int = 80,
     contiguous shards (of sizes differing by at most one), and give each client
     ``shards_per_client`` distinct random shards (no shard shared). With the defaults, 10
     clients of 8 shards each; most clients see only some of the classes."""
-    n_clients = _check_clients(n_clients)
+    n_clients = _check_count(n_clients, "n_clients")
     n_shards = _check_count(n_shards, "n_shards")
     shards_per_client = _check_count(shards_per_client, "shards_per_client")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():

@@ -66,6 +66,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 
+from .._checks import check_real
+
 __all__ = [
     "EOS",
     "UNK",
@@ -527,8 +529,7 @@ def normalize_to_ptb_format(text: str, *, min_count: int = 2) -> List[str]:
     punctuation and markup are dropped, and words seen fewer than ``min_count`` times become
     ``<unk>``. Sentences with no word are dropped.
     """
-    if not isinstance(min_count, int) or min_count < 1:
-        raise ValueError(f"min_count must be an integer >= 1, got {min_count!r}")
+    min_count = int(check_real(min_count, "min_count", 1, integer=True))
     sentences = []
     for paragraph in re.split(r"\n\s*\n", text):
         joined = " ".join(paragraph.split())
@@ -638,8 +639,7 @@ def segment_ids(ids: torch.Tensor, length: int) -> torch.Tensor:
     """
     if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype != torch.long:
         raise TypeError("ids must be a 1-D LongTensor")
-    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise ValueError(f"length must be an integer >= 1, got {length!r}")
+    length = int(check_real(length, "length", 1, integer=True))
     n = (ids.numel() - 1) // length
     if n < 1:
         raise ValueError(f"{ids.numel()} tokens are too few for one segment of {length} + 1")

@@ -191,21 +191,14 @@ def client_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mode
     if mode == "auto":
         mode = "loop" if _has_batch_norm(model) else "vmap"
     params = [p for p in model.parameters() if p.requires_grad]
-    if mode == "vmap":
-        from torch.func import functional_call, grad_and_value, vmap
+    if mode == "vmap":  # the clients are the rows of median_sgd.optim.sample_gradients
+        from ..optim import sample_gradients
 
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        buffers = dict(model.named_buffers())
-
-        def loss_fn(values, xb, yb):
-            out = functional_call(model, ({**dict(zip(names, values)), **buffers},), (xb,))
-            return F.cross_entropy(out, yb)
-
-        values = tuple(p.detach() for p in params)
-        grads, losses = vmap(grad_and_value(loss_fn), in_dims=(None, 0, 0),
-                             randomness="different")(values, x, y)
-        G = torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
-        return G, losses
+        b = x.shape[0]
+        client_losses, per_param = sample_gradients(
+            model, F.cross_entropy, x.reshape(-1, *x.shape[2:]), y.reshape(-1, *y.shape[2:]),
+            micro_batches=b, store=False)
+        return torch.cat([g.reshape(b, -1) for g in per_param], dim=1), client_losses
     if mode != "loop":
         raise ValueError(f"mode must be 'vmap', 'loop' or 'auto', got {mode!r}")
     rows, losses = [], []

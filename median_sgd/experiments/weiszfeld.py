@@ -21,8 +21,9 @@ from typing import Optional
 
 import torch
 
-from .._checks import check_float_tensor, check_sample_matrix
+from .._checks import check_float_tensor, check_real, check_sample_matrix
 from ..medians import geometric_median, geometric_median_objective
+from ..weiszfeld import weiszfeld
 
 __all__ = ["weiszfeld_path", "smoothed_objective", "objective_trace"]
 
@@ -39,11 +40,7 @@ def _check_weights(G: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Te
 
 
 def _check_nu(nu, *, allow_zero: bool) -> float:
-    if isinstance(nu, bool) or not isinstance(nu, (int, float)) or not math.isfinite(nu):
-        raise ValueError(f"nu must be a finite number, got {nu!r}")
-    if nu < 0 or (nu == 0 and not allow_zero):
-        raise ValueError(f"nu must be {'>= 0' if allow_zero else '> 0'}, got {nu!r}")
-    return float(nu)
+    return check_real(nu, "nu", 0.0, lo_open=not allow_zero)
 
 
 def weiszfeld_path(
@@ -60,8 +57,7 @@ def weiszfeld_path(
     from the first iterate that hits a data point on. ``G`` (..., n, d) is not modified.
     """
     check_sample_matrix(G)
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+    iters = int(check_real(iters, "iters", 0, integer=True))
     nu = _check_nu(nu, allow_zero=True)
     w = _check_weights(G, weights)
     if start is None:
@@ -71,13 +67,38 @@ def weiszfeld_path(
         if start.shape != G.shape[:-2] + G.shape[-1:]:
             raise ValueError(f"start must have shape {tuple(G.shape[:-2] + G.shape[-1:])}, got {tuple(start.shape)}")
         z = start.to(G.dtype)
-    path = [z]
-    for _ in range(iters):
-        dist = torch.linalg.vector_norm(G - z.unsqueeze(-2), dim=-1)
-        beta = w / torch.clamp_min(dist, nu)  # nu = 0: 1/0 = inf on a data point, then inf/inf = NaN
-        z = (beta.unsqueeze(-1) * G).sum(-2) / beta.sum(-1, keepdim=True)
-        path.append(z)
+    rows = _PathRows(G, w, z)
+    # tol = -inf: no iterate is ever frozen as converged, the path runs all ``iters`` steps
+    weiszfeld(rows, eps=1.0, tol=-math.inf, max_iter=max(iters, 1), fixed_iter=True,
+              budget=iters, nu=nu)
+    path = rows.path
     return torch.stack(path)
+
+
+class _PathRows:
+    """:func:`median_sgd.weiszfeld.weiszfeld`'s backend for the plain iteration: the rows of ``G``
+    as they are (no scaling, no centring, no rounding floor), every iterate recorded."""
+
+    uniform = False
+
+    def __init__(self, G, w, start) -> None:
+        self.G, self.w, self.w_sum = G, w, w.sum(-1)
+        self.path = [start]
+
+    def distances(self):
+        return torch.linalg.vector_norm(self.G - self.path[-1].unsqueeze(-2), dim=-1), self.w, self.w_sum
+
+    def resolution(self):
+        return 0.0
+
+    def noise(self):
+        return self.w_sum.new_zeros(())
+
+    def step(self, beta, beta_sum, active):
+        # nu = 0: 1/0 = inf on a data point, then inf/inf = NaN (Weiszfeld's original iteration)
+        z = (beta.unsqueeze(-1) * self.G).sum(-2) / beta_sum
+        self.path.append(z)
+        return torch.zeros_like(self.w_sum)
 
 
 def smoothed_objective(
@@ -107,8 +128,7 @@ def objective_trace(G: torch.Tensor, iters: int, **gm_options) -> torch.Tensor:
     for each ``k``: quadratic in ``iters``, meant for small problems.
     """
     check_sample_matrix(G)
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+    iters = int(check_real(iters, "iters", 0, integer=True))
     if "max_iter" in gm_options or "tol" in gm_options:
         raise ValueError("objective_trace sets max_iter and tol itself")
     values = [geometric_median_objective(G, G.mean(-2))]

@@ -18,6 +18,8 @@ import math
 import torch
 from torch import nn
 
+from .._checks import check_real
+
 __all__ = ["TransformerLM", "sinusoidal_positions"]
 
 _INIT_STD = 0.02
@@ -31,12 +33,6 @@ def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
     pe[:, 0::2] = torch.sin(position * freq)
     pe[:, 1::2] = torch.cos(position * freq)[:, : d_model // 2]
     return pe.float()
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 class TransformerLM(nn.Module):
@@ -62,18 +58,14 @@ class TransformerLM(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _positive_int(vocab_size, "vocab_size")
-        _positive_int(d_model, "d_model")
-        _positive_int(nhead, "nhead")
-        _positive_int(d_hid, "d_hid")
-        _positive_int(nlayers, "nlayers")
-        _positive_int(max_len, "max_len")
+        vocab_size, d_model, nhead, d_hid, nlayers, max_len = (
+            int(check_real(value, name, 1, integer=True)) for value, name in (
+                (vocab_size, "vocab_size"), (d_model, "d_model"), (nhead, "nhead"),
+                (d_hid, "d_hid"), (nlayers, "nlayers"), (max_len, "max_len")))
         if d_model % nhead:
             raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        dropout = check_real(dropout, "dropout", 0, 1, hi_open=True)
+        seed = int(check_real(seed, "seed", integer=True))
         self.vocab_size, self.d_model, self.max_len = vocab_size, d_model, max_len
         self.embedding = nn.Embedding(vocab_size, d_model)
         self.register_buffer("positions", sinusoidal_positions(max_len, d_model), persistent=False)

@@ -1,0 +1,593 @@
+"""The Weiszfeld iteration, once: ``z <- z + sum_i b_i (x_i - z) / sum_i b_i``, ``b_i = w_i / max(||x_i - z||, nu)``.
+
+Derived in the chapters "The median as a robust estimator of the mean" (the smoothed iteration,
+its floor ``nu`` and stopping rule) and "Scaling out" (the same rounds over the ranks of a
+process group). :func:`weiszfeld` is the loop: the smoothing floor (:func:`distance_floor`), the
+weights, the stopping rule, frozen converged problems and the sync-free fixed-iteration mode. It
+reaches the rows ``x_i`` only through a *backend*, which holds the iterate and answers
+
+* ``distances()``: ``(dist, w, w_sum)``, the distances ``||x_i - z||`` (..., n) with the weights
+  of the rows that count (a row that does not count has weight 0 and distance 0) and their sum;
+* ``resolution()`` (...,): the rounding of the iterate itself (a median distance at or below it
+  means ``z`` sits on at least half of the weight); ``noise()`` (..., 1): the distances' own
+  rounding, to which the floor is raised;
+* ``step(beta, beta_sum, active)``: moves ``z`` by ``sum_i beta_i (x_i - z) / sum_i beta_i``
+  where ``active`` (frozen elsewhere) and returns the norm of the resultant ``sum_i beta_i (x_i - z)``.
+
+Backends: :class:`LocalRows` (a ``(..., n, d)`` tensor in this process: scaled by a power of two,
+carried as centre plus offset, read in column blocks, with a Gram-matrix pre-iteration for few
+rows of many coordinates; what :func:`median_sgd.geometric_median` runs) and :class:`RankRows`
+(one row per rank, over a reduction protocol: :class:`ProcessGroupRanks`, the all-reduce and
+all-gather rounds of ``torch.distributed``, or :class:`SimulatedRanks`, every rank in one
+process; what the DDP hook's ``"gm"`` and ``"bgmd"`` rules run).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ._numerics import pow2_scale, scaled_l2_norm
+
+__all__ = ["weiszfeld", "distance_floor", "local_weiszfeld", "weighted_mean", "ranks_weiszfeld", "LocalRows", "RankRows", "ProcessGroupRanks",
+           "SimulatedRanks", "CollectiveCounter"]
+
+# The Gram (coefficient) iteration pays off when n is small against d: its set-up costs n^2 d
+# multiply-adds once, an exact iteration about n d memory reads every time.
+_GRAM_MAX_N = 64
+_GRAM_MIN_SIZE = 1 << 16
+# Column blocks of at most this many elements (1 MiB in float32): temporaries stay in cache and
+# below the allocator's mmap threshold, instead of a fresh G-sized array every iteration.
+_BLOCK_ELEMENTS = 1 << 18
+# On a GPU a block is a few kernel launches whatever its size (each costs microseconds) and the
+# device's cache is larger: blocks of up to 2**24 elements (64 MiB in float32).
+_BLOCK_ELEMENTS_DEVICE = 1 << 24
+# The Gram matrix sums its products over at most this many columns in the work dtype (then in
+# float64): its entries are then within about _GRAM_ERR machine epsilons of exact (relative to
+# sqrt(K_ii K_jj); measured: at most ~3).
+_GRAM_BLOCK_COLUMNS = 1 << 14
+_GRAM_ERR = 16
+
+
+def _syncs_are_free(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host costs nothing (the CPU) rather than a device
+    synchronisation: the adaptive loop then checks convergence every iteration. Tests patch it
+    to run the device code paths on the CPU."""
+    return device.type == "cpu"
+
+
+def max_abs(X: torch.Tensor, dims) -> torch.Tensor:
+    """``max |X|`` over ``dims`` (exact)."""
+    return torch.linalg.vector_norm(X, ord=float("inf"), dim=dims)
+
+
+def block_columns(X: torch.Tensor) -> int:
+    """How many columns of ``X`` (..., n, d) a block of a column-block pass holds."""
+    rows = max(1, X.numel() // X.shape[-1])
+    elements = _BLOCK_ELEMENTS if X.device.type == "cpu" else _BLOCK_ELEMENTS_DEVICE
+    return max(1, elements // rows)
+
+
+def max_abs_matrix(X: torch.Tensor) -> torch.Tensor:
+    """``max |X|`` over the last two dimensions of ``X`` (..., n, d): shape (...,).
+
+    On the CPU, where the infinity norm is a slow reduction, ``aminmax`` for one contiguous
+    matrix, else the column blocks' ``|X|`` maxima (temporaries in cache).
+    """
+    if X.device.type != "cpu":
+        return max_abs(X, (-2, -1))
+    if X.dim() == 2 and X.is_contiguous():
+        lo, hi = torch.aminmax(X)
+        return torch.maximum(hi, -lo)
+    cols, out = block_columns(X), None
+    for start in range(0, X.shape[-1], cols):
+        part = X[..., start : start + cols].abs().amax(dim=(-2, -1))
+        out = part if out is None else torch.maximum(out, part)
+    return out  # type: ignore[return-value]  # X has at least one column: set in the loop
+
+
+def check_schedule(device: torch.device):
+    """When the adaptive loop asks the host whether every problem has converged."""
+    if _syncs_are_free(device):
+        return lambda it: True  # free on the CPU
+    return lambda it: it < 4 or it % 4 == 3
+
+
+def distance_floor(dist, w, w_sum, resolution, eps, *, uniform):
+    """``eps * median_w(dist)``: the smoothing floor of Weiszfeld's weights, shape (..., 1).
+
+    The weighted median distance from ``z`` is a robust scale, which outliers (less than half of
+    the weight), however far, cannot inflate. Falls back to the mean distance when at least half
+    of the weight sits on ``z`` (the median distance is at most ``resolution`` (...,), the
+    rounding of ``z`` itself: then ``z`` is optimal, and the points there must fall within the
+    floor, which would otherwise shrink with them and leave Weiszfeld creeping towards the
+    point), and to 1 when every point coincides with ``z`` (then any floor works). Rows of weight
+    0 do not count (their distance must be finite). Callers raise it to the rounding noise of
+    their distances, below which a point is indistinguishable from ``z``.
+    """
+    if uniform:
+        med = dist.median(dim=-1).values
+    else:
+        sorted_dist, order = dist.sort(dim=-1)
+        cum = w.gather(-1, order).cumsum(-1)
+        k = (cum < 0.5 * w_sum.unsqueeze(-1)).sum(-1, keepdim=True).clamp_max(dist.shape[-1] - 1)
+        med = sorted_dist.gather(-1, k).squeeze(-1)
+    mean = dist.mean(-1) if uniform else (w * dist).sum(-1) / w_sum
+    scale = torch.where(med > resolution, med, torch.where(mean > 0, mean, 1.0))
+    return (eps * scale).unsqueeze(-1)
+
+
+def weiszfeld(rows, *, eps: float, tol: float, max_iter: int, fixed_iter: bool,
+              n_iter: Optional[torch.Tensor] = None, budget: Optional[int] = None,
+              nu: Optional[float] = None):
+    """Smoothed Weiszfeld on the backend ``rows`` from its current iterate: ``(n_iter, done, floor)``.
+
+    One iteration: ``r_i = ||x_i - z||``, ``b_i = w_i / max(r_i, nu)`` with the floor
+    ``nu = max(eps s, noise)`` (``s``: :func:`distance_floor`'s robust scale), then
+    ``z <- z + sum_i b_i (x_i - z) / sum_i b_i``. A problem has converged once
+    ``||sum_i b_i (x_i - z)|| - sum_{i near z} w_i (1 - r_i / (eps s)) <= tol * sum_i w_i``: the
+    weighted average of the unit vectors from ``z`` to the points has norm at most ``tol``,
+    except that points within the smoothing floor ``eps s`` of ``z`` may absorb up to their
+    weight of it (the subdifferential of ``||.||`` at 0 is the unit ball: the optimality
+    condition when the median is a data point). Not within the noise: right after a long move,
+    points that differ by less than its rounding only look coincident with ``z``.
+
+    Converged problems keep their iterate while the others go on (so the answer does not depend
+    on how long the others take, and ``fixed_iter=True``, which always runs ``budget`` steps with
+    no host synchronisation, gives the adaptive mode's bits). ``n_iter`` (...,) counts the steps
+    already taken by a pre-iteration (then ``budget`` is what is left of ``max_iter``). ``floor``
+    is the last iteration's ``nu`` (..., 1). A given ``nu`` replaces the relative floor
+    ``eps s`` by that absolute one (RFA's smoothing; ``nu = 0``: Weiszfeld's original iteration).
+    """
+    dist, w, w_sum = rows.distances()
+    batch = w_sum.shape
+    device = w_sum.device
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    if n_iter is None:
+        n_iter = torch.zeros(batch, dtype=torch.int64, device=device)
+    budget = max_iter if budget is None else budget
+    check = check_schedule(device)
+    floor = None
+    for it in range(budget):
+        if it:
+            dist, w, w_sum = rows.distances()
+        if nu is None:
+            smooth = distance_floor(dist, w, w_sum, rows.resolution(), eps, uniform=rows.uniform)
+        else:
+            smooth = dist.new_full((*dist.shape[:-1], 1), nu)
+        floor = torch.maximum(smooth, rows.noise())
+        beta = w / torch.maximum(dist, floor)
+        beta_sum = beta.sum(-1, keepdim=True)
+        near = torch.clamp_min(1.0 - dist / smooth, 0.0)
+        absorbed = (near if rows.uniform else w * near).sum(-1)
+        active = ~done if budget == max_iter else ~done & (n_iter < max_iter)
+        res_norm = rows.step(beta, beta_sum, active)
+        n_iter = n_iter + active
+        done = done | ((res_norm - absorbed <= tol * w_sum) & active)
+        if not fixed_iter and check(it) and bool(
+            (done if budget == max_iter else done | (n_iter >= max_iter)).all()
+        ):
+            break
+    return n_iter, done, floor
+
+
+# --------------------------------------------------------------------------------------------
+# Rows in this process
+
+
+def weighted_mean(X, w, w_sum, uniform):
+    """``sum_i w_i X_i / sum_i w_i`` (..., d), with the weights scaled by a power of two so that
+    ``sum w = [1/2, 1)``: no partial sum exceeds ``max |X|`` (no overflow), and the bits are those
+    of the unscaled formula otherwise."""
+    if uniform:
+        n = X.shape[-2]
+        p = 2.0 ** -((n - 1).bit_length())
+        return torch.matmul(w.mul(p).unsqueeze(-2), X).squeeze(-2) / (n * p)
+    p = pow2_scale(w_sum)
+    return torch.matmul((w * p.unsqueeze(-1)).unsqueeze(-2), X).squeeze(-2) / (w_sum * p).unsqueeze(-1)
+
+
+def _scaled_top(dtype: torch.dtype, d: int) -> int:
+    """The exponent ``t`` to which sums of ``d`` squares scale the largest entry: ``2**t`` in size,
+    the largest sum of squares (of differences) is below the dtype's largest value, and values
+    ``2**(2 t)`` times smaller still square to nonzero numbers: float32 data holding both ~1 and
+    ~3e38 (2**128 apart) keep the ~1-sized distances (a scale to 1 would lose them to underflow)."""
+    max_exp = int(math.log2(torch.finfo(dtype).max)) + 1  # 128 for float32
+    return (max_exp - 4 - (d - 1).bit_length()) // 2
+
+
+class LocalRows:
+    """The rows of ``X`` (..., n, d) in this process, with weights ``w`` (..., n) (sum ``w_sum``).
+
+    The iteration is translation- and scale-equivariant in floating point too: it works on
+    ``X s`` (``s`` a power of two bringing ``max |X|`` to the middle of the dtype's range: no sum
+    of squares over- or underflows, exact), and carries the iterate as a centre (the previous
+    iterate, rounded; kept negated, ``neg``) plus an offset, computing ``X_i s - z`` as
+    ``(X_i s + neg) - offset``: data sharing a large common component converge as well as centred
+    data. An iteration reads ``X`` once, in column blocks (no temporary as large as ``X``): each
+    block gives its part of the new iterate and the rows' distances to it. ``start`` is the first
+    iterate (the weighted mean); :meth:`gram_start` replaces it by the Gram pre-iteration.
+    """
+
+    def __init__(self, X, w, w_sum, start, *, uniform: bool) -> None:
+        self.X, self.w, self.w_sum, self.uniform = X, w, w_sum, uniform
+        d = X.shape[-1]
+        self.amax = max_abs_matrix(X)
+        self.s = pow2_scale(self.amax, _scaled_top(X.dtype, d))  # (...,)
+        self.s_rows = self.s[..., None, None]
+        self.neg = start * -self.s[..., None]
+        self.cols = block_columns(X)
+        self.buffer = X.new_empty(*X.shape[:-2], d) if self.cols < d else None
+        self.resolution_unit = torch.finfo(X.dtype).eps
+        self.rounding = 4 * self.resolution_unit
+        self.beta = w  # the iterate is sum_i beta_i X_i / sum_i beta_i
+
+    def gram_start(self, eps: float, tol: float, max_iter: int):
+        """Iterate on the coefficients first (:func:`_weiszfeld_gram`); returns its ``n_iter``."""
+        c, n_iter = _weiszfeld_gram(self.X, self.s_rows, self.neg, self.amax, self.w, self.w_sum,
+                                    eps, tol, max_iter, self.rounding, self.uniform)
+        self.beta = c.to(self.X.dtype)
+        return n_iter
+
+    def begin(self) -> None:
+        """The first pass: the iterate ``sum_i beta_i X_i / sum_i beta_i`` and its distances."""
+        self.offset, self.dist = self._pass(self.beta / self.beta.sum(-1, keepdim=True))
+        self.rounded = self.neg - self.offset  # -z in working precision
+        self.result = self.rounded
+
+    def _pass(self, omega):
+        return _weiszfeld_pass(self.X, self.s_rows, self.neg, omega, self.cols, self.buffer)
+
+    def distances(self):
+        return self.dist, self.w, self.w_sum
+
+    def resolution(self):
+        # the rounding of the iterate itself (of the answer)
+        return self.resolution_unit * torch.linalg.vector_norm(self.rounded, dim=-1)
+
+    def noise(self):
+        # the distances were computed relative to the centre, with a rounding relative to the offset
+        return self.rounding * torch.linalg.vector_norm(self.offset, dim=-1, keepdim=True)
+
+    def step(self, beta, beta_sum, active):
+        # Re-centre on the iterate rounded: z = -rounded + rest, exactly when the offset is
+        # smaller than the centre (when it moves a lot, precision does not matter yet).
+        rest = self.offset + (self.rounded - self.neg)
+        self.neg = self.rounded
+        self.offset, self.dist = self._pass(beta / beta_sum)
+        # z_next - z = resultant / sum(beta), resultant = sum_i beta_i (X_i - z)
+        res_norm = beta_sum.squeeze(-1) * torch.linalg.vector_norm(self.offset - rest, dim=-1)
+        self.rounded = self.neg - self.offset
+        self.result = torch.where(active.unsqueeze(-1), self.rounded, self.result)
+        return res_norm
+
+    def median(self):
+        """The answer, unscaled: ``z`` (..., d) (exact: ``s`` is a power of two)."""
+        return self.result / -self.s[..., None]
+
+    def distances_to_result(self):
+        """``||X_i s - z||`` (..., n) at the answer (scaled)."""
+        return _distances(self.X, self.s_rows, self.result, self.cols)
+
+
+def local_weiszfeld(X, w, w_sum, start, *, uniform, eps, tol, max_iter, fixed_iter):
+    """Weiszfeld on the rows of ``X`` (..., n, d) from ``start`` (their weighted mean: :func:`weighted_mean`): ``(rows, n_iter, done,
+    floor)`` with ``rows`` the :class:`LocalRows` at the answer (``rows.median()``).
+
+    The adaptive mode first iterates on the Gram matrix when few rows have many coordinates
+    (``n <= 64`` and ``n d >= 2**16``), then hands over to the exact iteration, which checks the
+    stopping rule on ``X`` itself and goes on if needed.
+    """
+    n, d = X.shape[-2], X.shape[-1]
+    rows = LocalRows(X, w, w_sum, start, uniform=uniform)
+    n_iter, budget = None, max_iter
+    if not fixed_iter and max_iter > 1 and n <= _GRAM_MAX_N and n * d >= _GRAM_MIN_SIZE:
+        n_iter = rows.gram_start(eps, tol, max_iter - 1)
+        budget = max_iter - int(n_iter.min()) if n_iter.numel() else 1
+    rows.begin()
+    n_iter, done, floor = weiszfeld(rows, eps=eps, tol=tol, max_iter=max_iter,
+                                    fixed_iter=fixed_iter, n_iter=n_iter, budget=budget)
+    return rows, n_iter, done, floor
+
+
+def _weiszfeld_pass(X, s, neg, omega, cols, out=None):
+    """One pass over ``X`` (..., n, d) in column blocks, in scaled coordinates ``X s + neg``.
+
+    ``neg`` (..., d) is the centre, negated; ``omega`` (..., n) the Weiszfeld weights, summing to
+    1. Returns the offset ``y = sum_i omega_i (X_i s + neg)`` of the iterate ``z = -neg + y``
+    (..., d; written into ``out`` when given) and the distances ``||X_i s - z||`` (..., n).
+    Each block is read once: ``D = X s + neg`` (exact up to one rounding relative to ``|D|``),
+    its part of ``y``, then ``D - y``. Rows and centre are at most about 1 in size after
+    scaling, so the sums of squares can neither overflow nor underflow.
+    """
+    d = X.shape[-1]
+    omega = omega.unsqueeze(-2)  # (..., 1, n)
+    neg = neg.unsqueeze(-2)  # (..., 1, d)
+    if cols >= d:
+        D = torch.addcmul(neg, X, s)
+        y = torch.matmul(omega, D)
+        return y.squeeze(-2), torch.linalg.vector_norm(D.sub_(y), dim=-1)
+    y_out = out.unsqueeze(-2) if out is not None else X.new_empty(*X.shape[:-2], 1, d)
+    sq = None
+    for start in range(0, d, cols):
+        D = torch.addcmul(neg[..., start : start + cols], X[..., start : start + cols], s)
+        y = y_out[..., start : start + cols]
+        torch.matmul(omega, D, out=y) if y.is_contiguous() else y.copy_(torch.matmul(omega, D))
+        part = torch.linalg.vector_norm(D.sub_(y), dim=-1).square()
+        sq = part if sq is None else sq + part
+    return y_out.squeeze(-2), sq.sqrt()
+
+
+def _distances(X, s, neg, cols):
+    """``||X_i s + neg||`` (..., n): the (scaled) distances to the point ``-neg`` (..., d)."""
+    d = X.shape[-1]
+    neg = neg.unsqueeze(-2)
+    sq = None
+    for start in range(0, d, cols):
+        D = torch.addcmul(neg[..., start : start + cols], X[..., start : start + cols], s)
+        part = torch.linalg.vector_norm(D, dim=-1)
+        if cols >= d:
+            return part
+        sq = part.square() if sq is None else sq + part.square()
+    return sq.sqrt()
+
+
+def _weiszfeld_gram(X, s, neg, amax, w, w_sum, eps, tol, max_iter, rounding, uniform):
+    """Weiszfeld on the coefficients ``c`` of ``z = sum_j c_j X_j`` (``sum_j c_j = 1``).
+
+    With the Gram matrix ``K = Y Y^T`` of the scaled rows ``Y = X s`` (:func:`_gram_matrix`:
+    centred, ``Y = X s + neg``, when a component common to all rows would cancel),
+    ``||Y_i - y||^2 = K_ii - 2 (K c)_i + c^T K c`` and
+    ``||y||^2 = c^T K c`` for ``y = sum_j c_j Y_j``; the Weiszfeld update is ``c <- b / sum b``
+    and the resultant's norm is ``sqrt(u^T K u)``, ``u = b - (sum b) c``. A distance computed so
+    carries K's rounding, a relative error of about
+    ``delta_i = _GRAM_ERR eps (K_ii + c^T K c) / r_i^2``, large near a data point; a problem stops
+    here once its stopping quantity is within ``tol`` plus ``sum_i w_i delta_i`` of zero: beyond
+    that this iteration cannot tell, and the exact one takes over. Returns ``c`` at the last
+    iterate *before* the step whose test passed (the exact iteration repeats that step on the
+    data) and the number of steps taken.
+    """
+    f64 = torch.float64
+    batch = X.shape[:-2]
+    resolution = torch.finfo(X.dtype).eps * torch.linalg.vector_norm(neg, dim=-1).to(f64)
+    w64, w_sum64 = w.to(f64), w_sum.to(f64)
+    K = _gram_matrix(X, s, neg, amax, w64 / w_sum64.unsqueeze(-1))
+    K_diag = K.diagonal(dim1=-2, dim2=-1)
+    rel_err = _GRAM_ERR * torch.finfo(X.dtype).eps
+    c = w64 / w_sum64.unsqueeze(-1)
+    done = torch.zeros(batch, dtype=torch.bool, device=X.device)
+    n_iter = torch.zeros(batch, dtype=torch.int64, device=X.device)
+    check = check_schedule(X.device)
+    for it in range(max_iter):
+        Kc = torch.matmul(K, c.unsqueeze(-1)).squeeze(-1)
+        cKc = (c * Kc).sum(-1, keepdim=True)
+        dist_sq = (K_diag - 2 * Kc + cKc).clamp_min(0.0)
+        dist = dist_sq.sqrt()
+        z_norm = cKc.squeeze(-1).clamp_min(0.0).sqrt()
+        floor = torch.maximum(distance_floor(dist, w64, w_sum64, resolution, eps, uniform=uniform),
+                              (rounding * z_norm).unsqueeze(-1))
+        beta = w64 / torch.maximum(dist, floor)
+        beta_sum = beta.sum(-1)
+        u = beta - beta_sum.unsqueeze(-1) * c
+        res_sq = (u * torch.matmul(K, u.unsqueeze(-1)).squeeze(-1)).sum(-1)
+        absorbed = (w64 * torch.clamp_min(1.0 - dist / floor, 0.0)).sum(-1)
+        stationarity = res_sq.clamp_min(0.0).sqrt() - absorbed
+        noise = (w64 * (rel_err * (K_diag + cKc) / dist_sq.clamp_min(floor.square())).clamp_max(1.0)).sum(-1)
+        done = done | (stationarity <= tol * w_sum64 + noise)
+        c = torch.where(done.unsqueeze(-1), c, beta / beta_sum.unsqueeze(-1))
+        n_iter = n_iter + ~done
+        if check(it) and bool(done.all()):
+            break
+    return c, n_iter
+
+
+def _gram_matrix(X, s, neg, amax, c0):
+    """``K = Y Y^T`` (..., n, n) in float64 for :func:`_weiszfeld_gram`, ``Y`` the scaled rows.
+
+    First the plain products ``X X^T`` (no temporaries: the matrix product reads ``X`` in place),
+    scaled by ``s^2`` afterwards. They are used unless the entries could over- or underflow in
+    the work dtype (``max |X|`` far from 1) or the rows share a component much larger than their
+    spread (the trace of the centred matrix, ``tr K - 2 1^T K c0 + n c0^T K c0`` with ``c0`` the
+    mean's coefficients, below 2**-8 of ``tr K``): then ``Y = X s + neg``, centred on the start
+    and scaled, block by block (a temporary per block). The choice reads values on the host: this
+    route is taken by the adaptive mode only.
+    """
+    f64 = torch.float64
+    n, d = X.shape[-2], X.shape[-1]
+    batch = X.shape[:-2]
+    finfo = torch.finfo(X.dtype)
+    bound = 2.0 ** ((int(math.log2(finfo.max)) - 8 - (d - 1).bit_length()) // 2)
+    if bool(((amax < bound) & (amax > 1.0 / bound)).all()):
+        K = torch.zeros(*batch, n, n, dtype=f64, device=X.device)
+        for start in range(0, d, _GRAM_BLOCK_COLUMNS):
+            block = X[..., start : start + _GRAM_BLOCK_COLUMNS]
+            K = K + torch.matmul(block, block.mT).to(f64)
+        K = K * s.to(f64).square()
+        trace = K.diagonal(dim1=-2, dim2=-1).sum(-1)
+        Kc0 = torch.matmul(K, c0.unsqueeze(-1)).squeeze(-1)
+        centred = trace - 2 * Kc0.sum(-1) + n * (c0 * Kc0).sum(-1)
+        if bool((centred >= trace * 2.0**-8).all()):
+            return K
+    neg = neg.unsqueeze(-2)  # the centre, negated
+    K = torch.zeros(*batch, n, n, dtype=f64, device=X.device)
+    cols = min(_GRAM_BLOCK_COLUMNS, block_columns(X))  # the centred block is a temporary
+    for start in range(0, d, cols):
+        block = torch.addcmul(neg[..., start : start + cols], X[..., start : start + cols], s)
+        K = K + torch.matmul(block, block.mT).to(f64)
+    return K
+
+
+# --------------------------------------------------------------------------------------------
+# One row per rank: a process group, or every rank simulated in one tensor
+
+
+class CollectiveCounter:
+    """Collective calls and elements sent per rank (ring / pairwise algorithms)."""
+
+    def __init__(self) -> None:
+        self.collectives = 0
+        self.elements = 0.0
+
+    def add(self, elements: float) -> None:
+        self.collectives += 1
+        self.elements += elements
+
+
+def _all_gather_into(out: torch.Tensor, t: torch.Tensor, group) -> None:
+    gather = getattr(dist, "all_gather_single", None)  # torch >= 2.13; older: the deprecated name
+    if gather is None:
+        gather = dist.all_gather_into_tensor
+    gather(out, t, group=group)
+
+
+class ProcessGroupRanks:
+    """The collectives of one rank in a ``torch.distributed`` process group.
+
+    Local tensors have no rank dimension: a bucket is ``(n,)``, a per-rank number ``()``.
+    """
+
+    def __init__(self, group, counter: CollectiveCounter) -> None:
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.counter = counter
+
+    def all_reduce(self, t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``sum_r t_r`` on every rank (into ``t`` itself with ``inplace=True``)."""
+        out = t if inplace else t.clone()
+        dist.all_reduce(out, group=self.group)
+        self.counter.add(2.0 * (self.world - 1) / self.world * t.numel())
+        return out
+
+    def gather_numbers(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-rank number ``()`` -> ``(world,)``, every rank's value, on every rank."""
+        out = t.new_empty(self.world)
+        _all_gather_into(out, t.reshape(1), self.group)
+        self.counter.add(self.world - 1)
+        return out
+
+    def gather_shards(self, t: torch.Tensor) -> torch.Tensor:
+        """Each rank's ``(c,)`` shard -> the ``(world * c,)`` concatenation, on every rank."""
+        out = t.new_empty(self.world * t.numel())
+        _all_gather_into(out, t.contiguous(), self.group)
+        self.counter.add((self.world - 1) * t.numel())
+        return out
+
+    def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
+        """``(world * c,)`` -> ``(world, c)``: row ``r`` is chunk ``self.rank`` of rank ``r``'s ``t``."""
+        out = torch.empty_like(t)
+        dist.all_to_all_single(out, t.contiguous(), group=self.group)
+        self.counter.add((self.world - 1) / self.world * t.numel())
+        return out.view(self.world, -1)
+
+    def mine(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's entry of a ``(world,)`` vector."""
+        return t[self.rank]
+
+    def shared(self, t: torch.Tensor) -> torch.Tensor:
+        """A value that is identical on every rank, as one copy (here: itself)."""
+        return t
+
+    def spread(self, t: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`shared`."""
+        return t
+
+
+class SimulatedRanks:
+    """All ``world`` ranks in one process: every local tensor has a leading rank dimension.
+
+    Rank ``r``'s bucket is row ``r`` of a ``(world, n)`` tensor; the collectives act along that
+    dimension, so the aggregation code of :class:`median_sgd.distributed.RobustHook` runs
+    unchanged and every rank's result comes out as a row.
+    """
+
+    def __init__(self, world: int, counter: Optional[CollectiveCounter] = None) -> None:
+        self.world = world
+        self.counter = counter or CollectiveCounter()
+
+    def all_reduce(self, t, inplace=False):
+        self.counter.add(2.0 * (self.world - 1) / self.world * t[0].numel())
+        return t.sum(0, keepdim=True).expand_as(t).clone()
+
+    def gather_numbers(self, t):  # (world,) -> (world, world): row r is what rank r receives
+        self.counter.add(self.world - 1)
+        return t.unsqueeze(0).expand(self.world, self.world).clone()
+
+    def gather_shards(self, t):  # (world, c) -> (world, world * c)
+        self.counter.add((self.world - 1) * t[0].numel())
+        return t.reshape(1, -1).expand(self.world, -1).clone()
+
+    def all_to_all(self, t):  # (world, world * c) -> (world, world, c), out[r, s] = chunk r of s
+        self.counter.add((self.world - 1) / self.world * t[0].numel())
+        return t.reshape(self.world, self.world, -1).transpose(0, 1).contiguous()
+
+    def mine(self, t):  # (world, world) -> (world,): rank r's own entry of its copy
+        idx = torch.arange(self.world, device=t.device)
+        return t[idx, idx]
+
+    def shared(self, t):
+        return t[0]
+
+    def spread(self, t):
+        return t.unsqueeze(0).expand(self.world, *t.shape)
+
+
+class RankRows:
+    """Each rank's row ``y`` (its ``(k,)`` vector; ``(world, k)`` simulated) over ``ranks``.
+
+    The iterate is carried relative to ``centre`` (shared by every rank): Weiszfeld's iteration
+    is translation equivariant, so iterating on ``y - centre`` from 0 gives iterates, and a
+    rounding noise ``~ machine epsilon * ||z||``, on the scale of the ranks' spread rather than
+    of a large component all gradients share. A round all-gathers the ranks' distances (one
+    number each; a rank whose row is not finite, ``good`` false, sends NaN, and a distance too
+    large for the dtype counts as not finite: weight 0, the limit of ``1 / distance``) and
+    all-reduces ``sum_r beta_r (y_r - z)`` (one row). Every input of a decision is gathered or
+    reduced, so every rank computes the same iterate.
+    """
+
+    uniform = False  # the weights are 0 or 1: whether a rank counts this round
+
+    def __init__(self, y, good, centre, ranks) -> None:
+        self.yc = y - centre
+        self.good, self.centre, self.ranks = good, centre, ranks
+        self.z = torch.zeros_like(centre)
+        self.rounding = 4 * torch.finfo(y.dtype).eps
+
+    def distances(self):
+        self.diff = self.yc - self.z
+        mine = torch.where(self.good, scaled_l2_norm(self.diff), torch.nan)
+        gathered = self.ranks.gather_numbers(mine)  # (..., world), the same on every rank
+        self.ok = torch.isfinite(gathered)
+        w = self.ok.to(gathered.dtype)
+        return torch.where(self.ok, gathered, 0.0), w, w.sum(-1)
+
+    def resolution(self):
+        # the distances are computed from y - centre (rounded relative to the spread, not to the
+        # centre), so a median distance of 0 is the only sign that z sits on half of the ranks
+        return 0.0
+
+    def noise(self):
+        return self.rounding * scaled_l2_norm(self.z).unsqueeze(-1)
+
+    def step(self, beta, beta_sum, active):
+        ranks = self.ranks
+        pull = torch.where(ranks.mine(self.ok).unsqueeze(-1), ranks.mine(beta).unsqueeze(-1) * self.diff,
+                           0.0)
+        resultant = ranks.all_reduce(pull, inplace=True)
+        step = torch.where(beta_sum > 0, resultant / beta_sum, 0.0)
+        self.z = torch.where(active.unsqueeze(-1), self.z + step, self.z)
+        return scaled_l2_norm(resultant)
+
+    def median(self):
+        return self.centre + self.z
+
+
+def ranks_weiszfeld(y, good, centre, ranks, *, eps, tol, max_iter, fixed_iter):
+    """The geometric median of the ranks' rows ``y`` that are ``good``, by :func:`weiszfeld`
+    rounds from ``centre``: the same on every rank."""
+    rows = RankRows(y, good, centre, ranks)
+    weiszfeld(rows, eps=eps, tol=tol, max_iter=max_iter, fixed_iter=fixed_iter)
+    return rows.median()

@@ -1,0 +1,129 @@
+"""The one Weiszfeld loop (median_sgd.weiszfeld): its backends agree with each other.
+
+``LocalRows`` (the rows of a tensor, what ``geometric_median`` runs) and ``RankRows`` over
+``SimulatedRanks`` (one row per simulated rank, what the DDP hook runs) are two ways of reaching
+the same rows; started at the same point they must reach the same geometric median.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import median_sgd as ms
+from median_sgd import weiszfeld as wz
+from median_sgd.distributed import SimulatedRanks as ExportedSimulatedRanks
+
+F64 = torch.float64
+
+
+def _rows(seed, n, d, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=dtype)
+    X[: n // 3] += 20.0  # a far minority: a median well away from the mean
+    return X
+
+
+def _local(X, w=None, **kw):
+    n = X.shape[-2]
+    uniform = w is None
+    w = X.new_ones(n) if uniform else w
+    w_sum = w.sum(-1)
+    start = wz.weighted_mean(X, w, w_sum, uniform)
+    rows, n_iter, done, _ = wz.local_weiszfeld(X, w, w_sum, start, uniform=uniform, **kw)
+    return rows.median(), n_iter, done
+
+
+def _simulated(X, good=None, centre=None, **kw):
+    world = X.shape[0]
+    ranks = SimulatedRanks(world)
+    good = torch.ones(world, dtype=torch.bool) if good is None else good
+    if centre is None:
+        centre = X[good].mean(0)
+    out = wz.ranks_weiszfeld(X, good, centre.expand_as(X), ranks, **kw)
+    assert torch.equal(out, out[:1].expand_as(out)), "every rank must compute the same median"
+    return out[0], ranks
+
+
+SimulatedRanks = wz.SimulatedRanks
+TIGHT = dict(eps=1e-8, tol=1e-12, max_iter=2000, fixed_iter=False)
+
+
+def test_simulated_ranks_is_the_distributed_name():
+    assert ExportedSimulatedRanks is wz.SimulatedRanks
+
+
+@pytest.mark.parametrize("n,d", [(5, 3), (8, 40), (13, 2), (4, 1)])
+def test_local_rows_and_simulated_ranks_reach_the_same_median(n, d):
+    X = _rows(n * 100 + d, n, d)
+    local, _, done = _local(X, **TIGHT)
+    assert bool(done)
+    ranked, _ = _simulated(X, **TIGHT)
+    scale = float(torch.linalg.vector_norm(X - local, dim=-1).max())
+    torch.testing.assert_close(ranked, local, rtol=0, atol=1e-9 * scale)
+    torch.testing.assert_close(local, ms.geometric_median(X, **TIGHT).median, rtol=0, atol=0)
+
+
+def test_backends_agree_step_by_step_from_the_mean():
+    # the same start (the mean), the same floor, weights and step: the same iterates up to
+    # rounding, also with coincident points (the smoothing floor matters) and few iterations
+    X = _rows(3, 6, 30)
+    X[2] = X[3]
+    for max_iter in (1, 2, 5):
+        kw = dict(eps=1e-8, tol=1e-6, max_iter=max_iter, fixed_iter=True)
+        local, n_iter, _ = _local(X, **kw)
+        ranked, ranks = _simulated(X, centre=X.mean(0), **kw)
+        torch.testing.assert_close(ranked, local, rtol=1e-12, atol=1e-12)
+        assert int(n_iter) == max_iter
+        # a round: one all-gather of the distances, one all-reduce of the resultant
+        assert ranks.counter.collectives == 2 * max_iter
+
+
+def test_rank_rows_leave_out_the_ranks_that_are_not_good():
+    X = _rows(7, 7, 12)
+    good = torch.tensor([True, True, False, True, True, False, True])
+    bad = X.clone()
+    bad[2] = torch.nan
+    bad[5] = torch.inf
+    ranked, _ = _simulated(bad, good=good, **TIGHT)
+    local, _, _ = _local(X[good], **TIGHT)
+    scale = float(torch.linalg.vector_norm(X[good] - local, dim=-1).max())
+    torch.testing.assert_close(ranked, local, rtol=0, atol=1e-9 * scale)
+
+
+def test_weights_zero_one_equal_dropping_rows_in_the_local_backend():
+    X = _rows(9, 9, 5)
+    w = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1], dtype=F64)
+    weighted, _, _ = _local(X, w, **TIGHT)
+    kept, _, _ = _local(X[w > 0], **TIGHT)
+    torch.testing.assert_close(weighted, kept, rtol=0, atol=1e-9)
+
+
+def test_fixed_iterations_give_the_adaptive_bits():
+    X = _rows(5, 10, 7, torch.float32)
+    adaptive, n_iter, done = _local(X, eps=1e-8, tol=1e-5, max_iter=200, fixed_iter=False)
+    fixed, n_fixed, done_fixed = _local(X, eps=1e-8, tol=1e-5, max_iter=200, fixed_iter=True)
+    assert bool(done) and torch.equal(adaptive, fixed)
+    assert torch.equal(n_iter, n_fixed) and torch.equal(done, done_fixed)
+
+
+def test_distance_floor_uniform_equals_unit_weights():
+    g = torch.Generator().manual_seed(2)
+    dist = torch.rand(4, 9, generator=g, dtype=F64)
+    dist[1, :5] = 0.0  # half of the weight on z: the mean distance takes over
+    dist[2] = 0.0  # every point on z: 1
+    w = torch.ones_like(dist)
+    uniform = wz.distance_floor(dist, w, w.sum(-1), 0.0, 1e-8, uniform=True)
+    weighted = wz.distance_floor(dist, w, w.sum(-1), 0.0, 1e-8, uniform=False)
+    torch.testing.assert_close(uniform, weighted, rtol=1e-15, atol=0)
+    assert uniform.shape == (4, 1)
+    assert float(uniform[2, 0]) == 1e-8
+    assert float(uniform[1, 0]) == pytest.approx(1e-8 * float(dist[1].mean()))
+    # a row of weight 0 (distance 0, as the backends report it) does not count
+    w0 = w.clone()
+    w0[0, 0] = 0.0
+    d0 = dist.clone()
+    d0[0, 0] = 0.0
+    ref = wz.distance_floor(dist[:1, 1:], w[:1, 1:], w[:1, 1:].sum(-1), 0.0, 1e-8, uniform=True)
+    torch.testing.assert_close(wz.distance_floor(d0[:1], w0[:1], w0[:1].sum(-1), 0.0, 1e-8, uniform=False),
+                               ref, rtol=1e-15, atol=0)
