@@ -14,7 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBMODULES = ("aggregators", "attacks", "bgmd", "data", "distributed", "estimators", "experiments",
-              "medians", "models", "optim", "plotting", "prox", "stable")
+              "medians", "models", "optim", "plotting", "prox", "stable",
+              "weiszfeld")
 
 
 def _python(code: str) -> str:
