@@ -105,3 +105,27 @@ def test_github_runs_the_tests_on_every_push_and_pull_request():
     runs = [step.get("run", "") for job in workflow["jobs"].values() for step in job["steps"]]
     assert any(r.strip() in (".ci/run", "scripts/test") for r in runs), runs
     assert "scripts/test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_no_private_name_is_imported_across_modules():
+    # One rule, one place: a helper two modules share is a public name (of a private module if
+    # need be), so a module's private names can change without breaking another module.
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "median_sgd").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level > 0):
+                continue
+            base = path.parent
+            for _ in range(node.level - 1):
+                base = base.parent
+            package = base.joinpath(*(node.module.split(".") if node.module else []))
+            for alias in node.names:
+                name = alias.name
+                if not name.startswith("_") or name.startswith("__"):
+                    continue
+                if (package / f"{name}.py").exists() or (package / name / "__init__.py").exists():
+                    continue  # a private module, imported as a module
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
+    assert not found, "\n".join(found)
