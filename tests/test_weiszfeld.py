@@ -127,3 +127,109 @@ def test_distance_floor_uniform_equals_unit_weights():
     ref = wz.distance_floor(dist[:1, 1:], w[:1, 1:], w[:1, 1:].sum(-1), 0.0, 1e-8, uniform=True)
     torch.testing.assert_close(wz.distance_floor(d0[:1], w0[:1], w0[:1].sum(-1), 0.0, 1e-8, uniform=False),
                                ref, rtol=1e-15, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The collectives: what each backend returns and the elements it counts as sent
+
+
+class _IdenticalRanksDist:
+    """``torch.distributed`` seen from rank ``rank`` of ``world`` ranks that all hold the same
+    tensors: each collective's result computed by hand (an all-reduce multiplies by ``world``,
+    an all-gather repeats, an all-to-all returns this rank's chunk from every rank)."""
+
+    def __init__(self, world, rank):
+        self.world, self.rank = world, rank
+
+    def get_world_size(self, group=None):
+        return self.world
+
+    def get_rank(self, group=None):
+        return self.rank
+
+    def all_reduce(self, t, group=None):
+        t.mul_(self.world)
+
+    def all_gather_into_tensor(self, out, t, group=None):
+        out.copy_(t.reshape(-1).repeat(self.world))
+
+    def all_to_all_single(self, out, t, group=None):
+        c = t.numel() // self.world
+        out.copy_(t[self.rank * c : (self.rank + 1) * c].repeat(self.world))
+
+
+W, C = 4, 3
+
+
+def _elements(ranks, method, t):
+    before = ranks.counter.elements, ranks.counter.collectives
+    out = getattr(ranks, method)(t)
+    assert ranks.counter.collectives == before[1] + 1
+    return out, ranks.counter.elements - before[0]
+
+
+def test_simulated_ranks_collectives_and_their_element_counts():
+    # ring all-reduce: 2 (W - 1) / W of the row per rank; all-gather: the W - 1 other entries;
+    # all-to-all: the W - 1 chunks that leave the rank
+    ranks = SimulatedRanks(W)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(W, W * C, generator=g, dtype=F64)
+    out, sent = _elements(ranks, "all_reduce", rows)
+    torch.testing.assert_close(out, rows.sum(0).expand(W, -1), rtol=1e-15, atol=0)
+    assert sent == pytest.approx(2 * (W - 1) / W * W * C)
+    numbers = rows[:, 0]
+    out, sent = _elements(ranks, "gather_numbers", numbers)
+    assert torch.equal(out, numbers.expand(W, W)) and sent == W - 1
+    shards = rows[:, :C]
+    out, sent = _elements(ranks, "gather_shards", shards)
+    assert torch.equal(out, shards.reshape(-1).expand(W, -1)) and sent == (W - 1) * C
+    out, sent = _elements(ranks, "all_to_all", rows)
+    assert out.shape == (W, W, C) and sent == pytest.approx((W - 1) * C)
+    for r in range(W):
+        for s in range(W):  # rank r receives chunk r of rank s's row
+            assert torch.equal(out[r, s], rows[s, r * C : (r + 1) * C])
+    square = torch.arange(W * W, dtype=F64).reshape(W, W)
+    assert torch.equal(ranks.mine(square), square.diagonal())
+    x = rows[0]
+    spread = ranks.spread(x)
+    assert spread.shape == (W, W * C) and torch.equal(spread, x.expand(W, -1))
+    assert torch.equal(ranks.shared(spread), x)
+    assert torch.equal(ranks.shared(rows), rows[0])
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_process_group_ranks_return_and_count_like_the_simulation(monkeypatch, rank):
+    # every rank holds the same tensors, so rank `rank` of a process group must return row
+    # `rank` of the simulation and count the same elements
+    monkeypatch.setattr(wz, "dist", _IdenticalRanksDist(W, rank))
+    pg = wz.ProcessGroupRanks(None, wz.CollectiveCounter())
+    sim = SimulatedRanks(W)
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(W * C, generator=g, dtype=F64)
+    for method, local in (("all_reduce", t), ("gather_numbers", t[0]), ("gather_shards", t[:C]),
+                          ("all_to_all", t)):
+        out, sent = _elements(pg, method, local.clone())
+        expected, sim_sent = _elements(sim, method, local.expand(W, *local.shape).clone())
+        assert sent == pytest.approx(sim_sent), method
+        torch.testing.assert_close(out, expected[rank], rtol=1e-15, atol=0)
+    assert sim.counter.elements == pytest.approx(
+        2 * (W - 1) / W * W * C + (W - 1) + (W - 1) * C + (W - 1) * C)
+    assert pg.world == W and pg.rank == rank
+    assert torch.equal(pg.mine(torch.arange(W)), torch.tensor(rank))
+    assert pg.shared(t) is t and pg.spread(t) is t
+
+
+def test_rank_rows_over_a_process_group_run_on_unbatched_rows(monkeypatch):
+    # a process group's rank holds one (k,) row, not a (world, k) matrix: the whole Weiszfeld
+    # loop must run on it and give the simulation's row (identical ranks: their common row)
+    monkeypatch.setattr(wz, "dist", _IdenticalRanksDist(W, 1))
+    pg = wz.ProcessGroupRanks(None, wz.CollectiveCounter())
+    g = torch.Generator().manual_seed(2)
+    y, centre = torch.randn(7, generator=g, dtype=F64), torch.randn(7, generator=g, dtype=F64)
+    kw = dict(eps=1e-8, tol=1e-12, max_iter=5, fixed_iter=False)
+    mine = wz.ranks_weiszfeld(y, torch.tensor(True), centre, pg, **kw)
+    sim = wz.ranks_weiszfeld(y.expand(W, -1), torch.ones(W, dtype=torch.bool), centre.expand(W, -1),
+                             SimulatedRanks(W), **kw)
+    assert mine.shape == (7,)
+    torch.testing.assert_close(mine, sim[1], rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(mine, y, rtol=1e-12, atol=1e-12)
