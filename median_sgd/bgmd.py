@@ -27,7 +27,8 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ._checks import check_choice, check_real, check_sample_matrix, value_checks, value_checks_enabled
+from ._checks import (check_choice, check_generator, check_real, check_sample_matrix, value_checks,
+                      value_checks_enabled)
 from ._numerics import opmath_dtype, to_device
 from ._numerics import pow2_scale as _pow2_scale
 from .medians import GeometricMedianResult, coordinate_median, geometric_median
@@ -53,11 +54,6 @@ def resolve_block_size(k: Union[int, float], d: int) -> int:
         return k
     k = check_real(k, "a fractional k", 0.0, 1.0, lo_open=True)
     return max(1, int(math.floor(k * d + 1e-9)))
-
-
-def _check_generator(generator) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def _exponential(shape, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
@@ -191,7 +187,7 @@ def select_block(
     """
     check_sample_matrix(G)
     check_choice(mode, "mode", MODES)
-    _check_generator(generator)
+    check_generator(generator)
     power = check_real(power, "power", 0.0, lo_open=True)
     k = resolve_block_size(k, G.shape[-1])
     sq = column_stats(G)[2]  # squared column norms (scaled: the same order, the same draws)
@@ -249,7 +245,7 @@ class BGmD:
             resolve_block_size(k, 1)  # validates the fraction
         check_choice(mode, "mode", MODES)
         check_choice(memory, "memory", MEMORY_RULES)
-        _check_generator(generator)
+        check_generator(generator)
         check_real(power, "power", 0.0, lo_open=True)
         unknown = sorted(set(gm_options) - set(_GM_OPTIONS))
         if unknown:

@@ -47,9 +47,13 @@ __all__ = [
     "AGGREGATES",
 ]
 
-AGGREGATES = ("mean", "coordinate_median", "trimmed_mean", "geometric_median")
-# the names SampleMedianSGD's group checks use
-_check_lr, _number, _flag, _validated = check_lr, nonnegative, check_flag, groups.validated
+# the rules SampleMedianSGD runs: those of the registry that run in the optimizer
+AGGREGATES = tuple(name for name, rule in REGISTRY.items() if "optimizer" in rule.places)
+# gm_options' defaults: what the optimizer runs differently from geometric_median (the
+# registry's reason: a fixed iteration count, no wait for the host)
+_GM = REGISTRY["geometric_median"]
+_GM_DEFAULTS = {name: value for name, value in _GM.defaults("optimizer").items()
+                if _GM.defaults("aggregator").get(name) != value}
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,11 +441,11 @@ class SampleMedianSGD(CheckedOptimizer):
     ) -> None:
         if gm_options is not None and not isinstance(gm_options, dict):
             raise TypeError(f"gm_options must be a dict, got {type(gm_options).__name__}")
-        options = {"max_iter": 10, "fixed_iter": True}
+        options = dict(_GM_DEFAULTS)
         options.update(gm_options or {})
         defaults = dict(lr=lr, aggregate=aggregate, scope=scope, trim=trim, gm_options=options,
                         weight_decay=weight_decay, maximize=maximize)
-        _validated(_check_sample_group, defaults, _SAMPLE_KEYS, "SampleMedianSGD", None,
+        groups.validated(_check_sample_group, defaults, _SAMPLE_KEYS, "SampleMedianSGD", None,
                    constructing=True)
         super().__init__(params, defaults)
 
@@ -519,12 +523,12 @@ class SampleMedianSGD(CheckedOptimizer):
 
 
 _SAMPLE_KEYS = ("lr", "aggregate", "scope", "trim", "gm_options", "weight_decay", "maximize")
-_SAMPLE_OPTIONAL = {"scope": "global", "trim": 0.1, "gm_options": {"max_iter": 10, "fixed_iter": True},
+_SAMPLE_OPTIONAL = {"scope": "global", "trim": 0.1, "gm_options": _GM_DEFAULTS,
                     "weight_decay": 0.0, "maximize": False}
 
 
 def _check_sample_group(group: dict) -> None:
-    _check_lr(group["lr"])
+    check_lr(group["lr"])
     # the rules, their names and their options: the registry of median_sgd.aggregators
     get_rule(group["aggregate"], "optimizer", what="aggregate")
     check_choice(group["scope"], "scope", SCOPES)
@@ -533,9 +537,9 @@ def _check_sample_group(group: dict) -> None:
     if not isinstance(options, dict):
         raise TypeError(f"gm_options must be a dict, got {type(options).__name__}")
     REGISTRY["geometric_median"].check(options, "optimizer")
-    _number(group["weight_decay"], "weight_decay")
-    _flag(group, "maximize")
+    nonnegative(group["weight_decay"], "weight_decay")
+    check_flag(group, "maximize")
 
 
 def _validate_sample_group(group: dict, index: Optional[int] = None) -> None:
-    _validated(_check_sample_group, group, _SAMPLE_KEYS, "SampleMedianSGD", index)
+    groups.validated(_check_sample_group, group, _SAMPLE_KEYS, "SampleMedianSGD", index)

@@ -330,8 +330,6 @@ def residual_study(config: Union[str, BGmDTheoryConfig] = "ci", *, device="cpu",
     return records
 
 
-
-
 def run(config: Union[str, BGmDTheoryConfig] = "ci", *, device="cpu", dtype=torch.float64,
         progress: bool = False) -> Result:
     """Lemma 1, Lemma 5 and Figs. 7-8 at a scale or with a custom config.
@@ -348,6 +346,7 @@ def run(config: Union[str, BGmDTheoryConfig] = "ci", *, device="cpu", dtype=torc
         memory=memory_identity(cfg, **kw),
         residual=residual_study(cfg, device=device, progress=progress),
     )
+
 
 # ------------------------------------------------------------ Theorems 1-2, Lemmas 3, 4 and 6
 
