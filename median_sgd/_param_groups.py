@@ -17,6 +17,7 @@ from torch.optim.optimizer import required
 
 from ._checks import check_choice, check_real
 from ._numerics import host_reads_are_free
+from .aggregators import REGISTRY, get_rule
 from .estimators import DIVERGENCES, METHODS, SCOPES
 
 __all__ = ["MEDIAN_SGD_RULES", "CLIP21_RULES", "NONFINITE", "INITS", "OneWorker", "CheckedOptimizer",
@@ -217,15 +218,19 @@ def closure_loss(closure: Optional[Callable[[], torch.Tensor]]):
 
 class CheckedOptimizer(Optimizer):
     """A :class:`torch.optim.Optimizer` whose groups are checked by ``add_param_group``,
-    ``load_state_dict`` and every step. A subclass gives ``_validate_group`` (and may fill
-    options a saved group lacks, ``_fill_loaded``, and check loaded state, ``_check_loaded_state``).
+    ``load_state_dict`` and every step, by the subclass's ``RULES`` (a :class:`GroupRules`); a
+    subclass may add to ``_validate_group``, ``_fill_loaded`` and check loaded state
+    (``_check_loaded_state``).
     """
 
+    RULES: GroupRules
+
     def _validate_group(self, group: dict, index: Optional[int] = None) -> None:
-        raise NotImplementedError
+        self.RULES.validate(group, index)
 
     def _fill_loaded(self) -> None:
         """Fill in options that a loaded (older) state dict's groups lack."""
+        fill_optional(self.param_groups, self.RULES.optional)
 
     def _check_loaded_state(self, p: torch.Tensor, state: dict) -> None:
         """Raise if a loaded parameter's state does not fit it."""
@@ -377,3 +382,31 @@ def _check_clip21_group(group: dict) -> None:
 CLIP21_RULES = GroupRules(
     "Clip21", ("lr", "tau", "n_workers", "div", "scope", "init", "weight_decay", "foreach"),
     {"scope": "global", "init": "zeros", "weight_decay": 0.0, "foreach": None}, _check_clip21_group)
+
+
+# --------------------------------------------------------------------------------------------
+# The options of SampleMedianSGD: its rules, their names and options are the registry's
+
+_GM = REGISTRY["geometric_median"]
+#: gm_options' defaults: what the optimizer runs differently from geometric_median (the
+#: registry's reason: a fixed iteration count, no wait for the host)
+SAMPLE_MEDIAN_GM_DEFAULTS = {name: value for name, value in _GM.defaults("optimizer").items()
+                             if _GM.defaults("aggregator").get(name) != value}
+
+
+def _check_sample_group(group: dict) -> None:
+    check_lr(group["lr"])
+    get_rule(group["aggregate"], "optimizer", what="aggregate")
+    check_choice(group["scope"], "scope", SCOPES)
+    REGISTRY["trimmed_mean"].check({"trim": group["trim"]}, "optimizer")
+    if not isinstance(group["gm_options"], dict):
+        raise TypeError(f"gm_options must be a dict, got {type(group['gm_options']).__name__}")
+    _GM.check(group["gm_options"], "optimizer")
+    nonnegative(group["weight_decay"], "weight_decay")
+    check_flag(group, "maximize")
+
+
+SAMPLE_MEDIAN_RULES = GroupRules(
+    "SampleMedianSGD", ("lr", "aggregate", "scope", "trim", "gm_options", "weight_decay", "maximize"),
+    {"scope": "global", "trim": 0.1, "gm_options": SAMPLE_MEDIAN_GM_DEFAULTS, "weight_decay": 0.0,
+     "maximize": False}, _check_sample_group)

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-__all__ = ["sample_gradients"]
+__all__ = ["sample_gradients", "grad_samples_of"]
 
 
 def sample_gradients(
@@ -79,3 +79,18 @@ def sample_gradients(
         for (_, p), g in zip(named, out):
             p.grad_sample = g
     return losses, out
+
+
+def grad_samples_of(params: List[torch.Tensor]) -> Tuple[List[torch.Tensor], int]:
+    """``([p.grad_sample ...], n)``, each checked to be ``(n, *p.shape)`` in ``p``'s dtype and
+    device (what :class:`~median_sgd.optim.SampleMedianSGD` reads)."""
+    samples = [p.grad_sample for p in params]  # type: ignore[attr-defined]
+    n = samples[0].shape[0]
+    for p, s in zip(params, samples):
+        if s.shape != (n, *p.shape) or s.dtype != p.dtype or s.device != p.device:
+            raise ValueError(
+                f"grad_sample of a parameter of shape {tuple(p.shape)} ({p.dtype}, {p.device}) "
+                f"must have shape {(n, *p.shape)}, its dtype and device; got {tuple(s.shape)} "
+                f"({s.dtype}, {s.device})"
+            )
+    return samples, n

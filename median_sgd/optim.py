@@ -21,17 +21,17 @@ or ``fixed_iter=False`` for a geometric median), so they can run inside CUDA gra
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.optim.optimizer import required
 
 from . import _param_groups as groups
-from ._checks import check_choice, check_real, value_checks
-from ._param_groups import (CLIP21_RULES, MEDIAN_SGD_RULES, NONFINITE, CheckedOptimizer,
-                            OneWorker, check_flag, check_lr, closure_loss, grads_of, lr_value,
-                            nonnegative)
-from ._per_sample import sample_gradients
+from ._checks import check_real, value_checks
+from ._param_groups import (CLIP21_RULES, MEDIAN_SGD_RULES, NONFINITE, SAMPLE_MEDIAN_GM_DEFAULTS,
+                            SAMPLE_MEDIAN_RULES, CheckedOptimizer, OneWorker, closure_loss,
+                            grads_of, lr_value)
+from ._per_sample import grad_samples_of, sample_gradients
 from .aggregators import REGISTRY, get_rule
 from .estimators import METHODS, SCOPES, default_foreach, estimator_update, weight_step
 from .medians import coordinate_median, geometric_median, trimmed_mean
@@ -49,11 +49,6 @@ __all__ = [
 
 # the rules SampleMedianSGD runs: those of the registry that run in the optimizer
 AGGREGATES = tuple(name for name, rule in REGISTRY.items() if "optimizer" in rule.places)
-# gm_options' defaults: what the optimizer runs differently from geometric_median (the
-# registry's reason: a fixed iteration count, no wait for the host)
-_GM = REGISTRY["geometric_median"]
-_GM_DEFAULTS = {name: value for name, value in _GM.defaults("optimizer").items()
-                if _GM.defaults("aggregator").get(name) != value}
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +124,8 @@ class MedianSGD(CheckedOptimizer):
     are checked at every step and on ``load_state_dict``, before anything is modified.
     """
 
+    RULES = MEDIAN_SGD_RULES
+
     def __init__(
         self,
         params,
@@ -151,12 +148,6 @@ class MedianSGD(CheckedOptimizer):
         MEDIAN_SGD_RULES.validate_defaults(defaults)
         self._scratch: dict = {}  # work buffers of the loop path (not state: never saved)
         super().__init__(params, defaults)
-
-    def _validate_group(self, group: dict, index: Optional[int] = None) -> None:
-        MEDIAN_SGD_RULES.validate(group, index)
-
-    def _fill_loaded(self) -> None:
-        groups.fill_optional(self.param_groups, MEDIAN_SGD_RULES.optional)
 
     def _check_loaded_state(self, p: torch.Tensor, state: dict) -> None:
         m = state.get("estimate")
@@ -276,6 +267,8 @@ class Clip21(CheckedOptimizer):
     reading it never synchronises).
     """
 
+    RULES = CLIP21_RULES
+
     def __init__(
         self,
         params,
@@ -307,7 +300,7 @@ class Clip21(CheckedOptimizer):
         groups.restore_worker_state(self)
 
     def _validate_group(self, group: dict, index: Optional[int] = None) -> None:
-        CLIP21_RULES.validate(group, index)
+        super()._validate_group(group, index)
         if group["n_workers"] != self.n_workers:
             where = "a parameter group" if index is None else f"parameter group {index}"
             raise ValueError(
@@ -427,6 +420,8 @@ class SampleMedianSGD(CheckedOptimizer):
     needs no robust estimate). ``zero_grad`` clears ``grad_sample`` too.
     """
 
+    RULES = SAMPLE_MEDIAN_RULES
+
     def __init__(
         self,
         params,
@@ -441,19 +436,11 @@ class SampleMedianSGD(CheckedOptimizer):
     ) -> None:
         if gm_options is not None and not isinstance(gm_options, dict):
             raise TypeError(f"gm_options must be a dict, got {type(gm_options).__name__}")
-        options = dict(_GM_DEFAULTS)
-        options.update(gm_options or {})
+        options = {**SAMPLE_MEDIAN_GM_DEFAULTS, **(gm_options or {})}
         defaults = dict(lr=lr, aggregate=aggregate, scope=scope, trim=trim, gm_options=options,
                         weight_decay=weight_decay, maximize=maximize)
-        groups.validated(_check_sample_group, defaults, _SAMPLE_KEYS, "SampleMedianSGD", None,
-                   constructing=True)
+        SAMPLE_MEDIAN_RULES.validate_defaults(defaults)
         super().__init__(params, defaults)
-
-    def _validate_group(self, group: dict, index: Optional[int] = None) -> None:
-        _validate_sample_group(group, index)
-
-    def _fill_loaded(self) -> None:
-        groups.fill_optional(self.param_groups, _SAMPLE_OPTIONAL)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
@@ -475,20 +462,10 @@ class SampleMedianSGD(CheckedOptimizer):
     def _step_samples(self) -> None:
         work = []
         for index, group in enumerate(self.param_groups):
-            _validate_sample_group(group, index)
+            self._validate_group(group, index)
             params = [p for p in group["params"] if getattr(p, "grad_sample", None) is not None]
-            if not params:
-                continue
-            samples = [p.grad_sample for p in params]
-            n = samples[0].shape[0]
-            for p, s in zip(params, samples):
-                if s.shape != (n, *p.shape) or s.dtype != p.dtype or s.device != p.device:
-                    raise ValueError(
-                        f"grad_sample of a parameter of shape {tuple(p.shape)} ({p.dtype}, "
-                        f"{p.device}) must have shape {(n, *p.shape)}, its dtype and device; got "
-                        f"{tuple(s.shape)} ({s.dtype}, {s.device})"
-                    )
-            work.append((group, params, samples, n))
+            if params:
+                work.append((group, params, *grad_samples_of(params)))
         for group, params, samples, n in work:
             with value_checks(False):
                 updates = self._aggregate(group, samples, n)
@@ -508,38 +485,15 @@ class SampleMedianSGD(CheckedOptimizer):
             flat = geometric_median(G, **group["gm_options"]).median
             sizes = [r.shape[1] for r in rows]
             return [piece.view_as(s[0]) for piece, s in zip(flat.split(sizes), samples)]
-        out = []
-        for r, s in zip(rows, samples):
-            if rule == "mean":
-                a = r.mean(0)
-            elif rule == "coordinate_median":
-                a = coordinate_median(r)
-            elif rule == "trimmed_mean":
-                a = trimmed_mean(r, group["trim"])
-            else:
-                a = geometric_median(r, **group["gm_options"]).median
-            out.append(a.view_as(s[0]))
-        return out
+        return [_ROWS_RULES[rule](r, group).view_as(s[0]) for r, s in zip(rows, samples)]
 
 
-_SAMPLE_KEYS = ("lr", "aggregate", "scope", "trim", "gm_options", "weight_decay", "maximize")
-_SAMPLE_OPTIONAL = {"scope": "global", "trim": 0.1, "gm_options": _GM_DEFAULTS,
-                    "weight_decay": 0.0, "maximize": False}
+# each rule of the optimizer place, on the (n, d) rows of one tensor, with the group's options
+_ROWS_RULES: Dict[str, Callable[[torch.Tensor, dict], torch.Tensor]] = {
+    "mean": lambda rows, group: rows.mean(0),
+    "coordinate_median": lambda rows, group: coordinate_median(rows),
+    "trimmed_mean": lambda rows, group: trimmed_mean(rows, group["trim"]),
+    "geometric_median": lambda rows, group: geometric_median(rows, **group["gm_options"]).median,
+}
+assert set(_ROWS_RULES) == set(AGGREGATES), "every rule of the optimizer place runs here"
 
-
-def _check_sample_group(group: dict) -> None:
-    check_lr(group["lr"])
-    # the rules, their names and their options: the registry of median_sgd.aggregators
-    get_rule(group["aggregate"], "optimizer", what="aggregate")
-    check_choice(group["scope"], "scope", SCOPES)
-    REGISTRY["trimmed_mean"].check({"trim": group["trim"]}, "optimizer")
-    options = group["gm_options"]
-    if not isinstance(options, dict):
-        raise TypeError(f"gm_options must be a dict, got {type(options).__name__}")
-    REGISTRY["geometric_median"].check(options, "optimizer")
-    nonnegative(group["weight_decay"], "weight_decay")
-    check_flag(group, "maximize")
-
-
-def _validate_sample_group(group: dict, index: Optional[int] = None) -> None:
-    groups.validated(_check_sample_group, group, _SAMPLE_KEYS, "SampleMedianSGD", index)
