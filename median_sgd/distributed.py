@@ -6,21 +6,15 @@ aggregate of the ranks' bucket gradients (chapter "Scaling out"), so that a mino
 or Byzantine ranks cannot drag the update anywhere:
 
 * ``"mean"``: the all-reduce mean (DDP's default, for comparison);
-* ``"coordinate_median"`` and ``"trimmed_mean"``: per coordinate. Each rank receives one shard of
-  every rank's vector (``all_to_all``), aggregates its shard, and the shards are gathered back
-  (``all_gather``): about as many bytes per rank as a ring all-reduce, and no rank ever holds all
-  gradients;
-* ``"gm"``: the geometric median, by Weiszfeld rounds of all-reduce (RFA, Pillutla et al.): each
-  round all-gathers the ranks' distances to the current iterate (one number per rank) and
-  all-reduces the weighted sum ``sum_r beta_r (g_r - z)`` (one bucket); the iteration is that of
-  :func:`median_sgd.geometric_median` (same smoothing floor, same stopping rule). It starts at
-  the coordinate-wise median (``init="median"``), not at the mean as RFA does: from the mean, a
-  rank that sends a huge vector leaves a trace that shrinks only geometrically with the number
-  of rounds, so a fixed budget of rounds would not be robust to an unbounded attack;
-* ``"bgmd"``: block geometric median descent per bucket (Acharya et al.): a memory is added to
-  every rank's gradient, a block of ``k`` coordinates is chosen from the all-reduced squared column
-  norms (:func:`median_sgd.select_block`'s rule), the geometric median of the block is computed by
-  the rounds above in ``R^k``, and the rest goes to the memory.
+* ``"coordinate_median"``, ``"trimmed_mean"``: each rank receives one shard of every rank's
+  vector (``all_to_all``), aggregates it, and the shards are gathered back (``all_gather``):
+  about a ring all-reduce's bytes per rank, and no rank ever holds all gradients;
+* ``"gm"``: the geometric median by Weiszfeld rounds (RFA, Pillutla et al.): each round
+  all-gathers the ranks' distances to the iterate (one number per rank) and all-reduces
+  ``sum_r beta_r (g_r - z)`` (one bucket), the iteration of :func:`median_sgd.geometric_median`;
+* ``"bgmd"``: block geometric median descent per bucket (Acharya et al.): a block of ``k``
+  coordinates chosen from the all-reduced squared column norms gets the rounds above in
+  ``R^k``, and the rest goes to a memory.
 
 Every rank computes the identical result: the inputs of every decision are all-reduced or
 all-gathered values, the geometric median runs a fixed number of rounds (``fixed_iter=True``) or
@@ -51,19 +45,19 @@ chapter explains it without starting processes.
 
 from __future__ import annotations
 
-import hashlib
-import math
 import numbers
-from typing import Dict, Hashable, Optional
+from typing import Any, Dict, Hashable, Optional
 
 import torch
 import torch.distributed as dist
 
 from ._checks import check_float_tensor, value_checks
-from ._masked import masked_coordinate_median, masked_trimmed_mean
+from ._masked import finite_rows
 from .aggregators import get_rule, place_defaults
 from .bgmd import bgmd_step, resolve_block_size
-from .weiszfeld import CollectiveCounter, ProcessGroupRanks, SimulatedRanks, ranks_weiszfeld
+from ._ranks import (CollectiveCounter, ProcessGroupRanks, SimulatedRanks, disagreements, hash56,
+                     ranks_coordinatewise, ranks_mean)
+from .weiszfeld import ranks_weiszfeld
 
 __all__ = ["RULES", "RobustHook", "robust_hook", "SimulatedRanks"]
 
@@ -96,20 +90,9 @@ class RobustHook:
 
     def __init__(self, rule: str, **options) -> None:
         self.spec = get_rule(rule, "hook")
-        settings = {**_DEFAULTS, **self.spec.check(options, "hook")}
-        self.rule = rule
-        self.trim: float = settings["trim"]
-        self.eps: float = settings["eps"]
-        self.tol: float = settings["tol"]
-        self.max_iter: int = settings["max_iter"]
-        self.fixed_iter: bool = settings["fixed_iter"]
-        self.init: str = settings["init"]
-        self.k = settings["k"]
-        self.mode: str = settings["mode"]
-        self.memory_rule: Optional[str] = settings["memory"]
-        self.seed: int = settings["seed"]
-        self.power: float = settings["power"]
-        self.options = dict(options)
+        self.rule, self.options = rule, dict(options)
+        #: every option of the hook's rules, the given ones checked, the others their defaults
+        self.settings: Dict[str, Any] = {**_DEFAULTS, **self.spec.check(options, "hook")}
         self.memory: Dict[Hashable, torch.Tensor] = {}
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._counter = CollectiveCounter()
@@ -193,22 +176,14 @@ class RobustHook:
 
     def _fingerprint(self) -> int:
         """A 56-bit hash of the rule and its effective options (the defaults filled in)."""
-        attrs = {"memory": "memory_rule"}
-        values = tuple((o.name, getattr(self, attrs.get(o.name, o.name)))
-                       for o in self.spec.options_in("hook"))
-        return _hash56(repr((self.spec.name, values)))  # aliases of one rule match
+        values = tuple((o.name, self.settings[o.name]) for o in self.spec.options_in("hook"))
+        return hash56(repr((self.spec.name, values)))  # aliases of one rule match
 
-    def _check_same_hook(self, x: torch.Tensor, ranks: "ProcessGroupRanks") -> None:
+    def _check_same_hook(self, x: torch.Tensor, ranks: ProcessGroupRanks) -> None:
         """All-gather (rule and options, length, dtype) once; raise on every rank if they differ."""
-        mine = torch.tensor([self._fingerprint(), x.numel(), _hash56(str(x.dtype))],
-                            dtype=torch.int64, device=x.device)
-        table = ranks.gather_shards(mine).view(ranks.world, 3).tolist()  # the one host read
-        me = table[ranks.rank]
-        problems = []
-        for column, what in ((0, "rule or options"), (1, "tensor length"), (2, "tensor dtype")):
-            other = [r for r, row in enumerate(table) if row[column] != me[column]]
-            if other:
-                problems.append(f"{what} differ(s) from rank(s) {other}")
+        problems = disagreements(ranks, [("rule or options", self._fingerprint()),
+                                         ("tensor length", x.numel()),
+                                         ("tensor dtype", hash56(str(x.dtype)))], x.device)
         if problems:
             raise RuntimeError(
                 f"robust_hook: the ranks of the process group do not run the same hook: on rank "
@@ -230,11 +205,11 @@ class RobustHook:
         if rule == "bgmd":
             out, dropped = self._bgmd(y, ranks, key)
         else:
-            good = _finite(y)
+            good = finite_rows(y)
             if rule == "mean":
-                out, dropped = self._mean(y, good, ranks)
+                out, dropped = ranks_mean(y, good, ranks)
             elif rule in ("coordinate_median", "trimmed_mean"):
-                out, dropped = self._coordinatewise(y, good, ranks)
+                out, dropped = ranks_coordinatewise(y, good, ranks, rule, self.settings["trim"])
             else:
                 out, dropped = self._geometric_median(y, good, ranks)
         self._count_dropped(ranks.shared(dropped))
@@ -244,63 +219,30 @@ class RobustHook:
         total = self._dropped.get(dropped.device)
         self._dropped[dropped.device] = dropped if total is None else total + dropped
 
-    def _mean(self, y, good, ranks):
-        """The mean of the finite ranks, by one all-reduce of ``[y / W, 1]`` (``[0, 0]`` from a
-        dropped rank): the sum, and the number of ranks in it. Dividing by ``W`` first (as DDP's
-        own hook does) keeps the sum from overflowing. Returns the mean and the ranks dropped."""
-        world, n = ranks.world, y.shape[-1]
-        buf = y.new_empty(*y.shape[:-1], n + 1)
-        torch.div(y, world, out=buf[..., :n])
-        buf[..., :n].masked_fill_(~good.unsqueeze(-1), 0.0)
-        buf[..., n] = good
-        total = ranks.all_reduce(buf, inplace=True)
-        count = total[..., n:]  # (..., 1), a whole number; with count 0 the sum is 0 too
-        mean = total[..., :n] * (world / count.clamp_min(1.0))
-        return mean, (world - count.squeeze(-1)).round().long()
-
-    def _coordinatewise(self, y, good, ranks, rule=None):
-        """The sharded per-coordinate rule over the finite ranks, and the ranks dropped.
-
-        Chunk ``s`` of the bucket (padded to ``world * c``) goes to rank ``s`` with this rank's
-        flag appended (``c + 1`` elements), so every rank learns which ranks to leave out.
-        """
-        world, n = ranks.world, y.shape[-1]
-        c = -(-n // world)  # shard length, the bucket padded to world * c
-        lead = y.shape[:-1]
-        padded = torch.nn.functional.pad(y, (0, world * c - n)).view(*lead, world, c)
-        flag = good.to(y.dtype)[..., None, None].expand(*lead, world, 1)
-        chunks = torch.cat([padded, flag], dim=-1).view(*lead, world * (c + 1))
-        received = ranks.all_to_all(chunks)  # (..., world, c + 1): every rank's copy of my shard
-        ok = received[..., c] > 0.5  # (..., world): which ranks' buckets are finite
-        shards = received[..., :c]
-        if (rule or self.spec.name) == "coordinate_median":
-            mine = masked_coordinate_median(shards, ok)
-        else:
-            mine = masked_trimmed_mean(shards, ok, int(math.floor(self.trim * world)))
-        return ranks.gather_shards(mine)[..., :n], (~ok).sum(-1)
-
     def _geometric_median(self, y, good, ranks):
         """Weiszfeld by all-reduce rounds (:func:`median_sgd.weiszfeld.ranks_weiszfeld`: the
         iteration of :func:`median_sgd.geometric_median`) over the finite ranks. Returns the
         median and the ranks dropped."""
-        if self.init == "mean":
-            centre, dropped = self._mean(y, good, ranks)  # as geometric_median starts
+        opts = self.settings
+        if opts["init"] == "mean":
+            centre, dropped = ranks_mean(y, good, ranks)  # as geometric_median starts
         else:
             # the coordinate-wise median: within the honest ranks' range whatever the others send,
             # so a fixed number of rounds suffices however far they are
-            centre, dropped = self._coordinatewise(y, good, ranks, "coordinate_median")
-        median = ranks_weiszfeld(y, good, centre, ranks, eps=self.eps, tol=self.tol,
-                                 max_iter=self.max_iter, fixed_iter=self.fixed_iter)
+            centre, dropped = ranks_coordinatewise(y, good, ranks, "coordinate_median")
+        median = ranks_weiszfeld(y, good, centre, ranks, eps=opts["eps"], tol=opts["tol"],
+                                 max_iter=opts["max_iter"], fixed_iter=opts["fixed_iter"])
         return median, dropped
 
     def _bgmd(self, y, ranks, key):
-        n = y.shape[-1]
-        k = resolve_block_size(self.k, n) if not isinstance(self.k, numbers.Integral) else min(int(self.k), n)
+        n, opts = y.shape[-1], self.settings
+        k = opts["k"]
+        k = resolve_block_size(k, n) if not isinstance(k, numbers.Integral) else min(int(k), n)
         memory = self.memory.get(key)
         if memory is not None and memory.shape != y.shape[-1:]:
             memory = None  # the bucket changed (DDP rebuilds its buckets after the first step)
         a = y if memory is None else y + ranks.spread(memory)
-        good = _finite(a)
+        good = finite_rows(a)
         # squared column norms ||A[:, j]||^2 of the finite ranks
         sq = ranks.shared(ranks.all_reduce(torch.where(good.unsqueeze(-1), a * a, 0.0),
                                            inplace=True))
@@ -312,14 +254,14 @@ class RobustHook:
             return u_block
 
         def memory_of(idx):
-            if self.memory_rule == "mean":
-                residual, _ = self._mean(a, good, ranks)
+            if opts["memory"] == "mean":
+                residual, _ = ranks_mean(a, good, ranks)
             else:
-                residual, _ = self._coordinatewise(a, good, ranks, "coordinate_median")
+                residual, _ = ranks_coordinatewise(a, good, ranks, "coordinate_median")
             return ranks.shared(residual)
 
-        _, out, memory = bgmd_step(sq, k, self.mode, self._generator(sq.device), self.power,
-                                   block_median, memory_of if self.memory_rule else None)
+        _, out, memory = bgmd_step(sq, k, opts["mode"], self._generator(sq.device), opts["power"],
+                                   block_median, memory_of if opts["memory"] else None)
         if memory is None:
             self.memory.pop(key, None)
         else:
@@ -331,22 +273,11 @@ class RobustHook:
         return out, dropped[0]
 
     def _generator(self, device: torch.device) -> Optional[torch.Generator]:
-        if self.mode != "norm":
+        if self.settings["mode"] != "norm":
             return None
         if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.settings["seed"])
         return self._generators[device]
-
-
-def _finite(y: torch.Tensor) -> torch.Tensor:
-    """Whether all of ``y`` is finite, over the last dimension: ``max |y_j|`` is (NaN and inf
-    propagate through it; one pass, no mask of ``y``'s size)."""
-    return torch.isfinite(y.abs().amax(-1))
-
-
-def _hash56(text: str) -> int:
-    """A 56-bit integer hash of ``text`` (fits an int64 exactly; the same in every process)."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
 
 
 def robust_hook(rule: str, **options) -> RobustHook:
@@ -371,12 +302,10 @@ def robust_hook(rule: str, **options) -> RobustHook:
       options apply), the others go to a memory: ``memory="median"`` (the coordinate-wise median
       over ranks), ``"mean"`` (the paper's, which one Byzantine rank controls) or ``None``.
 
-    Every rule drops a rank whose bucket holds a NaN or an Inf (weight 0 in that bucket, the same
-    on every rank, counted in ``hook.stats["dropped"]``; for ``"bgmd"``, a bucket that overflows
-    once the memory is added counts too), and returns 0 when every rank is dropped; the trimmed
-    mean still trims ``floor(trim * world_size)`` values at each end of the ranks that remain
-    (down to their median). Every rank must register the same rule with the same options: the
-    first bucket checks that and raises ``RuntimeError`` on every rank otherwise.
+    Every rule drops a rank whose bucket holds a NaN or an Inf (for ``"bgmd"``, also once the
+    memory is added), counted in ``hook.stats["dropped"]``, and returns 0 when every rank is
+    dropped; the first bucket checks that every rank registered the same rule and options (see
+    the module's docstring).
 
     Returns a :class:`RobustHook`.
     """

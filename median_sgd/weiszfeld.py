@@ -28,9 +28,9 @@ import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from ._numerics import pow2_scale, scaled_l2_norm
+from ._ranks import CollectiveCounter, ProcessGroupRanks, SimulatedRanks
 
 __all__ = ["weiszfeld", "distance_floor", "local_weiszfeld", "weighted_mean", "ranks_weiszfeld", "LocalRows", "RankRows", "ProcessGroupRanks",
            "SimulatedRanks", "CollectiveCounter"]
@@ -421,118 +421,7 @@ def _gram_matrix(X, s, neg, amax, c0):
 
 
 # --------------------------------------------------------------------------------------------
-# One row per rank: a process group, or every rank simulated in one tensor
-
-
-class CollectiveCounter:
-    """Collective calls and elements sent per rank (ring / pairwise algorithms)."""
-
-    def __init__(self) -> None:
-        self.collectives = 0
-        self.elements = 0.0
-
-    def add(self, elements: float) -> None:
-        self.collectives += 1
-        self.elements += elements
-
-
-def _all_gather_into(out: torch.Tensor, t: torch.Tensor, group) -> None:
-    gather = getattr(dist, "all_gather_single", None)  # torch >= 2.13; older: the deprecated name
-    if gather is None:
-        gather = dist.all_gather_into_tensor
-    gather(out, t, group=group)
-
-
-class ProcessGroupRanks:
-    """The collectives of one rank in a ``torch.distributed`` process group.
-
-    Local tensors have no rank dimension: a bucket is ``(n,)``, a per-rank number ``()``.
-    """
-
-    def __init__(self, group, counter: CollectiveCounter) -> None:
-        self.group = group
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        self.counter = counter
-
-    def all_reduce(self, t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """``sum_r t_r`` on every rank (into ``t`` itself with ``inplace=True``)."""
-        out = t if inplace else t.clone()
-        dist.all_reduce(out, group=self.group)
-        self.counter.add(2.0 * (self.world - 1) / self.world * t.numel())
-        return out
-
-    def gather_numbers(self, t: torch.Tensor) -> torch.Tensor:
-        """A per-rank number ``()`` -> ``(world,)``, every rank's value, on every rank."""
-        out = t.new_empty(self.world)
-        _all_gather_into(out, t.reshape(1), self.group)
-        self.counter.add(self.world - 1)
-        return out
-
-    def gather_shards(self, t: torch.Tensor) -> torch.Tensor:
-        """Each rank's ``(c,)`` shard -> the ``(world * c,)`` concatenation, on every rank."""
-        out = t.new_empty(self.world * t.numel())
-        _all_gather_into(out, t.contiguous(), self.group)
-        self.counter.add((self.world - 1) * t.numel())
-        return out
-
-    def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
-        """``(world * c,)`` -> ``(world, c)``: row ``r`` is chunk ``self.rank`` of rank ``r``'s ``t``."""
-        out = torch.empty_like(t)
-        dist.all_to_all_single(out, t.contiguous(), group=self.group)
-        self.counter.add((self.world - 1) / self.world * t.numel())
-        return out.view(self.world, -1)
-
-    def mine(self, t: torch.Tensor) -> torch.Tensor:
-        """This rank's entry of a ``(world,)`` vector."""
-        return t[self.rank]
-
-    def shared(self, t: torch.Tensor) -> torch.Tensor:
-        """A value that is identical on every rank, as one copy (here: itself)."""
-        return t
-
-    def spread(self, t: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`shared`."""
-        return t
-
-
-class SimulatedRanks:
-    """All ``world`` ranks in one process: every local tensor has a leading rank dimension.
-
-    Rank ``r``'s bucket is row ``r`` of a ``(world, n)`` tensor; the collectives act along that
-    dimension, so the aggregation code of :class:`median_sgd.distributed.RobustHook` runs
-    unchanged and every rank's result comes out as a row.
-    """
-
-    def __init__(self, world: int, counter: Optional[CollectiveCounter] = None) -> None:
-        self.world = world
-        self.counter = counter or CollectiveCounter()
-
-    def all_reduce(self, t, inplace=False):
-        self.counter.add(2.0 * (self.world - 1) / self.world * t[0].numel())
-        return t.sum(0, keepdim=True).expand_as(t).clone()
-
-    def gather_numbers(self, t):  # (world,) -> (world, world): row r is what rank r receives
-        self.counter.add(self.world - 1)
-        return t.unsqueeze(0).expand(self.world, self.world).clone()
-
-    def gather_shards(self, t):  # (world, c) -> (world, world * c)
-        self.counter.add((self.world - 1) * t[0].numel())
-        return t.reshape(1, -1).expand(self.world, -1).clone()
-
-    def all_to_all(self, t):  # (world, world * c) -> (world, world, c), out[r, s] = chunk r of s
-        self.counter.add((self.world - 1) / self.world * t[0].numel())
-        return t.reshape(self.world, self.world, -1).transpose(0, 1).contiguous()
-
-    def mine(self, t):  # (world, world) -> (world,): rank r's own entry of its copy
-        idx = torch.arange(self.world, device=t.device)
-        return t[idx, idx]
-
-    def shared(self, t):
-        return t[0]
-
-    def spread(self, t):
-        return t.unsqueeze(0).expand(self.world, *t.shape)
+# One row per rank (the collectives: median_sgd._ranks)
 
 
 class RankRows:

@@ -337,11 +337,10 @@ def test_registry_defaults_are_the_ones_each_place_uses():
                                           if k in ("max_iter", "fixed_iter")}
     assert opt.defaults["trim"] == REGISTRY["trimmed_mean"].defaults("optimizer")["trim"]
 
-    attrs = {"memory": "memory_rule"}
     for name in ("trimmed_mean", "gm", "bgmd"):
         hook, rule = robust_hook(name), REGISTRY[ms.aggregators.get_rule(name).name]
         for option, value in rule.defaults("hook").items():
-            assert getattr(hook, attrs.get(option, option)) == value, (name, option)
+            assert hook.settings[option] == value, (name, option)
 
 
 def test_one_vocabulary_across_the_three_places():

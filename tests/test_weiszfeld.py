@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import median_sgd as ms
+from median_sgd import _ranks as collectives
 from median_sgd import weiszfeld as wz
 from median_sgd.distributed import SimulatedRanks as ExportedSimulatedRanks
 
@@ -201,7 +202,7 @@ def test_simulated_ranks_collectives_and_their_element_counts():
 def test_process_group_ranks_return_and_count_like_the_simulation(monkeypatch, rank):
     # every rank holds the same tensors, so rank `rank` of a process group must return row
     # `rank` of the simulation and count the same elements
-    monkeypatch.setattr(wz, "dist", _IdenticalRanksDist(W, rank))
+    monkeypatch.setattr(collectives, "dist", _IdenticalRanksDist(W, rank))
     pg = wz.ProcessGroupRanks(None, wz.CollectiveCounter())
     sim = SimulatedRanks(W)
     g = torch.Generator().manual_seed(1)
@@ -222,7 +223,7 @@ def test_process_group_ranks_return_and_count_like_the_simulation(monkeypatch, r
 def test_rank_rows_over_a_process_group_run_on_unbatched_rows(monkeypatch):
     # a process group's rank holds one (k,) row, not a (world, k) matrix: the whole Weiszfeld
     # loop must run on it and give the simulation's row (identical ranks: their common row)
-    monkeypatch.setattr(wz, "dist", _IdenticalRanksDist(W, 1))
+    monkeypatch.setattr(collectives, "dist", _IdenticalRanksDist(W, 1))
     pg = wz.ProcessGroupRanks(None, wz.CollectiveCounter())
     g = torch.Generator().manual_seed(2)
     y, centre = torch.randn(7, generator=g, dtype=F64), torch.randn(7, generator=g, dtype=F64)
