@@ -11,7 +11,9 @@
 2. **The hardware floor.** An iteration must read the (n, d) matrix; ours reads it twice
    (distances, then the weighted sum). One iteration of the exact loop (``fixed_iter=True``, the
    difference of 22 and 2 iterations over 20) against a copy of the matrix (``clone``) and one
-   read of it (``sum``), in the same run. Target: an iteration costs at most 2.5 copies. The whole
+   read of it (``sum``), in the same run; where the 20 iterations cost less than the timings'
+   spread, only that bound is recorded (``iteration_bound="at most"``). Target: an iteration
+   costs at most 2.5 copies. The whole
    adaptive solve is reported in copies too (with few samples it iterates on the Gram matrix and
    touches the matrix only a few times).
 3. **Many problems at once**: 256 independent (16, 64) problems (a quarter of the rows of each
@@ -128,12 +130,19 @@ def hardware_floor(device: torch.device, sizes, dtypes, repeat: int) -> List[dic
                              device, repeat=repeat, min_time=0.02)
             t_solve = measure(lambda: ms.geometric_median(G), device, repeat=repeat, min_time=0.02)
             n_solve = int(ms.geometric_median(G).n_iter)
-            t_iter = max(t2["median_s"] - t1["median_s"], 1e-12) / (k2 - k1)
+            # 20 more iterations may cost less than the timings' own spread (the Gram route
+            # makes an iteration n-dimensional work): then only an upper bound is measured, the
+            # spread over 20 iterations, never the difference of two noisy medians
+            spread = max(t["max_s"] - t["min_s"] for t in (t1, t2))
+            extra = t2["median_s"] - t1["median_s"]
+            resolved = extra > spread
+            t_iter = (extra if resolved else spread) / (k2 - k1)
             copies = t_iter / t_copy["median_s"]
             rows.append({
                 "case": "hardware floor", "n": n, "d": d, "dtype": str(dtype).replace("torch.", ""),
                 "bytes": nbytes, "copy_s": t_copy["median_s"], "read_s": t_read["median_s"],
-                "iteration_s": t_iter, "solve_s": t_solve["median_s"], "solve_iter": n_solve,
+                "iteration_s": t_iter, "iteration_bound": "measured" if resolved else "at most",
+                "solve_s": t_solve["median_s"], "solve_iter": n_solve,
                 "copy_GBps": 2 * nbytes / t_copy["median_s"] / 1e9,  # a copy reads and writes
                 "read_GBps": nbytes / t_read["median_s"] / 1e9,
                 "iteration_GBps": nbytes / t_iter / 1e9,  # counting the one read it cannot avoid
@@ -184,7 +193,8 @@ def run(device, *, quick: bool = False) -> List[dict]:
                      "objective_rel_diff", "geom_median_s", "ours_s", "ratio", "met"])
     floor = hardware_floor(device, sizes, dtypes, repeat)
     print_table(f"one Weiszfeld iteration against a copy of the matrix ({device.type})", floor,
-                ["n", "d", "dtype", "copy_s", "read_s", "iteration_s", "copy_GBps", "iteration_GBps",
+                ["n", "d", "dtype", "copy_s", "read_s", "iteration_s", "iteration_bound", "copy_GBps",
+                 "iteration_GBps",
                  "floor_fraction", "solve_iter", "solve_copies", "ratio", "met"])
     many = batched(device, dtypes, repeat)
     print_table(f"256 problems of (16, 64): one batched call vs a Python loop ({device.type})", many,
