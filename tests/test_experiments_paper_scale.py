@@ -1,0 +1,48 @@
+"""The paper-scale runner: configs from --set, the JSON it writes (a tiny reduced run)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from median_sgd.experiments import paper_scale, robust_mean, transformer_gradients
+
+
+def test_paper_config_applies_each_setting_with_the_fields_kind():
+    cfg = paper_scale.paper_config("transformer_gradients",
+                                   ["corpora=pydoc,docstrings", "iterations=7", "batch_sizes=8,16",
+                                    "headline_tau=0.1"])
+    paper = transformer_gradients.CONFIGS["paper"]
+    assert cfg.corpora == ("pydoc", "docstrings") and cfg.iterations == 7
+    assert cfg.batch_sizes == (8, 16) and cfg.headline_tau == 0.1
+    assert cfg.d_model == paper.d_model == 200 and cfg.seq_len == paper.seq_len == 35
+    assert paper.iterations == 1000  # the paper config itself is not changed
+
+
+@pytest.mark.parametrize("bad", ["iterations", "nonsense=3", "iterations=seven"])
+def test_paper_config_refuses_bad_settings(bad):
+    with pytest.raises(ValueError):
+        paper_scale.paper_config("transformer_gradients", [bad])
+
+
+def test_run_paper_scale_writes_the_records_with_device_time_and_differences(tmp_path):
+    settings = ["seeds=3", "sample_sizes=5,11", "tail_alphas=2.0,1.0", "breakdown_n=20",
+                "breakdown_seeds=2", "breakdown_fractions=0.0,0.3", "scene_inliers=20"]
+    path = paper_scale.run_paper_scale("robust_mean", settings, label="reduced", out=tmp_path)
+    assert path == tmp_path / "robust_mean-reduced-cpu.json"
+    data = json.loads(path.read_text())
+    assert data["experiment"] == "robust_mean" and data["device_type"] == "cpu"
+    assert data["seconds"] > 0 and "threads" in data["device"]
+    assert data["differs_from_paper_scale"]["seeds"] == 3
+    assert "dim" not in data["differs_from_paper_scale"]  # unchanged fields are not listed
+    assert data["config"]["dim"] == robust_mean.CONFIGS["paper"].dim
+    assert {"sample_size", "tails", "breakdown"} <= set(data["tables"])
+    assert len(data["tables"]["sample_size"]) > 0
+    assert "scene" in data["tables_not_written"]  # a dict, not a list of records
+
+
+def test_main_reports_a_bad_experiment_as_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        paper_scale.main(["no_such_experiment"])
+    assert info.value.code == 2
