@@ -166,3 +166,10 @@ def test_global_l2_update_of_one_huge_tensor_in_the_multi_tensor_path(method):
     estimator_update([m], [g], tau=0.5, div="l2", method=method, scope="global", foreach=True)
     assert torch.isfinite(m).all()
     torch.testing.assert_close(m, expected)
+
+
+def test_sgd_step_l2_at_g_equal_m_has_finite_gradient():
+    # the subgradient 0 at g = m holds for autograd too: d out / d m = I (no NaN from 0/0)
+    m = torch.tensor([1.0, -2.0, 0.5], dtype=F64, requires_grad=True)
+    ms.sgd_step(m, m.detach().clone(), 0.3, "l2").sum().backward()
+    torch.testing.assert_close(m.grad, torch.ones(3, dtype=F64), rtol=0, atol=0)
