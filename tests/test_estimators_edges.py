@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import median_sgd as ms
-from median_sgd.estimators import lp_norm_grad
+from median_sgd.estimators import estimator_update, lp_norm_grad
 
 F64 = torch.float64
 
@@ -148,3 +148,28 @@ def test_lp_norm_grad_finite_p_is_scale_free_from_tiny_to_huge(p, dtype):
         out = lp_norm_grad((v * (scale / 4)).to(dtype), p)
         rtol = 1e-5 if dtype == torch.float32 or scale < tiny else 1e-12
         torch.testing.assert_close(out.to(F64), reference, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_sgd_step_l2_stands_still_at_g_equal_m(dtype):
+    # the subgradient 0 at g = m, not 0/0 = NaN
+    m = torch.tensor([1.0, -2.0, 0.5], dtype=dtype)
+    torch.testing.assert_close(ms.sgd_step(m, m.clone(), 0.3, "l2"), m, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["spp", "sgd"])
+def test_global_l2_update_of_one_huge_tensor_in_the_multi_tensor_path(method):
+    # a one-tensor bucket whose float32 norm overflows: the scaled multi-tensor path
+    m = torch.zeros(4)
+    g = torch.full((4,), 3e38)
+    expected = (ms.spp_step if method == "spp" else ms.sgd_step)(m.clone(), g, 0.5, "l2")
+    estimator_update([m], [g], tau=0.5, div="l2", method=method, scope="global", foreach=True)
+    assert torch.isfinite(m).all()
+    torch.testing.assert_close(m, expected)
+
+
+def test_sgd_step_l2_at_g_equal_m_has_finite_gradient():
+    # the subgradient 0 at g = m holds for autograd too: d out / d m = I (no NaN from 0/0)
+    m = torch.tensor([1.0, -2.0, 0.5], dtype=F64, requires_grad=True)
+    ms.sgd_step(m, m.detach().clone(), 0.3, "l2").sum().backward()
+    torch.testing.assert_close(m.grad, torch.ones(3, dtype=F64), rtol=0, atol=0)
