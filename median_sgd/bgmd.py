@@ -35,7 +35,7 @@ from .medians import GeometricMedianResult, coordinate_median, geometric_median
 from .weiszfeld import max_abs as _max_abs
 from .weiszfeld import max_abs_matrix as _max_abs_matrix
 
-__all__ = ["select_block", "resolve_block_size", "BGmD", "MODES", "MEMORY_RULES"]
+__all__ = ["select_block", "resolve_block_size", "BGmD", "MODES", "MEMORY_RULES", "check_block_generator"]
 
 MODES = ("norm", "topk")
 MEMORY_RULES = ("mean", "median", "gm", None)
@@ -56,12 +56,39 @@ def resolve_block_size(k: Union[int, float], d: int) -> int:
     return max(1, int(math.floor(k * d + 1e-9)))
 
 
-def _exponential(shape, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+def check_block_generator(generator):
+    """``generator``: ``None``, a ``torch.Generator``, or a tuple of them, one per leading problem.
+
+    A tuple draws each problem's block keys from its own generator, in the order of the
+    problems: a batch of independent runs (one per seed) stacked on a leading dimension then
+    draws exactly the blocks that each run draws alone (the batched trainer of chapter "Robust
+    training experiments")."""
+    if isinstance(generator, tuple):
+        if not generator:
+            raise ValueError("a tuple of generators must not be empty")
+        for g in generator:
+            if not isinstance(g, torch.Generator):
+                raise TypeError(f"each generator of the tuple must be a torch.Generator, got "
+                                f"{type(g).__name__}")
+        return generator
+    return check_generator(generator)
+
+
+def _exponential(shape, generator, device: torch.device) -> torch.Tensor:
     """Exp(1) draws in float64 on ``device`` (drawn on the generator's device when it differs).
 
     float64, so that a draw of exactly 0 (which would make a key infinite) has probability
     ~2**-53 instead of float32's ~2**-24 per column; floored at the smallest normal number.
+    A tuple of generators (:func:`check_block_generator`) draws the last dimension of each
+    leading problem from its own generator.
     """
+    if isinstance(generator, tuple):
+        problems = math.prod(shape[:-1])
+        if problems != len(generator):
+            raise ValueError(f"{len(generator)} generators for {problems} problems of shape "
+                             f"{tuple(shape)}: give one generator per leading problem")
+        rows = [_exponential(shape[-1:], g, device) for g in generator]
+        return torch.stack(rows).reshape(shape)
     where = device if generator is None else generator.device
     # -log1p(-U) is what exponential_ computes on the CPU (the same draws up to rounding), at a
     # third of its cost there.
@@ -77,6 +104,15 @@ def _syncs_are_free(device: torch.device) -> bool:
 
 
 _CHUNK_ELEMENTS = 1 << 19  # CPU column statistics: ~2 MB chunks of G stay in cache
+# CPU column statistics: below max |G| = 2**_SAFE_EXPONENT no square of an entry (nor a sum of n
+# of them) overflows, and above 2**-_SAFE_EXPONENT no square of an entry within 2**40 of the
+# largest underflows, so the plain sums and squares, scaled afterwards, have the scaled bits.
+_SAFE_EXPONENT = 20
+# The k largest of d keys: a kthvalue over all d costs O(d) with a large constant; above this d a
+# threshold estimated from a strided sample of _SAMPLE keys first keeps a few more than k.
+_PREFILTER_MIN = 1 << 16
+_SAMPLE = 1 << 13
+_SAMPLE_SIGMAS = 6.0  # how far below the estimated threshold (binomial standard deviations)
 
 
 def column_stats(G: torch.Tensor, m: Optional[torch.Tensor] = None):
@@ -87,11 +123,13 @@ def column_stats(G: torch.Tensor, m: Optional[torch.Tensor] = None):
     precision, else in ``G``'s dtype. Scaled, no sum overflows whatever the (finite) values
     (a square of 1e20 overflows float32, of 256 float16); the scaling is exact, so ratios and
     orderings (the block's scores) are those of the unscaled statistics. A's statistics come
-    from G's without forming A: ``sum_i A_ij = s_j + n m_j``, ``sum_i A_ij^2 = q_j + m_j (2 s_j + n m_j)``.
+    from G's without forming A: ``sum_i A_ij = s_j + n m_j``, ``sum_i A_ij^2 = q_j + m_j (2 s_j + n m_j)``
+    (chapter "Block geometric median descent", the cost of a block).
 
-    On the CPU one pass over ``G`` in column chunks (each chunk is scaled and squared while it is
-    in cache, and both reductions run as matrix-vector products), several times faster than
-    ``einsum`` or ``(G * G).sum(-2)``; elsewhere the plain reductions.
+    On the CPU one pass over ``G`` in column chunks after its maximum: each chunk's sums and
+    squares are two matrix-vector products, the squares formed while the chunk is in cache; for
+    ``max |G|`` within ``2**+-20`` on the plain values, scaled afterwards (exact), else on the
+    chunk scaled first. Elsewhere the plain reductions.
     """
     n, d = G.shape[-2], G.shape[-1]
     batch = G.shape[:-2]
@@ -101,27 +139,54 @@ def column_stats(G: torch.Tensor, m: Optional[torch.Tensor] = None):
         amax = torch.maximum(amax, _max_abs(m, -1).to(dtype))
     s = _pow2_scale(amax)  # (...,)
     s_rows = s[..., None, None]
-    ones = torch.ones(n, dtype=dtype, device=G.device)
     chunk = max(1024, _CHUNK_ELEMENTS // max(1, n * math.prod(batch)))
     if G.device.type != "cpu" or chunk >= d:
         scaled = torch.mul(G, s_rows)  # in dtype (float32 for half precision)
         sums = scaled.sum(-2)
         squares = scaled.square_().sum(-2)
     else:
-        sum_parts, square_parts = [], []
-        buf = torch.empty(*batch, n, chunk, dtype=dtype, device=G.device)
-        for start in range(0, d, chunk):
-            part = G[..., start:start + chunk]
-            scaled = buf[..., : part.shape[-1]]
-            torch.mul(part, s_rows, out=scaled)
-            sum_parts.append(torch.matmul(ones, scaled))
-            square_parts.append(torch.matmul(ones, scaled.square_()))
-        sums, squares = torch.cat(sum_parts, dim=-1), torch.cat(square_parts, dim=-1)
+        sums, squares = _chunked_column_stats(G, s, amax, chunk, dtype)
     if m is not None:
         ms_ = m.to(dtype) * s[..., None]
         squares = (squares + ms_ * (2 * sums + n * ms_)).clamp_min_(0.0)
         sums = sums + n * ms_
     return s, sums, squares
+
+
+def _chunked_column_stats(G, s, amax, chunk, dtype):
+    """``(s sum_i G_ij, s^2 sum_i G_ij^2)`` on the CPU, ``chunk`` columns at a time (in cache).
+
+    Within ``2**+-_SAFE_EXPONENT`` the plain values: the matrix-vector product reads the chunk in
+    place, and scaling the results by ``s`` and ``s^2`` is exact (no square over- or
+    underflows), so the bits are those of the scaled computation. Otherwise each chunk is scaled
+    first (a copy in cache).
+    """
+    n, d = G.shape[-2], G.shape[-1]
+    batch = G.shape[:-2]
+    ones = torch.ones(n, dtype=dtype, device=G.device)
+    bound = 2.0 ** _SAFE_EXPONENT
+    plain = bool(((amax <= bound) & (amax >= 1.0 / bound)).all())  # the CPU: a free host read
+    convert = G.dtype != dtype
+    sum_parts, square_parts = [], []
+    buf = torch.empty(*batch, G.shape[-2], chunk, dtype=dtype, device=G.device)
+    s_rows = s[..., None, None]
+    for start in range(0, d, chunk):
+        part = G[..., start:start + chunk]
+        work = buf[..., : part.shape[-1]]
+        if plain:
+            if convert:
+                part = work.copy_(part)  # half precision: the chunk in float32
+            sum_parts.append(torch.matmul(ones, part))
+            square_parts.append(torch.matmul(ones, torch.mul(part, part, out=work)))
+        else:
+            torch.mul(part, s_rows, out=work)
+            sum_parts.append(torch.matmul(ones, work))
+            square_parts.append(torch.matmul(ones, work.square_()))
+    sums, squares = torch.cat(sum_parts, dim=-1), torch.cat(square_parts, dim=-1)
+    if plain:
+        sums.mul_(s[..., None])
+        squares.mul_(s[..., None]).mul_(s[..., None])  # s^2 may underflow where s^2 q does not
+    return sums, squares
 
 
 def _largest(keys: torch.Tensor, k: int) -> torch.Tensor:
@@ -130,14 +195,54 @@ def _largest(keys: torch.Tensor, k: int) -> torch.Tensor:
     On the CPU, where a host synchronisation costs nothing, the threshold (``kthvalue``) and a
     mask give the indices in increasing order, which makes the column gather that follows
     faster; on ties at the threshold it falls back to ``topk`` (unordered), as on other devices.
+    For one long vector the threshold is searched among the candidates above a lower bound
+    estimated from a strided sample (:func:`_largest_prefiltered`): the same indices, in the same
+    order, a few times faster.
     """
     d = keys.shape[-1]
     if _syncs_are_free(keys.device) and k < d:
+        if keys.dim() == 1 and d >= _PREFILTER_MIN:
+            found = _largest_prefiltered(keys, k)
+            if found is not None:
+                return found
         threshold = torch.kthvalue(keys, d - k + 1, dim=-1, keepdim=True).values
         mask = keys >= threshold
         if bool((mask.sum(-1) == k).all()):
             return mask.nonzero()[:, -1].reshape(*keys.shape[:-1], k)
     return torch.topk(keys, k, dim=-1, sorted=False).indices
+
+
+def _largest_prefiltered(keys: torch.Tensor, k: int) -> Optional[torch.Tensor]:
+    """The ``k`` largest of the (d,) ``keys`` in increasing index order, or None (then the
+    caller's full search: ties at the threshold, NaN keys, or an estimate that missed).
+
+    A strided sample of ``m`` keys holds about ``Binomial(m, k/d)`` keys above the ``k``-th
+    largest; its ``r``-th largest, ``r`` that mean plus ``_SAMPLE_SIGMAS`` standard deviations,
+    is then a lower bound ``low`` for it, checked exactly: if at least ``k`` keys are
+    ``>= low``, the ``k`` largest are among them, and their threshold is the ``k``-th largest of
+    these candidates alone. The sample uses no random draws, so the generator's state is that of
+    the plain search.
+    """
+    d = keys.shape[-1]
+    stride = max(1, d // _SAMPLE)
+    sample = keys[::stride]
+    m = sample.numel()
+    p = k / d
+    r = int(m * p + _SAMPLE_SIGMAS * math.sqrt(m * p * (1.0 - p))) + 1
+    if r >= m // 2 or bool(torch.isnan(sample).any()):
+        return None  # k near d / 2 or beyond: no saving
+    low = torch.kthvalue(sample, m - r + 1).values
+    candidates = (keys >= low).nonzero().squeeze(-1)  # increasing
+    c = candidates.numel()
+    if c < k or c > d // 2:
+        return None
+    values = keys.index_select(0, candidates)
+    threshold = torch.kthvalue(values, c - k + 1).values
+    keep = values >= threshold
+    if bool(torch.isnan(keys).any()):
+        return None  # the full search ranks NaN first
+    found = candidates[keep]
+    return found if found.numel() == k else None
 
 
 def select_from_squares(
@@ -154,7 +259,8 @@ def select_from_squares(
         scores = sq.to(torch.float64)  # s_j = ||G[:, j]||^power, in float64 (no overflow)
         if power != 2.0:
             scores = scores.pow(0.5 * power)
-        keys = scores / _exponential(sq.shape, generator, sq.device)  # 0 for a zero column
+        clocks = _exponential(sq.shape, generator, sq.device)
+        keys = torch.div(scores, clocks, out=clocks)  # 0 for a zero column
         return _largest(keys, k)
 
 
@@ -216,7 +322,9 @@ class BGmD:
     ``gm_options`` go to :func:`median_sgd.geometric_median` (``eps``, ``tol``, ``max_iter``,
     ``fixed_iter``; with ``fixed_iter=True`` a step has no host synchronisation at all) and are
     also used by the ``"gm"`` memory rule. ``power`` is the exponent of the column norms in the
-    sampling probabilities (see :func:`select_block`).
+    sampling probabilities (see :func:`select_block`). ``generator`` may be a tuple of
+    generators, one per leading problem (:func:`check_block_generator`): each problem then draws
+    its blocks as it would alone.
 
     State: ``agg.memory`` (``None`` until the first call or after ``agg.reset()``), and, for
     diagnostics, ``agg.last_block`` (the indices ``I``), ``agg.last_gm`` (the
@@ -245,7 +353,7 @@ class BGmD:
             resolve_block_size(k, 1)  # validates the fraction
         check_choice(mode, "mode", MODES)
         check_choice(memory, "memory", MEMORY_RULES)
-        check_generator(generator)
+        check_block_generator(generator)
         check_real(power, "power", 0.0, lo_open=True)
         unknown = sorted(set(gm_options) - set(_GM_OPTIONS))
         if unknown:
@@ -318,10 +426,12 @@ class BGmD:
         work = colsum.dtype  # half precision: G + m and the medians in float32
 
         def block_median(idx):
-            block = take_columns(G, idx)
+            block = take_columns(G, idx)  # a copy: the in-place updates below leave G alone
             if m is not None:
                 # A's block; finite values whose sum overflows saturate (a NaN stays)
-                block = _saturate(block.to(work) + torch.gather(m, -1, idx).to(work).unsqueeze(-2))
+                big = torch.finfo(work).max
+                block = block.to(work).add_(torch.gather(m, -1, idx).to(work).unsqueeze(-2))
+                block = block.clamp_(-big, big)
             gm = geometric_median(block, **self.gm_options)
             median = _saturate(gm.median, G.dtype)
             self.last_gm = GeometricMedianResult(median=median, n_iter=gm.n_iter, converged=gm.converged)
