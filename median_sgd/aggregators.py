@@ -43,9 +43,9 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ._checks import ArgumentTypeError, check_choice, check_generator, check_real, check_sample_matrix, value_checks
-from .bgmd import (MEMORY_RULES, MODES, BGmD, bgmd_step, column_stats, resolve_block_size,
-                   take_columns, zero_columns)
+from ._checks import ArgumentTypeError, check_choice, check_real, check_sample_matrix, value_checks
+from .bgmd import (MEMORY_RULES, MODES, BGmD, bgmd_step, check_block_generator, column_stats,
+                   resolve_block_size, take_columns, zero_columns)
 from ._masked import (
     finite_rows,
     gm_weights,
@@ -217,7 +217,8 @@ K = Option("k", 0.1, _check_block_size, "BGmD's block: int coordinates or float 
 MODE = _choice_option("mode", "norm", MODES, "BGmD's block choice (select_block)")
 MEMORY = _choice_option("memory", "mean", MEMORY_RULES, "BGmD's memory rule")
 POWER = _real_option("power", 2.0, 0, lo_open=True, doc="exponent of the column norms in 'norm' mode")
-GENERATOR = Option("generator", None, check_generator, "BGmD's block sampler ('norm' mode)")
+GENERATOR = Option("generator", None, check_block_generator,
+                   "BGmD's block sampler ('norm' mode); a tuple: one per leading problem")
 SEED = _real_option("seed", 0, integer=True, doc="the hook's block sampler seed, the same on every rank")
 F = _real_option("f", REQUIRED, 0, integer=True, label="f (the number of Byzantine rows)",
                  doc="Krum's assumed number of Byzantine rows")

@@ -35,7 +35,7 @@ from .medians import GeometricMedianResult, coordinate_median, geometric_median
 from .weiszfeld import max_abs as _max_abs
 from .weiszfeld import max_abs_matrix as _max_abs_matrix
 
-__all__ = ["select_block", "resolve_block_size", "BGmD", "MODES", "MEMORY_RULES"]
+__all__ = ["select_block", "resolve_block_size", "BGmD", "MODES", "MEMORY_RULES", "check_block_generator"]
 
 MODES = ("norm", "topk")
 MEMORY_RULES = ("mean", "median", "gm", None)
@@ -56,12 +56,39 @@ def resolve_block_size(k: Union[int, float], d: int) -> int:
     return max(1, int(math.floor(k * d + 1e-9)))
 
 
-def _exponential(shape, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+def check_block_generator(generator):
+    """``generator``: ``None``, a ``torch.Generator``, or a tuple of them, one per leading problem.
+
+    A tuple draws each problem's block keys from its own generator, in the order of the
+    problems: a batch of independent runs (one per seed) stacked on a leading dimension then
+    draws exactly the blocks that each run draws alone (the batched trainer of chapter "Robust
+    training experiments")."""
+    if isinstance(generator, tuple):
+        if not generator:
+            raise ValueError("a tuple of generators must not be empty")
+        for g in generator:
+            if not isinstance(g, torch.Generator):
+                raise TypeError(f"each generator of the tuple must be a torch.Generator, got "
+                                f"{type(g).__name__}")
+        return generator
+    return check_generator(generator)
+
+
+def _exponential(shape, generator, device: torch.device) -> torch.Tensor:
     """Exp(1) draws in float64 on ``device`` (drawn on the generator's device when it differs).
 
     float64, so that a draw of exactly 0 (which would make a key infinite) has probability
     ~2**-53 instead of float32's ~2**-24 per column; floored at the smallest normal number.
+    A tuple of generators (:func:`check_block_generator`) draws the last dimension of each
+    leading problem from its own generator.
     """
+    if isinstance(generator, tuple):
+        problems = math.prod(shape[:-1])
+        if problems != len(generator):
+            raise ValueError(f"{len(generator)} generators for {problems} problems of shape "
+                             f"{tuple(shape)}: give one generator per leading problem")
+        rows = [_exponential(shape[-1:], g, device) for g in generator]
+        return torch.stack(rows).reshape(shape)
     where = device if generator is None else generator.device
     # -log1p(-U) is what exponential_ computes on the CPU (the same draws up to rounding), at a
     # third of its cost there.
@@ -216,7 +243,9 @@ class BGmD:
     ``gm_options`` go to :func:`median_sgd.geometric_median` (``eps``, ``tol``, ``max_iter``,
     ``fixed_iter``; with ``fixed_iter=True`` a step has no host synchronisation at all) and are
     also used by the ``"gm"`` memory rule. ``power`` is the exponent of the column norms in the
-    sampling probabilities (see :func:`select_block`).
+    sampling probabilities (see :func:`select_block`). ``generator`` may be a tuple of
+    generators, one per leading problem (:func:`check_block_generator`): each problem then draws
+    its blocks as it would alone.
 
     State: ``agg.memory`` (``None`` until the first call or after ``agg.reset()``), and, for
     diagnostics, ``agg.last_block`` (the indices ``I``), ``agg.last_gm`` (the
@@ -245,7 +274,7 @@ class BGmD:
             resolve_block_size(k, 1)  # validates the fraction
         check_choice(mode, "mode", MODES)
         check_choice(memory, "memory", MEMORY_RULES)
-        check_generator(generator)
+        check_block_generator(generator)
         check_real(power, "power", 0.0, lo_open=True)
         unknown = sorted(set(gm_options) - set(_GM_OPTIONS))
         if unknown:
