@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -53,6 +53,8 @@ __all__ = [
     "build_model",
     "client_gradients",
     "train",
+    "train_runs",
+    "batchable",
     "train_grid",
     "run",
 ]
@@ -67,8 +69,10 @@ class Method:
     aggregator: str
     options: Tuple[Tuple[str, Any], ...] = ()
 
-    def build(self, *, generator: Optional[torch.Generator] = None, gm_options: Optional[dict] = None):
-        """A fresh aggregator (BGmD gets ``generator``; GmD and BGmD get the Weiszfeld options)."""
+    def build(self, *, generator: Union[None, torch.Generator, Tuple[torch.Generator, ...]] = None,
+              gm_options: Optional[dict] = None):
+        """A fresh aggregator (BGmD gets ``generator``, or a tuple of them, one per run; GmD and
+        BGmD get the Weiszfeld options)."""
         options = dict(self.options)
         key = self.aggregator.lower()
         if key in ("bgmd", "gmd", "gm", "geometric_median"):
@@ -261,6 +265,22 @@ def _evaluate(model: nn.Module, data: ImageData, xs: torch.Tensor, batch: int) -
     return correct / len(xs), loss / len(xs)
 
 
+def _run_fields(cfg: BGmDTrainingConfig, method: Method, attack: str, psi: float, seed: int,
+                d: int) -> dict:
+    """The fields every record of one run shares."""
+    return dict(method=method.label, aggregator=method.aggregator, attack=attack, psi=psi,
+                seed=seed, dataset=cfg.dataset, model=cfg.model, d=d, clients=cfg.clients)
+
+
+def _record(base: dict, t: int, per_epoch: int, train_s: float, agg_s: float, lr: float,
+            train_loss: float, acc: float, test_loss: float, residual: Optional[float],
+            diverged: bool) -> dict:
+    """One record of a run (the fields of :func:`train`'s docstring)."""
+    return dict(base, iteration=t, epoch=t / per_epoch, time_s=train_s, aggregation_s=agg_s,
+                lr=lr, train_loss=train_loss, test_accuracy=acc, test_loss=test_loss,
+                relative_residual=residual, diverged=diverged)
+
+
 def _lr_at(cfg: BGmDTrainingConfig, t: int, per_epoch: int, total: int) -> float:
     if cfg.cosine:
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * t / total))
@@ -313,8 +333,7 @@ def train(
         d = count_parameters(model)
         x_test = data.normalize(data.x_test)
         velocity = torch.zeros(d, device=device)
-        base = dict(method=method.label, aggregator=method.aggregator, attack=attack, psi=psi,
-                    seed=seed, dataset=cfg.dataset, model=cfg.model, d=d, clients=cfg.clients)
+        base = _run_fields(cfg, method, attack, psi, seed, d)
         records: List[dict] = []
         loss_sum = torch.zeros((), device=device)
         residual_sum = torch.zeros((), device=device)
@@ -360,12 +379,9 @@ def train(
                 diverged = not math.isfinite(train_loss) or train_loss > cfg.max_loss
                 acc, test_loss = (float("nan"), float("nan")) if diverged else _evaluate(
                     model, data, x_test, cfg.eval_batch)
-                records.append(dict(
-                    base, iteration=t, epoch=t / sampler.per_epoch, time_s=train_s,
-                    aggregation_s=agg_s, lr=lr, train_loss=train_loss, test_accuracy=acc,
-                    test_loss=test_loss,
-                    relative_residual=float(residual_sum) / window if has_residual else None,
-                    diverged=diverged))
+                records.append(_record(
+                    base, t, sampler.per_epoch, train_s, agg_s, lr, train_loss, acc, test_loss,
+                    float(residual_sum) / window if has_residual else None, diverged))
                 loss_sum.zero_()
                 residual_sum.zero_()
                 window = 0
@@ -375,28 +391,262 @@ def train(
     return records
 
 
-def train_grid(cfg: BGmDTrainingConfig, *, device="cpu", progress: bool = False,
-               data: Optional[ImageData] = None) -> List[dict]:
-    """Every run of the grid ``cfg.methods x cfg.attacks x cfg.psis x cfg.seeds``: tidy records
-    (see :func:`train`). ``psi = 0`` is run once per method and seed, as attack ``"none"``."""
+def _stacked_models(cfg: BGmDTrainingConfig, data: ImageData, seeds: Sequence[int], device):
+    """``(model, params)``: a template model and each trainable parameter stacked over the
+    runs, ``(R, *shape)``; run ``r``'s model is initialised after ``torch.manual_seed(seeds[r])``,
+    as :func:`train` initialises it."""
+    template = None
+    per_run = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = build_model(cfg.model, data).to(device)
+        per_run.append({name: p.detach() for name, p in model.named_parameters() if p.requires_grad})
+        template = template or model
+    assert template is not None
+    params = {name: torch.stack([run[name] for run in per_run]) for name in per_run[0]}
+    return template, params
+
+
+def _runs_gradients(model: nn.Module, params: Dict[str, torch.Tensor], x: torch.Tensor,
+                    y: torch.Tensor):
+    """``(G, losses)``: the ``(R, b, d)`` client gradients of every run and the ``(R, b)`` losses,
+    for stacked parameters ``params`` (``(R, *shape)``) and batches ``x`` (R, b, B, C, H, W),
+    ``y`` (R, b, B): :func:`client_gradients`' ``vmap`` over the clients, vmapped over the runs."""
+    from torch.func import functional_call, grad, vmap
+
+    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def client_loss(run_params, xb, yb):
+        loss = F.cross_entropy(functional_call(model, ({**run_params, **frozen}, buffers), (xb,)), yb)
+        return loss, loss.detach()
+
+    per_client = vmap(grad(client_loss, has_aux=True), in_dims=(None, 0, 0), randomness="different")
+    grads, losses = vmap(per_client, in_dims=(0, 0, 0), randomness="different")(params, x, y)
+    R, b = y.shape[:2]
+    return torch.cat([grads[name].reshape(R, b, -1) for name in params], dim=2), losses
+
+
+@torch.no_grad()
+def _evaluate_runs(model: nn.Module, params: Dict[str, torch.Tensor], data: ImageData,
+                   xs: torch.Tensor, batch: int) -> Tuple[List[float], List[float]]:
+    """:func:`_evaluate` of every run at once: lists of ``R`` accuracies and mean test losses."""
+    from torch.func import functional_call, vmap
+
+    was_training = model.training
+    model.eval()
+    R = next(iter(params.values())).shape[0]
+    correct, loss = [0.0] * R, [0.0] * R
+    forward = vmap(lambda p, x: functional_call(model, p, (x,)), in_dims=(0, None))
+    for start in range(0, len(xs), batch):
+        out = forward(params, xs[start:start + batch])  # (R, N, classes)
+        y = data.y_test[start:start + batch]
+        losses = F.cross_entropy(out.transpose(1, 2), y.expand(R, -1), reduction="none").sum(-1)
+        hits = (out.argmax(-1) == y).sum(-1)
+        for r, (value, count) in enumerate(zip(losses.tolist(), hits.tolist())):
+            loss[r] += value
+            correct[r] += count
+    model.train(was_training)
+    return [c / len(xs) for c in correct], [v / len(xs) for v in loss]
+
+
+def batchable(cfg: BGmDTrainingConfig, data: ImageData) -> bool:
+    """Whether :func:`train_runs` can train ``cfg``'s model on ``data``: not with batch norm
+    (:func:`train` updates its running statistics client by client, ``grad_mode="loop"``), nor
+    with ``grad_mode="loop"``."""
+    if cfg.grad_mode == "loop":
+        return False
+    with torch.random.fork_rng(devices=[]):  # building the model draws; the caller's state stays
+        return not _has_batch_norm(build_model(cfg.model, data))
+
+
+def train_runs(
+    cfg: BGmDTrainingConfig,
+    method: Method,
+    runs: Sequence[Tuple[str, float, int]],
+    *,
+    data: Optional[ImageData] = None,
+    device="cpu",
+    progress: bool = False,
+    sync_timing: bool = False,
+) -> List[dict]:
+    """``R`` independent runs ``(attack, psi, seed)`` of one method, trained as one program:
+    ``x_r <- x_r - agg_r(attack_r(gamma G_r))`` for all ``r`` at once; the records of
+    :func:`train` for each run, run after run.
+
+    The parameters of the runs are stacked on a leading dimension and the client gradients are
+    one ``torch.func.vmap`` over the runs of :func:`client_gradients`' ``vmap`` over the clients
+    (``functional_call``); the aggregator maps the ``(R, b, d)`` rows to ``(R, d)`` updates (the
+    medians batch over leading dimensions; BGmD keeps one memory and one block generator per
+    run); the attacks are applied run by run, each with its own generator; runs with the same
+    seed share their index batches. Every run draws exactly what :func:`train` draws for it
+    (its initialisation, batches, corrupted samples and rows, blocks), so the records agree
+    with :func:`train`'s up to rounding: a batched convolution or Weiszfeld iteration may sum
+    in another order (see ``tests/test_experiments_bgmd.py`` for the measured closeness), which
+    a long or chaotic run can amplify. Dropout (LeNet's) draws from torch's global generator
+    under ``vmap``, not the per-run streams of :func:`train`: same distribution, other draws.
+
+    ``time_s`` and ``aggregation_s`` of a record are the batch's wall-clock times divided by
+    ``R``: one run's share. A diverged run stops recording (its rows are zeroed from then on;
+    the others go on). Models with batch norm cannot be batched (:func:`batchable`).
+    """
+    return [record for run_records in _train_batch(cfg, method, runs, data, device, progress,
+                                                   sync_timing)
+            for record in run_records]
+
+
+def _train_batch(cfg: BGmDTrainingConfig, method: Method, runs: Sequence[Tuple[str, float, int]],
+                 data: Optional[ImageData], device, progress: bool,
+                 sync_timing: bool) -> List[List[dict]]:
+    """:func:`train_runs`, the records of each run in a list of their own."""
+    if not runs:
+        return []
+    device = torch.device(device)
     if data is None:
         data = load_images(cfg.dataset, seed=cfg.data_seed)
-    grid = []
-    for psi in cfg.psis:
-        for attack in (("none",) if psi == 0 else cfg.attacks):
-            for m in cfg.methods:
-                for seed in cfg.seeds:
-                    grid.append((m, attack, psi, seed))
-    records: List[dict] = []
-    for m, attack, psi, seed in progress_bar(grid, enabled=progress, desc="runs", unit="run"):
-        records += train(cfg, m, attack, psi, seed, data=data, device=device, progress=False)
+    if not batchable(cfg, data):
+        raise ValueError(f"model {cfg.model!r} with grad_mode={cfg.grad_mode!r} cannot be batched "
+                         "(batch norm, or grad_mode='loop'); use train()")
+    data = data.to(device)
+    R = len(runs)
+    attacks = [make_attack(attack, psi) for attack, psi, _ in runs]
+    seeds = [int(seed) for _, _, seed in runs]
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), value_checks(False):
+        model, params = _stacked_models(cfg, data, seeds, device)
+        model.train()
+        # one sampler per distinct seed (runs that share a seed share its batches), and one draw
+        # generator per run: the attack's draws, then BGmD's block keys, as in train()
+        samplers = {seed: _ClientSampler(data, cfg, torch.Generator().manual_seed(seed + 1))
+                    for seed in dict.fromkeys(seeds)}
+        gen_draws = [torch.Generator().manual_seed(seed + 2) for seed in seeds]
+        gm_options = {"max_iter": cfg.gm_max_iter, "tol": cfg.gm_tol}
+        agg = method.build(generator=tuple(gen_draws), gm_options=gm_options)
+        per_epoch = next(iter(samplers.values())).per_epoch
+        total = max(1, int(round(cfg.epochs * per_epoch)))
+        d = sum(p[0].numel() for p in params.values())
+        x_test = data.normalize(data.x_test)
+        velocity = torch.zeros(R, d, device=device)
+        bases = [_run_fields(cfg, method, attack, psi, seed, d) for attack, psi, seed in runs]
+        records: List[List[dict]] = [[] for _ in runs]
+        active = torch.ones(R, dtype=torch.bool, device=device)
+        live = [True] * R
+        loss_sum = torch.zeros(R, device=device)
+        residual_sum = torch.zeros(R, device=device)
+        window = 0
+        has_residual = False
+        train_s = agg_s = 0.0
+        bar = progress_bar(enabled=progress, total=total, desc=f"{method.label} x{R}", unit="it")
+        for t in range(1, total + 1):
+            start = time.perf_counter()
+            lr = _lr_at(cfg, t - 1, per_epoch, total)
+            idx = {seed: sampler.next().to(device) for seed, sampler in samplers.items()}
+            xs, ys = [], []
+            for r, atk in enumerate(attacks):
+                xb, yb = atk.batch(data.x_train[idx[seeds[r]]], data.y_train[idx[seeds[r]]],
+                                   generator=gen_draws[r])
+                xs.append(xb)
+                ys.append(yb)
+            G, losses = _runs_gradients(model, params, data.normalize(torch.stack(xs)), torch.stack(ys))
+            G = torch.stack([atk.gradients(G[r], generator=gen_draws[r])
+                             for r, atk in enumerate(attacks)])
+            if not all(live):  # a diverged run's rows are zero from then on: no overflow
+                G = torch.where(active[:, None, None], G, 0.0)
+            if sync_timing and device.type == "cuda":
+                torch.cuda.synchronize(device)
+            a0 = time.perf_counter()
+            u = agg(lr * G)
+            if sync_timing and device.type == "cuda":
+                torch.cuda.synchronize(device)
+            agg_s += time.perf_counter() - a0
+            residual = getattr(agg, "last_residual", None)
+            if residual is not None:
+                residual_sum += residual
+                has_residual = True
+            with torch.no_grad():
+                velocity.mul_(cfg.momentum).add_(u)
+                offset = 0
+                for p in params.values():
+                    n = p[0].numel()
+                    p.sub_(velocity[:, offset:offset + n].view_as(p))
+                    if cfg.weight_decay:
+                        p.mul_(1 - lr * cfg.weight_decay)
+                    offset += n
+            loss_sum += losses.mean(-1).detach()
+            window += 1
+            train_s += time.perf_counter() - start
+            bar.update(1)
+            if t % cfg.eval_every == 0 or t == total:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                # divided on the host, as train() divides
+                train_losses = [v / window for v in loss_sum.tolist()]
+                residuals = ([v / window for v in residual_sum.tolist()] if has_residual
+                             else [None] * R)
+                accs, test_losses = _evaluate_runs(model, params, data, x_test, cfg.eval_batch)
+                for r in range(R):
+                    if not live[r]:
+                        continue
+                    diverged = not math.isfinite(train_losses[r]) or train_losses[r] > cfg.max_loss
+                    acc, test_loss = (math.nan, math.nan) if diverged else (accs[r], test_losses[r])
+                    records[r].append(_record(bases[r], t, per_epoch, train_s / R, agg_s / R, lr,
+                                              train_losses[r], acc, test_loss, residuals[r], diverged))
+                    if diverged:
+                        live[r] = False
+                        active[r] = False
+                loss_sum.zero_()
+                residual_sum.zero_()
+                window = 0
+                if not any(live):
+                    break
+        bar.close()
     return records
 
 
+def train_grid(cfg: BGmDTrainingConfig, *, device="cpu", progress: bool = False,
+               data: Optional[ImageData] = None, batched: bool = False,
+               max_runs: Optional[int] = None) -> List[dict]:
+    """Every run of the grid ``cfg.methods x cfg.attacks x cfg.psis x cfg.seeds``: tidy records
+    (see :func:`train`). ``psi = 0`` is run once per method and seed, as attack ``"none"``.
+
+    ``batched=True``: each method's runs are trained together by :func:`train_runs` (at most
+    ``max_runs`` per program; all by default), the same records in the same order, equal up to
+    rounding; a model that cannot be batched (:func:`batchable`) is trained run by run."""
+    if data is None:
+        data = load_images(cfg.dataset, seed=cfg.data_seed)
+    if max_runs is not None:
+        max_runs = int(check_real(max_runs, "max_runs", 1, integer=True))
+    grid = []
+    for psi in cfg.psis:
+        for attack in (("none",) if psi == 0 else cfg.attacks):
+            for i, _ in enumerate(cfg.methods):
+                for seed in cfg.seeds:
+                    grid.append((i, attack, psi, seed))
+    if not (batched and batchable(cfg, data)):
+        records: List[dict] = []
+        for i, attack, psi, seed in progress_bar(grid, enabled=progress, desc="runs", unit="run"):
+            records += train(cfg, cfg.methods[i], attack, psi, seed, data=data, device=device,
+                             progress=False)
+        return records
+    by_run: Dict[int, List[dict]] = {}
+    for i, m in enumerate(progress_bar(cfg.methods, enabled=progress, desc="methods", unit="method")):
+        positions = [j for j, entry in enumerate(grid) if entry[0] == i]
+        size = max_runs or len(positions)
+        for start in range(0, len(positions), size):
+            chunk = positions[start:start + size]
+            runs = [grid[j][1:] for j in chunk]
+            for j, run_records in zip(chunk, _train_batch(cfg, m, runs, data, device, False, False)):
+                by_run[j] = run_records
+    return [record for j in range(len(grid)) for record in by_run[j]]
+
+
 def run(config="ci", *, device="cpu", dtype: Optional[torch.dtype] = None, progress: bool = False,
-        data: Optional[ImageData] = None) -> Result:
+        data: Optional[ImageData] = None, batched: bool = False,
+        max_runs: Optional[int] = None) -> Result:
     """The training grid of a scale (``"ci"``/``"paper"``) or a custom config: table ``records``
-    (:func:`train_grid`). ``dtype``: the models' float32 only (the common signature)."""
+    (:func:`train_grid`, run by run or ``batched``). ``dtype``: the models' float32 only (the
+    common signature)."""
     cfg = resolve_config(config, CONFIGS)
     only_dtype(dtype)
-    return Result(cfg, records=train_grid(cfg, device=device, progress=progress, data=data))
+    return Result(cfg, records=train_grid(cfg, device=device, progress=progress, data=data,
+                                          batched=batched, max_runs=max_runs))
