@@ -72,7 +72,7 @@ def test_run_and_final_accuracy():
     assert len(text) == 2 + len(be.PAPER_TABLES["table2"])
     assert "div." in text[2 + list(be.PAPER_TABLES["table2"]).index(("bit_flip", 0.4))]
     assert "n/a" in text[-1]  # the backdoor was not run in this tiny grid
-    assert text[2].split("|")[1].split() == ["89.4", "83.8", "89.2", "89.0"]
+    assert text[2].split("|")[1].split() == ["89.4±0.3", "83.8±0.3", "89.2±0.2", "89.0±0.3"]
     fig6 = be.final_accuracy(records, "fig6")
     assert {k[2] for k in fig6} == {"BGmD 0.1 M", "BGmD 0.1"}
     with pytest.raises(ValueError, match="unknown experiment"):
@@ -81,3 +81,41 @@ def test_run_and_final_accuracy():
         be.run("huge")
     with pytest.raises(TypeError):
         be.run(42)
+
+
+def test_t_quantiles_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df, t in be.T975.items():
+        assert t == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4)
+
+
+def test_mean_interval():
+    mean, half = be.mean_interval([80.0, 82.0, 84.0])
+    assert mean == 82.0 and half == pytest.approx(4.303 * 2.0 / math.sqrt(3))
+    assert be.mean_interval([5.0, 5.0])[1] == 0.0
+    assert be.mean_interval([7.0])[0] == 7.0 and math.isnan(be.mean_interval([7.0])[1])
+    with pytest.raises(ValueError, match="at least one"):
+        be.mean_interval([])
+    with pytest.raises(ValueError, match="at most 11"):
+        be.mean_interval([1.0] * 12)
+
+
+def _final(seed, acc, diverged=False, attack="none", psi=0.0, m="GmD"):
+    return dict(experiment="table2", attack=attack, psi=psi, method=m, seed=seed, iteration=10,
+                test_accuracy=acc, diverged=diverged, time_s=1.0)
+
+
+def test_final_accuracy_over_seeds_and_the_table_cells():
+    records = [_final(1, 0.82), _final(0, 0.80), _final(2, 0.84),
+               dict(_final(0, 0.1), iteration=5),  # an earlier record: not the final one
+               _final(0, 0.5, m="CmD"), _final(1, math.nan, True, m="CmD"),
+               _final(0, math.nan, True, m="SGD"), _final(1, math.nan, True, m="SGD")]
+    table = be.final_accuracy(records, "table2")
+    gmd = table["none", 0.0, "GmD"]
+    assert gmd["accuracies"] == pytest.approx([80.0, 82.0, 84.0])  # in seed order
+    assert gmd["accuracy"] == pytest.approx(82.0) and gmd["seeds"] == 3
+    assert gmd["interval"] == pytest.approx(4.303 * 2.0 / math.sqrt(3))
+    cmd = table["none", 0.0, "CmD"]
+    assert cmd["diverged"] == 1 and cmd["seeds"] == 2 and math.isnan(cmd["accuracy"])
+    cells = be.comparison_table(records, "table2").splitlines()[2].split("|")[0].split()
+    assert cells == ["clean", "-", "div.", "div.1/2", "n/a", "82.0±5.0"]

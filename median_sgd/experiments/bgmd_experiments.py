@@ -31,7 +31,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 from ..data.images import ImageData, load_images
 from ._common import Result, only_dtype, records_of, resolve_config, scales
-from .bgmd_training import BGmDTrainingConfig, method, train, train_grid
+from .bgmd_training import BGmDTrainingConfig, method, train_grid
 
 __all__ = [
     "EXPERIMENTS",
@@ -178,27 +178,32 @@ CONFIGS: Dict[str, BGmDExperimentsConfig] = scales(ci=_ci(), paper=_paper())
 
 
 def experiment_records(name: str, cfg: BGmDTrainingConfig, data: ImageData, *, device="cpu",
-                       progress: bool = False, warmup: bool = True) -> List[dict]:
-    """The training records of one experiment's grid (:func:`~.bgmd_training.train_grid`),
+                       progress: bool = False, warmup: bool = True, batched: bool = True,
+                       max_runs: Optional[int] = None) -> List[dict]:
+    """The training records of one experiment's grid (:func:`~.bgmd_training.train_grid`; by
+    default each method's runs trained together, ``batched``, at most ``max_runs`` at once),
     each with the field ``experiment``. ``warmup``: first one untimed training step per method,
     so that one-time costs (lazy imports, first calls of ``torch.func``, memory pools) do not
     land in the wall-clock times of whichever run comes first."""
     if warmup:
-        one_step = dataclasses.replace(cfg, epochs=1e-9)  # rounds to a single iteration
-        for m in cfg.methods:
-            train(one_step, m, data=data, device=device)
+        one_step = dataclasses.replace(cfg, epochs=1e-9, seeds=cfg.seeds[:1], psis=(0.0,))
+        train_grid(one_step, device=device, data=data, batched=batched)  # one iteration each
     return [{**r, "experiment": name}
-            for r in train_grid(cfg, device=device, progress=progress, data=data)]
+            for r in train_grid(cfg, device=device, progress=progress, data=data, batched=batched,
+                                max_runs=max_runs)]
 
 
 def run(config: Union[str, BGmDExperimentsConfig] = "ci", experiments: Iterable[str] = EXPERIMENTS,
-        *, device="cpu", dtype=None, progress: bool = False, warmup: bool = True) -> Result:
+        *, device="cpu", dtype=None, progress: bool = False, warmup: bool = True,
+        batched: bool = True, max_runs: Optional[int] = None) -> Result:
     """Each experiment in ``experiments`` (:func:`experiment_records`), each dataset loaded once.
 
     Table ``records`` (field ``experiment``; see
     :func:`~median_sgd.experiments.bgmd_training.train` for the others: ``test_accuracy``,
     ``time_s``, ``diverged``, ...). :func:`final_accuracy` and :func:`comparison_table` take the
-    Result itself. ``dtype``: the models' float32 only (the common signature).
+    Result itself. ``dtype``: the models' float32 only (the common signature). ``batched``,
+    ``max_runs``: see :func:`experiment_records` (run by run with ``batched=False``: the same
+    records up to rounding).
     """
     config = resolve_config(config, CONFIGS)
     only_dtype(dtype)
@@ -212,14 +217,40 @@ def run(config: Union[str, BGmDExperimentsConfig] = "ci", experiments: Iterable[
         if cfg.dataset not in cache:
             cache[cfg.dataset] = load_images(cfg.dataset, seed=cfg.data_seed)
         records += experiment_records(name, cfg, cache[cfg.dataset], device=device,
-                                      progress=progress, warmup=warmup)
+                                      progress=progress, warmup=warmup, batched=batched,
+                                      max_runs=max_runs)
     return Result(config, records=records)
 
 
+#: two-sided 95% quantiles of Student's t distribution, ``T975[df]`` for ``df = 1..10``
+#: (``scipy.stats.t.ppf(0.975, df)``, to 4 digits; ``tests/test_experiments_bgmd.py`` checks them)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228}
+
+
+def mean_interval(values: List[float]) -> Tuple[float, float]:
+    """``(mean, half-width)`` of the 95% Student-t confidence interval for the mean of
+    ``values`` (independent seeds): ``t_{0.975, n-1} s / sqrt(n)`` with ``s`` the sample standard
+    deviation; the half-width is ``nan`` for one value. At most 11 values (the table ``T975``)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_interval needs at least one value")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, math.nan
+    if n - 1 not in T975:
+        raise ValueError(f"mean_interval takes at most {max(T975) + 1} values, got {n}")
+    s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, T975[n - 1] * s / math.sqrt(n)
+
+
 def final_accuracy(records: Union[Result, List[dict]], experiment: str) -> Dict[Tuple[str, float, str], dict]:
-    """Per ``(attack, psi, method)`` of one experiment: the final test accuracy in % (mean over
-    seeds; ``nan`` if any seed diverged), ``diverged`` (how many seeds did), ``seeds``, and the
-    training time ``time_s`` (mean over seeds, machine-dependent)."""
+    """Per ``(attack, psi, method)`` of one experiment: the final test accuracy in % over the
+    seeds: ``accuracies`` (one per seed that did not diverge, in seed order), ``accuracy`` (their
+    mean; ``nan`` if any seed diverged) and ``interval`` (the half-width of its 95% confidence
+    interval, :func:`mean_interval`; ``nan`` with one seed or if any diverged), ``diverged``
+    (how many seeds did), ``seeds``, and the training time ``time_s`` (mean over seeds,
+    machine-dependent)."""
     runs: Dict[Tuple[str, float, str, int], dict] = {}
     for r in records_of(records):
         if r.get("experiment") != experiment:
@@ -228,40 +259,54 @@ def final_accuracy(records: Union[Result, List[dict]], experiment: str) -> Dict[
         if key not in runs or r["iteration"] > runs[key]["iteration"]:
             runs[key] = r
     out: Dict[Tuple[str, float, str], dict] = {}
-    for (attack, psi, name, _), r in runs.items():
-        entry = out.setdefault((attack, psi, name), {"accuracies": [], "diverged": 0, "times": []})
+    for (attack, psi, name, _), r in sorted(runs.items(), key=lambda item: item[0][3]):
+        entry = out.setdefault((attack, psi, name), {"accuracies": [], "diverged": 0, "times": [],
+                                                      "seeds": 0})
+        entry["seeds"] += 1
         entry["diverged"] += bool(r["diverged"])
-        entry["accuracies"].append(100 * r["test_accuracy"])
+        if not r["diverged"]:
+            entry["accuracies"].append(100 * r["test_accuracy"])
         entry["times"].append(r["time_s"])
     for entry in out.values():
-        accs = entry.pop("accuracies")
         times = entry.pop("times")
-        entry["seeds"] = len(accs)
-        entry["accuracy"] = math.nan if entry["diverged"] else sum(accs) / len(accs)
+        mean, half = (math.nan, math.nan) if entry["diverged"] else mean_interval(entry["accuracies"])
+        entry["accuracy"], entry["interval"] = mean, half
         entry["time_s"] = sum(times) / len(times)
     return out
 
 
+def _cell(mean: float, half: float) -> str:
+    return f"{mean:.1f}" if math.isnan(half) else f"{mean:.1f}±{half:.1f}"
+
+
 def comparison_table(records: Union[Result, List[dict]], experiment: str, *, paper: Optional[str] = None,
                      methods: Tuple[str, ...] = ("SGD", "CmD", "BGmD", "GmD")) -> str:
-    """A text table (71 columns) of our final test accuracies (%) next to the paper's
-    (``paper``: a key of :data:`PAPER_TABLES`, default ``experiment``), one row per (attack,
-    psi) of the paper's table. ``div.`` marks a run of ours that diverged, ``-`` the paper's
-    diverged entries, and ``n/a`` a setting we did not run."""
+    """A text table of our final test accuracies (%) next to the paper's (``paper``: a key of
+    :data:`PAPER_TABLES`, default ``experiment``), one row per (attack, psi) of the paper's
+    table: the mean over seeds ± the half-width of its 95% confidence interval (ours:
+    :func:`mean_interval`; the paper's as printed, over 5 seeds). ``div.`` marks a setting
+    in which every seed of ours diverged, ``div.k/n`` one in which ``k`` of ``n`` did, ``-`` the
+    paper's diverged entries, and ``n/a`` a setting we did not run."""
     ours = final_accuracy(records, experiment)
     theirs = PAPER_TABLES[paper or experiment]
-    width = 6 * len(methods)
-    header = "".join(f"{m:>6s}" for m in methods)
+    width = 10 * len(methods)
+    header = "".join(f"{m:>10s}" for m in methods)
     lines = [f"{'':20s}{'ours':^{width}s} | {'paper':^{width}s}",
              f"{'corruption':16s}{'psi':>4s}{header} | {header}"]
     for (attack, psi), row in theirs.items():
         cells = []
         for m in methods:
             entry = ours.get((attack, psi, m))
-            cells.append("n/a" if entry is None else "div." if entry["diverged"]
-                         else f"{entry['accuracy']:.1f}")
-        ref = ["-" if (paper_cell := row[m]) is None else f"{paper_cell[0]:.1f}" for m in methods]
+            if entry is None:
+                cells.append("n/a")
+            elif entry["diverged"] == entry["seeds"]:
+                cells.append("div.")
+            elif entry["diverged"]:
+                cells.append(f"div.{entry['diverged']}/{entry['seeds']}")
+            else:
+                cells.append(_cell(entry["accuracy"], entry["interval"]))
+        ref = ["-" if (paper_cell := row[m]) is None else _cell(*paper_cell) for m in methods]
         label = "-" if psi == 0 else f"{psi:.0%}"
-        lines.append(f"{_SHORT_NAMES[attack]:16s}{label:>4s}" + "".join(f"{c:>6s}" for c in cells)
-                     + " | " + "".join(f"{c:>6s}" for c in ref))
+        lines.append(f"{_SHORT_NAMES[attack]:16s}{label:>4s}" + "".join(f"{c:>10s}" for c in cells)
+                     + " | " + "".join(f"{c:>10s}" for c in ref))
     return "\n".join(lines)
