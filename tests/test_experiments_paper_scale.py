@@ -46,3 +46,41 @@ def test_main_reports_a_bad_experiment_as_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         paper_scale.main(["no_such_experiment"])
     assert info.value.code == 2
+
+
+def test_nested_settings_and_run_arguments():
+    from median_sgd.experiments import bgmd_experiments
+
+    cfg = paper_scale.paper_config("bgmd_experiments", ["table2.dataset=mnist_5k",
+                                                        "table2.seeds=0,1", "table2.epochs=2"])
+    paper = bgmd_experiments.CONFIGS["paper"]
+    assert cfg.table2.dataset == "mnist_5k" and cfg.table2.seeds == (0, 1)
+    assert cfg.table2.epochs == 2.0 and cfg.table2.clients == paper.table2.clients == 32
+    assert cfg.table3 == paper.table3
+    kwargs = paper_scale.run_arguments("bgmd_experiments", ["experiments=table2", "max_runs=4",
+                                                            "batched=false"])
+    assert kwargs == {"experiments": ("table2",), "max_runs": 4, "batched": False}
+    for bad in (["table2=3"], ["table2.nonsense=1"], ["table2.methods=SGD"], ["table2.epochs.x=1"]):
+        with pytest.raises(ValueError):
+            paper_scale.paper_config("bgmd_experiments", bad)
+    for bad in (["device=cuda"], ["nonsense=1"], ["experiments"]):
+        with pytest.raises(ValueError):
+            paper_scale.run_arguments("bgmd_experiments", bad)
+
+
+def test_a_reduced_table2_run_writes_seeds_and_nested_differences(tmp_path):
+    settings = ["table2.dataset=digits", "table2.model=tiny_cnn", "table2.clients=4",
+                "table2.batch_size=8", "table2.epochs=0.05", "table2.seeds=0,1",
+                "table2.psis=0.0,0.2", "table2.attacks=bit_flip", "table2.eval_every=1"]
+    path = paper_scale.run_paper_scale("bgmd_experiments", settings, label="tiny", out=tmp_path,
+                                       arguments=["experiments=table2"])
+    data = json.loads(path.read_text())
+    assert data["run_arguments"] == {"experiments": ["table2"]}
+    assert data["differs_from_paper_scale"]["table2.clients"] == 4
+    assert "table2.lr" not in data["differs_from_paper_scale"] and "table3" not in str(
+        data["differs_from_paper_scale"])
+    records = data["tables"]["records"]
+    assert {r["experiment"] for r in records} == {"table2"}
+    assert {r["seed"] for r in records} == {0, 1}
+    assert {(r["attack"], r["psi"]) for r in records} == {("none", 0.0), ("bit_flip", 0.2)}
+    assert {r["method"] for r in records} == {"SGD", "CmD", "BGmD", "GmD"}
