@@ -84,3 +84,15 @@ def test_a_reduced_table2_run_writes_seeds_and_nested_differences(tmp_path):
     assert {r["seed"] for r in records} == {0, 1}
     assert {(r["attack"], r["psi"]) for r in records} == {("none", 0.0), ("bit_flip", 0.2)}
     assert {r["method"] for r in records} == {"SGD", "CmD", "BGmD", "GmD"}
+
+
+def test_committed_runs_reads_what_run_paper_scale_wrote(tmp_path):
+    assert paper_scale.committed_runs("robust_mean", tmp_path / "missing") == []
+    settings = ["seeds=2", "sample_sizes=5", "tail_alphas=2.0", "breakdown_n=10",
+                "breakdown_seeds=1", "breakdown_fractions=0.0", "scene_inliers=10"]
+    for label in ("b", "a"):
+        paper_scale.run_paper_scale("robust_mean", settings, label=label, out=tmp_path)
+    (tmp_path / "robust_mean_other-x-cpu.json").write_text('{"experiment": "robust_mean_other"}')
+    runs = paper_scale.committed_runs("robust_mean", tmp_path)
+    assert [r["label"] for r in runs] == ["a", "b"]  # by file name; the other experiment left out
+    assert runs[0]["tables"]["sample_size"]

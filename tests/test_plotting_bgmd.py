@@ -118,6 +118,13 @@ def test_training_figures():
     styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
     assert styles == {r"BGmD $\beta$ = 0.05 with memory": "-", r"BGmD $\beta$ = 0.05, no memory": "--",
                       "GmD": ":"}
+    # several seeds: one line per method, the mean over the seeds at each iteration
+    seeded = [dict(r, seed=s, test_accuracy=r["test_accuracy"] + 0.2 * s) for s in (0, 1) for r in fig6]
+    ax = plot_ablation(seeded)
+    gmd = lines_by_label(ax)["GmD"]
+    assert list(gmd.get_xdata()) == [1, 2]
+    assert list(gmd.get_ydata()) == pytest.approx([100 * (0.1 + 0.1), 100 * (0.2 + 0.1)])
+    assert "mean of 2 seeds" in ax.get_ylabel()
 
 
 def test_zoom_and_theorem_figures():

@@ -80,11 +80,21 @@ def test_the_library_block_prints_what_the_prose_says():
 
 
 def test_every_median_sgd_name_in_the_readme_resolves_after_import_median_sgd():
-    names = sorted(set(re.findall(r"\bmedian_sgd(?:\.[A-Za-z_]\w*)+", README)))
+    # (a module run as a command, ``python -m median_sgd.x.y``, is imported by that command:
+    # test_python_m_modules_exist checks those)
+    names = sorted(set(re.findall(r"(?<!-m )\bmedian_sgd(?:\.[A-Za-z_]\w*)+", README)))
     assert "median_sgd.distributed.robust_hook" in names
     code = ("import functools, median_sgd\n"
             f"for name in {names!r}:\n"
             "    functools.reduce(getattr, name.split('.')[1:], median_sgd)\n")
+    result = _run(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_python_m_modules_exist():
+    modules = sorted(set(re.findall(r"python -m (median_sgd(?:\.\w+)+)", README)))
+    assert "median_sgd.experiments.paper_scale" in modules
+    code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
     result = _run(code)
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["paper_config", "run_arguments", "run_paper_scale", "main"]
+__all__ = ["paper_config", "run_arguments", "run_paper_scale", "committed_runs", "main"]
 
 #: where the records go by default (next to the benchmark results)
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "paper-scale"
@@ -190,6 +190,17 @@ def run_paper_scale(experiment: str, settings: Sequence[str] = (), *, device: st
     path = out / f"{experiment}-{label}-{dev.type}.json"
     path.write_text(json.dumps(payload) + "\n")
     return path
+
+
+def committed_runs(experiment: str, directory: Optional[Path] = None) -> List[Dict[str, Any]]:
+    """The JSON payloads :func:`run_paper_scale` wrote for ``experiment`` into ``directory``
+    (default :data:`DEFAULT_OUT`, the checkout's committed records), sorted by file name; an
+    empty list where there are none (e.g. an installed package without the checkout)."""
+    folder = Path(directory) if directory is not None else DEFAULT_OUT
+    if not folder.is_dir():
+        return []
+    return [json.loads(path.read_text()) for path in sorted(folder.glob(f"{experiment}-*.json"))
+            if json.loads(path.read_text()).get("experiment") == experiment]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

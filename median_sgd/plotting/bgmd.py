@@ -348,9 +348,9 @@ def _constrained(ax) -> bool:
 
 
 def plot_ablation(records: List[dict], ax: Optional[plt.Axes] = None, *, experiment: str = "fig6") -> plt.Axes:
-    """Fig. 6 of the BGmD paper: test accuracy against the iteration for BGmD with several
-    ``beta = k/d``, with memory (solid, label ending in "M") and without (dashed), and GmD.
-    Without ``ax``: a column-wide figure with the legend below the panel."""
+    """Fig. 6 of the BGmD paper: test accuracy (the mean over the seeds) against the iteration for
+    BGmD with several ``beta = k/d``, with memory (solid, label ending in "M") and without
+    (dashed), and GmD. Without ``ax``: a column-wide figure with the legend below the panel."""
     ax = one_axes(ax, 3.4)
     rows = [r for r in records if r.get("experiment", experiment) == experiment]
     names = names_in(rows, "method")
@@ -364,10 +364,14 @@ def plot_ablation(records: List[dict], ax: Optional[plt.Axes] = None, *, experim
             label = rf"BGmD $\beta$ = {beta:g}" + (" with memory" if name.endswith(" M") else ", no memory")
         else:
             color, linestyle, label = method_style(name)["color"], ":", name
-        ax.plot([r["iteration"] for r in pts], [100 * r["test_accuracy"] for r in pts], color=color,
+        by_iteration: Dict[int, List[float]] = {}
+        for r in pts:
+            by_iteration.setdefault(r["iteration"], []).append(100 * r["test_accuracy"])
+        ax.plot(list(by_iteration), [sum(v) / len(v) for v in by_iteration.values()], color=color,
                 linestyle=linestyle, label=label)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("test accuracy (%)")
+    seeds = len({r.get("seed", 0) for r in rows})
+    ax.set_ylabel("test accuracy (%)" if seeds == 1 else f"test accuracy (%), mean of {seeds} seeds")
     ax.set_ylim(0, 100)
     ax.grid(True, alpha=0.3)
     if _constrained(ax):
