@@ -76,6 +76,7 @@ ALLOW: dict[tuple[str, str], str] = {
     ("12", "40%"): "a corrupted fraction of attacks.PSI_LEVELS (0, 0.1, 0.2, 0.4)",
     ("12", "90%"): "the impulse attack's amount = 0.9 (pixels set to 0 or 1)",
     ("12", "5%"): "a block fraction beta = 0.05 of bgmd_experiments' fig6 grid",
+    ("12", "95%"): "the confidence level of bgmd_experiments.mean_interval (T975)",
 }
 
 # Names and symbols of settings: a number right after one of them is a setting.

@@ -141,7 +141,7 @@ def _ci() -> BGmDExperimentsConfig:
     # digits, the 412-parameter CNN, 10 clients of 16 samples (8 steps per epoch), 15 epochs.
     base = BGmDTrainingConfig(dataset="digits", model="tiny_cnn", clients=10, batch_size=16,
                               epochs=15.0, lr=0.3, momentum=0.0, eval_every=16,
-                              psis=(0.0, 0.2, 0.4), seeds=(0,))
+                              psis=(0.0, 0.2, 0.4), seeds=(0, 1, 2))
     return BGmDExperimentsConfig(
         # 10% as well: the paper's Figs. 1-3 have a panel for it (its tables do not)
         table2=dataclasses.replace(base, attacks=_ALL_ATTACKS, psis=(0.0, 0.1, 0.2, 0.4)),
@@ -280,13 +280,15 @@ def _cell(mean: float, half: float) -> str:
 
 
 def comparison_table(records: Union[Result, List[dict]], experiment: str, *, paper: Optional[str] = None,
-                     methods: Tuple[str, ...] = ("SGD", "CmD", "BGmD", "GmD")) -> str:
+                     methods: Tuple[str, ...] = ("SGD", "CmD", "BGmD", "GmD"),
+                     skip_missing: bool = False) -> str:
     """A text table of our final test accuracies (%) next to the paper's (``paper``: a key of
     :data:`PAPER_TABLES`, default ``experiment``), one row per (attack, psi) of the paper's
     table: the mean over seeds ± the half-width of its 95% confidence interval (ours:
     :func:`mean_interval`; the paper's as printed, over 5 seeds). ``div.`` marks a setting
     in which every seed of ours diverged, ``div.k/n`` one in which ``k`` of ``n`` did, ``-`` the
-    paper's diverged entries, and ``n/a`` a setting we did not run."""
+    paper's diverged entries, and ``n/a`` a setting we did not run (``skip_missing``: rows we
+    did not run at all are left out)."""
     ours = final_accuracy(records, experiment)
     theirs = PAPER_TABLES[paper or experiment]
     width = 10 * len(methods)
@@ -305,6 +307,8 @@ def comparison_table(records: Union[Result, List[dict]], experiment: str, *, pap
                 cells.append(f"div.{entry['diverged']}/{entry['seeds']}")
             else:
                 cells.append(_cell(entry["accuracy"], entry["interval"]))
+        if skip_missing and all(c == "n/a" for c in cells):
+            continue
         ref = ["-" if (paper_cell := row[m]) is None else _cell(*paper_cell) for m in methods]
         label = "-" if psi == 0 else f"{psi:.0%}"
         lines.append(f"{_SHORT_NAMES[attack]:16s}{label:>4s}" + "".join(f"{c:>10s}" for c in cells)
