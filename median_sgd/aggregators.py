@@ -84,8 +84,8 @@ __all__ = [
 # ("optimizer") and distributed.robust_hook ("hook"). Each option is checked by one function,
 # wherever it is given.
 
-#: where a rule runs: :func:`make_aggregator`, :class:`median_sgd.optim.SampleMedianSGD`,
-#: :func:`median_sgd.distributed.robust_hook`
+#: The places a rule runs in, in this order (:func:`make_aggregator`,
+#: :class:`median_sgd.optim.SampleMedianSGD`, :func:`median_sgd.distributed.robust_hook`).
 PLACES = ("aggregator", "optimizer", "hook")
 
 #: the default of an option that has none: the caller must give it (Krum's ``f``)

@@ -79,7 +79,7 @@ def _exponential(shape, generator, device: torch.device) -> torch.Tensor:
 
     float64, so that a draw of exactly 0 (which would make a key infinite) has probability
     ~2**-53 instead of float32's ~2**-24 per column; floored at the smallest normal number.
-    A tuple of generators (:func:`check_block_generator`) draws the last dimension of each
+    A tuple of generators (:func:`~median_sgd.bgmd.check_block_generator`) draws the last dimension of each
     leading problem from its own generator.
     """
     if isinstance(generator, tuple):
@@ -323,7 +323,7 @@ class BGmD:
     ``fixed_iter``; with ``fixed_iter=True`` a step has no host synchronisation at all) and are
     also used by the ``"gm"`` memory rule. ``power`` is the exponent of the column norms in the
     sampling probabilities (see :func:`select_block`). ``generator`` may be a tuple of
-    generators, one per leading problem (:func:`check_block_generator`): each problem then draws
+    generators, one per leading problem (:func:`~median_sgd.bgmd.check_block_generator`): each problem then draws
     its blocks as it would alone.
 
     State: ``agg.memory`` (``None`` until the first call or after ``agg.reset()``), and, for

@@ -192,7 +192,8 @@ def estimator_update(
     mirror: Optional[Mirror] = None,
     scratch: Optional[dict] = None,
 ) -> None:
-    """``m <- step(m, g, tau, div)`` in place for every pair: :func:`spp_step` / :func:`sgd_step` on lists.
+    """``m <- step(m, g, tau, div)`` in place for every pair: :func:`~median_sgd.spp_step` /
+    :func:`~median_sgd.sgd_step` on lists.
 
     Each tensor is one vector (``scope="param"``) or the concatenation of all is
     (``"global"``; it matters only for ``div="l2"``, as ``"sq"`` and ``"l1"`` act coordinate by
