@@ -58,13 +58,13 @@ ATTACK_NAMES = {
     "backdoor": "label: backdoor",
 }
 
-_SHORT_NAMES = {
+_SHORT_NAMES = {  # at most 10 characters: comparison_table's rows fit in 78 columns
     "none": "clean",
-    "bit_flip": "grad: bit flip",
-    "gradient_noise": "grad: additive",
-    "feature_noise": "feat: additive",
-    "impulse": "feat: impulse",
-    "backdoor": "label: backdoor",
+    "bit_flip": "bit flip",
+    "gradient_noise": "grad noise",
+    "feature_noise": "feat noise",
+    "impulse": "impulse",
+    "backdoor": "backdoor",
 }
 
 _Row = Dict[str, Optional[Tuple[float, float]]]
@@ -282,19 +282,21 @@ def _cell(mean: float, half: float) -> str:
 def comparison_table(records: Union[Result, List[dict]], experiment: str, *, paper: Optional[str] = None,
                      methods: Tuple[str, ...] = ("SGD", "CmD", "BGmD", "GmD"),
                      skip_missing: bool = False) -> str:
-    """A text table of our final test accuracies (%) next to the paper's (``paper``: a key of
-    :data:`PAPER_TABLES`, default ``experiment``), one row per (attack, psi) of the paper's
-    table: the mean over seeds ± the half-width of its 95% confidence interval (ours:
-    :func:`mean_interval`; the paper's as printed, over 5 seeds). ``div.`` marks a setting
-    in which every seed of ours diverged, ``div.k/n`` one in which ``k`` of ``n`` did, ``-`` the
-    paper's diverged entries, and ``n/a`` a setting we did not run (``skip_missing``: rows we
-    did not run at all are left out)."""
+    """A text table (78 columns for four methods) of our final test accuracies (%) next to the
+    paper's (``paper``: a key of :data:`PAPER_TABLES`, default ``experiment``), one row per
+    (attack, psi) of the paper's table. Ours: the mean over seeds ± the half-width of its 95%
+    confidence interval (:func:`mean_interval`); the paper's: its mean over 5 seeds (its
+    intervals are in :data:`PAPER_TABLES`). ``div.`` marks a setting in which every seed of
+    ours diverged, ``div.k/n`` one in which ``k`` of ``n`` did, ``-`` the paper's diverged
+    entries, and ``n/a`` a setting we did not run (``skip_missing``: rows we did not run at all
+    are left out). Rows: ``bit flip`` and ``grad noise`` corrupt gradients, ``feat noise``,
+    ``impulse`` and ``backdoor`` samples."""
     ours = final_accuracy(records, experiment)
     theirs = PAPER_TABLES[paper or experiment]
-    width = 10 * len(methods)
-    header = "".join(f"{m:>10s}" for m in methods)
-    lines = [f"{'':20s}{'ours':^{width}s} | {'paper':^{width}s}",
-             f"{'corruption':16s}{'psi':>4s}{header} | {header}"]
+    lines = [f"{'':15s}{'ours: mean ± 95% interval':^{10 * len(methods)}s} | "
+             f"{'paper':^{5 * len(methods)}s}",
+             f"{'corruption':10s}{'psi':>5s}" + "".join(f"{m:>10s}" for m in methods) + " | "
+             + "".join(f"{m:>5s}" for m in methods)]
     for (attack, psi), row in theirs.items():
         cells = []
         for m in methods:
@@ -309,8 +311,8 @@ def comparison_table(records: Union[Result, List[dict]], experiment: str, *, pap
                 cells.append(_cell(entry["accuracy"], entry["interval"]))
         if skip_missing and all(c == "n/a" for c in cells):
             continue
-        ref = ["-" if (paper_cell := row[m]) is None else _cell(*paper_cell) for m in methods]
+        ref = ["-" if (paper_cell := row[m]) is None else f"{paper_cell[0]:.1f}" for m in methods]
         label = "-" if psi == 0 else f"{psi:.0%}"
-        lines.append(f"{_SHORT_NAMES[attack]:16s}{label:>4s}" + "".join(f"{c:>10s}" for c in cells)
-                     + " | " + "".join(f"{c:>10s}" for c in ref))
+        lines.append(f"{_SHORT_NAMES[attack]:10s}{label:>5s}" + "".join(f"{c:>10s}" for c in cells)
+                     + " | " + "".join(f"{c:>5s}" for c in ref))
     return "\n".join(lines)
