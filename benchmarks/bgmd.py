@@ -29,8 +29,13 @@ sampling; ``map topk``: the authors' top-k, at k = d/10 only) against the conver
 geometric median over ``n`` in {8, 32, 128}, ``d`` in {10^4, 10^5, 10^6} and ``k/d`` in
 {0.01, 0.1, 0.3}, clean and under bit flips; the full median and every block size of one matrix
 are timed interleaved. Each row also carries the parts of the cost model
-(:func:`cost_model`), each measured on its own at that size, and the ratio it predicts
-(``predicted_ratio``) from the measured iteration counts.
+(:func:`cost_model`), each timed on its own at that size (in the same interleaved series), and
+the ratio it predicts
+(``predicted_ratio``) from the measured iteration counts. The map's times are the *minimum* over
+the repetitions (the other rows: the median), and on the CPU they are the process's CPU time
+(``time.process_time``, one thread), not wall-clock time: on a shared machine with more jobs
+than cores a wall clock also counts the time the others hold the core, which the minimum of a
+few repetitions does not remove.
 
 Both sides run with value checks off (``median_sgd.value_checks(False)``): the finiteness check
 of the full matrix would otherwise add the same O(n d) pass to both. BGmD runs with the paper's
@@ -40,6 +45,7 @@ BGmD are timed interleaved (``measure_pair``), so load drifts hit both.
 
 from __future__ import annotations
 
+import time
 from typing import List
 
 import torch
@@ -121,6 +127,11 @@ def cost_model(n: int, d: int, k: int, gm_iter: int, bgmd_iter: int, parts: dict
             "predicted_ratio": full / bgmd}
 
 
+def map_clock(device: torch.device):
+    """The map's clock: the process's CPU time on the CPU, wall-clock time elsewhere."""
+    return time.process_time if torch.device(device).type == "cpu" else time.perf_counter
+
+
 def _fixed_costs(device, repeat: int) -> dict:
     """``step_s``, ``call_s`` and ``bgmd_call_s`` on a tiny ``(8, 64)`` matrix, where every
     operation costs its fixed (dispatch) cost rather than memory traffic."""
@@ -129,7 +140,8 @@ def _fixed_costs(device, repeat: int) -> dict:
     def gm(m):
         return lambda: ms.geometric_median(G, max_iter=m, fixed_iter=True)
 
-    one, many = measure_interleaved([gm(1), gm(21)], device, warmup=3, repeat=repeat)
+    one, many = measure_interleaved([gm(1), gm(21)], device, warmup=3, repeat=repeat,
+                                    clock=map_clock(device))
     step = max((many["min_s"] - one["min_s"]) / 20, 0.0)
     call = max(one["min_s"] - 2 * step, 0.0)  # mean, max |G|, the first pass and one step
     gen = torch.Generator(device=device).manual_seed(0)
@@ -142,35 +154,38 @@ def _fixed_costs(device, repeat: int) -> dict:
                              lambda: select_from_squares(sq, 8, "norm", gen, 2.0),
                              lambda: take_columns(G, idx),
                              lambda: ms.geometric_median(block, max_iter=1, fixed_iter=True)],
-                            device, warmup=3, repeat=repeat)
+                            device, warmup=3, repeat=repeat, clock=map_clock(device))
     bgmd_call = max(t[0]["min_s"] - sum(x["min_s"] for x in t[1:]), 0.0)
     return {"step_s": step, "call_s": call, "bgmd_call_s": bgmd_call}
 
 
-def _size_parts(G, device, repeat: int) -> dict:
-    """``read_s``, ``pass_s`` and ``gemm_s`` of one matrix (see :func:`cost_model`)."""
+def _size_parts(G, device) -> tuple:
+    """The timed functions of ``read_s``, ``pass_s`` and ``gemm_s`` of one matrix (see
+    :func:`cost_model`) and how to turn their times into those parts."""
     n, d = G.shape
+    passes = 5  # pass_s = (T(1 + passes) - T(1)) / passes: a difference of two longer solves
 
     def gm(m):
         return lambda: ms.geometric_median(G, max_iter=m, fixed_iter=True)
 
-    fns = [lambda: G.sum(), gm(1), gm(3)]
+    fns = [lambda: G.sum(), gm(1), gm(1 + passes)]
     if uses_gram(n, d):
         fns.append(lambda: torch.matmul(G, G.mT))
-    t = measure_interleaved(fns, device, warmup=1, repeat=repeat)
-    return {"read_s": t[0]["min_s"], "pass_s": max((t[2]["min_s"] - t[1]["min_s"]) / 2, 0.0),
-            "gemm_s": t[3]["min_s"] if len(t) > 3 else 0.0}
+
+    def parts(t):
+        return {"read_s": t[0], "pass_s": max((t[2] - t[1]) / passes, 0.0),
+                "gemm_s": t[3] if len(t) > 3 else 0.0}
+
+    return fns, parts
 
 
-def _block_parts(G, agg, k: int, mode: str, device, repeat: int) -> dict:
-    """``stats_s``, ``select_s`` and ``gather_s`` of BGmD's step on ``G`` with block size ``k``."""
+def _block_parts(G, agg, k: int, mode: str, device) -> tuple:
+    """The timed functions of ``select_s`` and ``gather_s`` of BGmD's step on ``G`` with block
+    size ``k`` (the column statistics cost the same for every block: timed once)."""
     gen = torch.Generator(device=device).manual_seed(1)
     sq = column_stats(G, agg.memory)[2]
     idx = select_from_squares(sq, k, mode, gen, 2.0)
-    t = measure_interleaved([lambda: column_stats(G, agg.memory),
-                             lambda: select_from_squares(sq, k, mode, gen, 2.0),
-                             lambda: take_columns(G, idx)], device, warmup=1, repeat=repeat)
-    return {"stats_s": t[0]["min_s"], "select_s": t[1]["min_s"], "gather_s": t[2]["min_s"]}
+    return [lambda: select_from_squares(sq, k, mode, gen, 2.0), lambda: take_columns(G, idx)]
 
 
 def map_rows(device: torch.device, *, quick: bool = False, ns=None, dims=None) -> List[dict]:
@@ -178,19 +193,19 @@ def map_rows(device: torch.device, *, quick: bool = False, ns=None, dims=None) -
     ratio, gm_iter, bgmd_iter, gram, read_s, pass_s, gemm_s, stats_s, select_s, gather_s, step_s,
     call_s, bgmd_call_s, gm_model_s, bgmd_model_s, block_gm_model_s, predicted_ratio}``.
 
-    Per matrix, the full geometric median and BGmD at every block size (norm sampling; top-k at
-    k = d/10) are timed interleaved; the parts of :func:`cost_model` are timed on their own."""
+    Per matrix, the full geometric median, BGmD at every block size (norm sampling; top-k at
+    k = d/10) and each part of :func:`cost_model` (each on its own) are timed in one interleaved
+    series; the fixed costs once, on a tiny matrix."""
     ns = ns or ((8, 32) if quick else MAP_NS)
     dims = dims or ((10**4,) if quick else MAP_DIMS)
     fractions = (0.01, 0.1) if quick else MAP_FRACTIONS
     fixed = _fixed_costs(device, repeat=5 if quick else 15)
     rows = []
     for d in dims:
-        repeat = 3 if quick else (9 if d <= 10**4 else 7 if d <= 10**5 else 5)
+        repeat = 3 if quick else (25 if d <= 10**4 else 13 if d <= 10**5 else 5)
         for n in ns:
             for scenario, flip in (("clean", 0.0), ("bit_flip", 0.2)):
                 G = gradient_matrix(n, d, flip=flip, device=device)
-                size = _size_parts(G, device, repeat)
                 blocks = [("map", "norm", f) for f in fractions]
                 if TOPK_FRACTION in fractions:
                     blocks.append(("map topk", "topk", TOPK_FRACTION))
@@ -200,19 +215,32 @@ def map_rows(device: torch.device, *, quick: bool = False, ns=None, dims=None) -
                     agg = ms.BGmD(int(frac * d), mode=mode, memory="mean", generator=gen)
                     agg(G)  # the memory is warm from now on
                     aggs.append(agg)
-                times = measure_interleaved([lambda: ms.geometric_median(G)]
-                                            + [(lambda a=a: a(G)) for a in aggs],
-                                            device, warmup=1, repeat=repeat)
+                # One interleaved series for everything timed on this matrix: the two sides at
+                # every block size and every part of the cost model see the same load.
+                size_fns, size_parts = _size_parts(G, device)
+                part_fns = [f for (_, mode, frac), agg in zip(blocks, aggs)
+                            for f in _block_parts(G, agg, int(frac * d), mode, device)]
+                stats_fn = [lambda: column_stats(G, aggs[0].memory)]
+                fns = ([lambda: ms.geometric_median(G)] + [(lambda a=a: a(G)) for a in aggs]
+                       + size_fns + stats_fn + part_fns)
+                times = [t["min_s"] for t in measure_interleaved(fns, device, warmup=1, repeat=repeat,
+                                                                 clock=map_clock(device))]
+                gm_s, bgmd_times = times[0], times[1:1 + len(aggs)]
+                rest = times[1 + len(aggs):]
+                size = size_parts(rest[:len(size_fns)])
+                stats_s = rest[len(size_fns)]
+                part_times = rest[len(size_fns) + 1:]
                 gm_iter = int(ms.geometric_median(G).n_iter)
-                for (case, mode, frac), agg, t in zip(blocks, aggs, times[1:]):
+                for b, ((case, _, frac), agg, bgmd_s) in enumerate(zip(blocks, aggs, bgmd_times)):
                     k = int(frac * d)
-                    parts = {**fixed, **size, **_block_parts(G, agg, k, mode, device, repeat)}
+                    parts = {**fixed, **size, "stats_s": stats_s, "select_s": part_times[2 * b],
+                             "gather_s": part_times[2 * b + 1]}
                     bgmd_iter = int(agg.last_gm.n_iter)
                     row = {"case": case, "n": n, "d": d, "k": k, "k_frac": frac,
-                           "scenario": scenario, "gm_s": times[0]["min_s"],
-                           "bgmd_s": t["min_s"], "ratio": times[0]["min_s"] / t["min_s"],
-                           "gm_iter": gm_iter, "bgmd_iter": bgmd_iter, "gram": uses_gram(n, d),
-                           "block_gram": uses_gram(n, k), **parts}
+                           "scenario": scenario, "gm_s": gm_s, "bgmd_s": bgmd_s,
+                           "ratio": gm_s / bgmd_s, "gm_iter": gm_iter, "bgmd_iter": bgmd_iter,
+                           "gram": uses_gram(n, d), "block_gram": uses_gram(n, k),
+                           "clock": map_clock(device).__name__, **parts}
                     row.update(cost_model(n, d, k, gm_iter, bgmd_iter, parts))
                     rows.append(row)
                 G = aggs = None  # free the matrix before the next size
