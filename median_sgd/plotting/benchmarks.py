@@ -379,5 +379,5 @@ def plot_bgmd_map(rows: List[dict], axes: Optional[Sequence[plt.Axes]] = None):
                        label=s.replace("_", " ")) for j, s in enumerate(scenarios)]
     handles.append(Line2D([], [], linestyle="none", marker="o", markersize=7, markerfacecolor="none",
                           markeredgecolor="black", label="cost model"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
+    fig.legend(handles=handles, loc="outside lower center", ncol=3)
     return panels
