@@ -207,3 +207,17 @@ def test_bgmd_map_draws_one_panel_per_block_fraction():
     plt.close("all")
     with pytest.raises(ValueError):
         plot_bgmd_map([])
+
+
+def test_committed_bgmd_map_is_complete():
+    # chapter 14 draws the map from the committed bgmd results: every (n, d, k/d, scenario)
+    folder = REPO / "benchmarks" / "results"
+    if not (folder / "bgmd-cpu.json").is_file():
+        pytest.skip("no committed bgmd results")
+    res = load_benchmark_results(folder, suites=["bgmd"])
+    pay = benchmark_rows(res, "bgmd", "map")
+    assert len({(r["n"], r["d"], r["k_frac"], r["scenario"]) for r in pay}) == len(pay) == 54
+    assert len(benchmark_rows(res, "bgmd", "map topk")) == 18
+    for r in pay:
+        assert r["ratio"] == pytest.approx(r["gm_s"] / r["bgmd_s"])
+        assert {"predicted_ratio", "gm_iter", "bgmd_iter", "gram", "select_s", "pass_s"} <= set(r)
