@@ -51,11 +51,13 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
 
 
 def measure_interleaved(fns: Sequence[Callable[[], object]], device: torch.device, *, warmup: int = 2,
-                        repeat: int = 7) -> List[dict]:
+                        repeat: int = 7, clock: Callable[[], float] = time.perf_counter) -> List[dict]:
     """:func:`measure` of several functions with their repetitions interleaved.
 
     On a shared machine the load drifts; alternating the timed calls exposes all of them to the
-    same drift, so their ratios are steadier than those of separate series.
+    same drift, so their ratios are steadier than those of separate series. ``clock`` reads the
+    time (default: wall-clock; ``time.process_time``, the process's CPU time, leaves out the
+    time other processes hold the cores, on the CPU with one thread).
     """
     for _ in range(warmup):
         for f in fns:
@@ -64,10 +66,10 @@ def measure_interleaved(fns: Sequence[Callable[[], object]], device: torch.devic
     samples = [[] for _ in fns]
     for _ in range(repeat):
         for f, out in zip(fns, samples):
-            start = time.perf_counter()
+            start = clock()
             f()
             synchronize(device)
-            out.append(time.perf_counter() - start)
+            out.append(clock() - start)
     return [{"median_s": statistics.median(x), "min_s": min(x), "max_s": max(x), "repeat": repeat}
             for x in samples]
 

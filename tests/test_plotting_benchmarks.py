@@ -19,6 +19,7 @@ from median_sgd.plotting import (  # noqa: E402
     benchmark_rows,
     load_benchmark_results,
     machine_label,
+    plot_bgmd_map,
     plot_hardware_floor,
     plot_solver_times,
     plot_targets,
@@ -178,3 +179,45 @@ def test_machine_label():
     assert machine_label(cpu) == "AMD EPYC, 2 cores, 1 thread"
     assert machine_label(dict(cpu, cpu_count=1, threads=4)) == "AMD EPYC, 1 core, 4 threads"
     assert machine_label({"device_type": "cuda", "device": "NVIDIA H100"}) == "NVIDIA H100"
+
+
+def _map_rows():
+    rows = []
+    for frac in (0.01, 0.1):
+        for n in (8, 32):
+            for scenario in ("clean", "bit_flip"):
+                for d in (10**4, 10**5):
+                    rows.append({"case": "map", "n": n, "d": d, "k": int(frac * d), "k_frac": frac,
+                                 "scenario": scenario, "ratio": 0.5 + n / 16, "predicted_ratio": 1.0})
+    return rows
+
+
+def test_bgmd_map_draws_one_panel_per_block_fraction():
+    axes = plot_bgmd_map(_map_rows())
+    assert len(axes) == 2 and [ax.get_title() for ax in axes] == ["k/d = 0.01", "k/d = 0.1"]
+    # per panel: 2 n x 2 scenarios, a measured line and the model's circles each, and the line at 1
+    assert all(len(ax.lines) == 2 * 2 * 2 + 1 for ax in axes)
+    assert axes[0].get_xscale() == "log" and axes[0].get_yscale() == "log"
+    measured = [ln for ln in axes[0].lines if ln.get_linestyle() in ("-", "--")]
+    assert sorted({tuple(ln.get_ydata()) for ln in measured}) == [(1.0, 1.0), (2.5, 2.5)]
+    fig = axes[0].figure
+    assert fig.get_figwidth() <= COLUMN_WIDTH + 1e-9
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["n = 8", "n = 32", "clean", "bit flip", "cost model"]
+    plt.close("all")
+    with pytest.raises(ValueError):
+        plot_bgmd_map([])
+
+
+def test_committed_bgmd_map_is_complete():
+    # chapter 14 draws the map from the committed bgmd results: every (n, d, k/d, scenario)
+    folder = REPO / "benchmarks" / "results"
+    if not (folder / "bgmd-cpu.json").is_file():
+        pytest.skip("no committed bgmd results")
+    res = load_benchmark_results(folder, suites=["bgmd"])
+    pay = benchmark_rows(res, "bgmd", "map")
+    assert len({(r["n"], r["d"], r["k_frac"], r["scenario"]) for r in pay}) == len(pay) == 54
+    assert len(benchmark_rows(res, "bgmd", "map topk")) == 18
+    for r in pay:
+        assert r["ratio"] == pytest.approx(r["gm_s"] / r["bgmd_s"])
+        assert {"predicted_ratio", "gm_iter", "bgmd_iter", "gram", "select_s", "pass_s"} <= set(r)

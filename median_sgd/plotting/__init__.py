@@ -61,6 +61,7 @@ from .benchmarks import (
     benchmark_rows,
     load_benchmark_results,
     machine_label,
+    plot_bgmd_map,
     plot_hardware_floor,
     plot_solver_times,
     plot_targets,

@@ -26,6 +26,7 @@ __all__ = [
     "plot_solver_times",
     "plot_hardware_floor",
     "plot_targets",
+    "plot_bgmd_map",
     "machine_label",
     "target_factor",
 ]
@@ -327,3 +328,56 @@ def plot_targets(results: Dict[str, dict], suites: Sequence[str] = ("medians", "
     ax.set_xlabel("target met by a factor of (log scale; below 1: missed)")
     ax.grid(True, axis="x", which="major", alpha=0.3)
     return ax
+
+
+_N_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+
+
+def plot_bgmd_map(rows: List[dict], axes: Optional[Sequence[plt.Axes]] = None):
+    """Where converged BGmD beats the converged full geometric median: ``gm_s / bgmd_s`` against
+    ``d``, one panel per block fraction ``k/d``, one colour per ``n``.
+
+    ``rows``: the ``"map"`` rows of the ``bgmd`` suite. Solid lines: clean data, dashed: 20% bit
+    flips; open circles: the ratio the cost model predicts (``predicted_ratio``, clean and bit
+    flips alike). Above the dotted line at 1 BGmD is faster. Log scales on both axes, the same
+    ratio axis in every panel. Without ``axes``: a figure the width of the book's column, one
+    legend below the panels.
+    """
+    if not rows:
+        raise ValueError("no rows to plot")
+    fracs = sorted({r["k_frac"] for r in rows})
+    ns = sorted({r["n"] for r in rows})
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    fig, drawn = _figure(axes, len(fracs), ROW_HEIGHT + 0.6, sharey=True)
+    panels = list(np.atleast_1d(drawn))
+    for ax, frac in zip(panels, fracs):
+        for i, n in enumerate(ns):
+            color = _N_COLORS[i % len(_N_COLORS)]
+            for j, scenario in enumerate(scenarios):
+                sel = sorted((r for r in rows if r["k_frac"] == frac and r["n"] == n
+                              and r["scenario"] == scenario), key=lambda r: r["d"])
+                if not sel:
+                    continue
+                ds = [r["d"] for r in sel]
+                ax.plot(ds, [r["ratio"] for r in sel], color=color, marker="o", markersize=4,
+                        linestyle="--" if j else "-", linewidth=1.3)
+                ax.plot(ds, [r["predicted_ratio"] for r in sel], linestyle="none", marker="o",
+                        markersize=7, markerfacecolor="none", markeredgecolor=color,
+                        markeredgewidth=0.8)
+        ax.axhline(1.0, color="black", linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _plain_log_ticks(ax.yaxis)
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_title(f"k/d = {frac:g}")
+        ax.set_xlabel("d")
+        ax.grid(True, which="major", alpha=0.3)
+    panels[0].set_ylabel("full GM time / BGmD time")
+    handles = [Line2D([], [], color=_N_COLORS[i % len(_N_COLORS)], linewidth=1.3, label=f"n = {n}")
+               for i, n in enumerate(ns)]
+    handles += [Line2D([], [], color="black", linestyle="--" if j else "-", linewidth=1.3,
+                       label=s.replace("_", " ")) for j, s in enumerate(scenarios)]
+    handles.append(Line2D([], [], linestyle="none", marker="o", markersize=7, markerfacecolor="none",
+                          markeredgecolor="black", label="cost model"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=3)
+    return panels
