@@ -281,6 +281,65 @@ def _record(base: dict, t: int, per_epoch: int, train_s: float, agg_s: float, lr
                 relative_residual=residual, diverged=diverged)
 
 
+class _Window:
+    """Sums of the training losses and BGmD residuals since the last evaluation, one per run
+    (``shape`` ``()`` for one run, ``(R,)`` for ``R``), on the device: no host sync per step."""
+
+    def __init__(self, shape, device) -> None:
+        self.loss_sum = torch.zeros(shape, device=device)
+        self.residual_sum = torch.zeros(shape, device=device)
+        self.count = 0
+        self.has_residual = False
+
+    def add(self, loss: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
+        if residual is not None:
+            self.residual_sum += residual
+            self.has_residual = True
+        self.loss_sum += loss
+        self.count += 1
+
+    def means(self) -> Tuple[List[float], List[Optional[float]]]:
+        """The window's mean losses and residuals per run (None without residuals), divided on
+        the host; the sums start again from zero."""
+        losses = [v / self.count for v in self.loss_sum.reshape(-1).tolist()]
+        residuals: List[Optional[float]] = (
+            [v / self.count for v in self.residual_sum.reshape(-1).tolist()]
+            if self.has_residual else [None] * len(losses))
+        self.loss_sum.zero_()
+        self.residual_sum.zero_()
+        self.count = 0
+        return losses, residuals
+
+
+def _aggregate(agg, G: torch.Tensor, device: torch.device, sync_timing: bool):
+    """``(u, seconds, residual)``: the aggregator's update of ``G``, its wall-clock time (after
+    synchronising a GPU first and last when ``sync_timing``) and its ``last_residual`` (or None)."""
+    if sync_timing and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    u = agg(G)
+    if sync_timing and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return u, time.perf_counter() - start, getattr(agg, "last_residual", None)
+
+
+@torch.no_grad()
+def _momentum_step(params: Sequence[torch.Tensor], velocity: torch.Tensor, u: torch.Tensor, lr: float,
+                   cfg: BGmDTrainingConfig) -> None:
+    """``v <- momentum v + u``, ``x <- (x - v)(1 - lr weight_decay)`` for the flat ``velocity``
+    ``(..., d)`` cut into the ``params`` in order (one run, or ``R`` stacked runs ``(R, *shape)``
+    against ``(R, d)``)."""
+    velocity.mul_(cfg.momentum).add_(u)
+    runs = velocity[..., 0].numel()  # 1, or R
+    offset = 0
+    for p in params:
+        n = p.numel() // runs
+        p.sub_(velocity[..., offset:offset + n].view_as(p))
+        if cfg.weight_decay:
+            p.mul_(1 - lr * cfg.weight_decay)
+        offset += n
+
+
 def _lr_at(cfg: BGmDTrainingConfig, t: int, per_epoch: int, total: int) -> float:
     if cfg.cosine:
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * t / total))
@@ -335,10 +394,7 @@ def train(
         velocity = torch.zeros(d, device=device)
         base = _run_fields(cfg, method, attack, psi, seed, d)
         records: List[dict] = []
-        loss_sum = torch.zeros((), device=device)
-        residual_sum = torch.zeros((), device=device)
-        window = 0
-        has_residual = False
+        window = _Window((), device)
         train_s = agg_s = 0.0
         bar = progress_bar(enabled=progress, total=total, desc=f"{method.label} {attack} {psi:g}", unit="it")
         for t in range(1, total + 1):
@@ -348,43 +404,22 @@ def train(
             xb, yb = atk.batch(data.x_train[idx], data.y_train[idx], generator=gen_draw)
             G, losses = client_gradients(model, data.normalize(xb), yb, mode=cfg.grad_mode)
             G = atk.gradients(G, generator=gen_draw)
-            if sync_timing and device.type == "cuda":
-                torch.cuda.synchronize(device)
-            a0 = time.perf_counter()
-            u = agg(lr * G)
-            if sync_timing and device.type == "cuda":
-                torch.cuda.synchronize(device)
-            agg_s += time.perf_counter() - a0
-            residual = getattr(agg, "last_residual", None)
-            if residual is not None:
-                residual_sum += residual
-                has_residual = True
-            with torch.no_grad():
-                velocity.mul_(cfg.momentum).add_(u)
-                offset = 0
-                for p in params:
-                    n = p.numel()
-                    p.sub_(velocity[offset:offset + n].view_as(p))
-                    if cfg.weight_decay:
-                        p.mul_(1 - lr * cfg.weight_decay)
-                    offset += n
-            loss_sum += losses.mean().detach()
-            window += 1
+            u, seconds, residual = _aggregate(agg, lr * G, device, sync_timing)
+            agg_s += seconds
+            _momentum_step(params, velocity, u, lr, cfg)
+            window.add(losses.mean().detach(), residual)
             train_s += time.perf_counter() - start
             bar.update(1)
             if t % cfg.eval_every == 0 or t == total:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                train_loss = float(loss_sum) / window
+                (train_loss,), (residual,) = window.means()
                 diverged = not math.isfinite(train_loss) or train_loss > cfg.max_loss
                 acc, test_loss = (float("nan"), float("nan")) if diverged else _evaluate(
                     model, data, x_test, cfg.eval_batch)
                 records.append(_record(
                     base, t, sampler.per_epoch, train_s, agg_s, lr, train_loss, acc, test_loss,
-                    float(residual_sum) / window if has_residual else None, diverged))
-                loss_sum.zero_()
-                residual_sum.zero_()
-                window = 0
+                    residual, diverged))
                 if diverged:
                     break
         bar.close()
@@ -531,10 +566,7 @@ def _train_batch(cfg: BGmDTrainingConfig, method: Method, runs: Sequence[Tuple[s
         records: List[List[dict]] = [[] for _ in runs]
         active = torch.ones(R, dtype=torch.bool, device=device)
         live = [True] * R
-        loss_sum = torch.zeros(R, device=device)
-        residual_sum = torch.zeros(R, device=device)
-        window = 0
-        has_residual = False
+        window = _Window((R,), device)
         train_s = agg_s = 0.0
         bar = progress_bar(enabled=progress, total=total, desc=f"{method.label} x{R}", unit="it")
         for t in range(1, total + 1):
@@ -552,37 +584,17 @@ def _train_batch(cfg: BGmDTrainingConfig, method: Method, runs: Sequence[Tuple[s
                              for r, atk in enumerate(attacks)])
             if not all(live):  # a diverged run's rows are zero from then on: no overflow
                 G = torch.where(active[:, None, None], G, 0.0)
-            if sync_timing and device.type == "cuda":
-                torch.cuda.synchronize(device)
-            a0 = time.perf_counter()
-            u = agg(lr * G)
-            if sync_timing and device.type == "cuda":
-                torch.cuda.synchronize(device)
-            agg_s += time.perf_counter() - a0
-            residual = getattr(agg, "last_residual", None)
-            if residual is not None:
-                residual_sum += residual
-                has_residual = True
-            with torch.no_grad():
-                velocity.mul_(cfg.momentum).add_(u)
-                offset = 0
-                for p in params.values():
-                    n = p[0].numel()
-                    p.sub_(velocity[:, offset:offset + n].view_as(p))
-                    if cfg.weight_decay:
-                        p.mul_(1 - lr * cfg.weight_decay)
-                    offset += n
-            loss_sum += losses.mean(-1).detach()
-            window += 1
+            u, seconds, residual = _aggregate(agg, lr * G, device, sync_timing)
+            agg_s += seconds
+            _momentum_step(list(params.values()), velocity, u, lr, cfg)
+            window.add(losses.mean(-1).detach(), residual)
             train_s += time.perf_counter() - start
             bar.update(1)
             if t % cfg.eval_every == 0 or t == total:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 # divided on the host, as train() divides
-                train_losses = [v / window for v in loss_sum.tolist()]
-                residuals = ([v / window for v in residual_sum.tolist()] if has_residual
-                             else [None] * R)
+                train_losses, residuals = window.means()
                 accs, test_losses = _evaluate_runs(model, params, data, x_test, cfg.eval_batch)
                 for r in range(R):
                     if not live[r]:
@@ -594,9 +606,6 @@ def _train_batch(cfg: BGmDTrainingConfig, method: Method, runs: Sequence[Tuple[s
                     if diverged:
                         live[r] = False
                         active[r] = False
-                loss_sum.zero_()
-                residual_sum.zero_()
-                window = 0
                 if not any(live):
                     break
         bar.close()
