@@ -138,3 +138,19 @@ def test_bgmd_aggregator_gm_memory_ignores_dropped_rows():
     alone = make_aggregator("bgmd", k=2, mode="topk", memory="gm", tol=0.0, max_iter=200)
     torch.testing.assert_close(agg(G), alone(finite))
     torch.testing.assert_close(agg.memory, alone.memory)
+
+
+@pytest.mark.parametrize("memory", ["mean", "gm"])
+def test_bgmd_aggregator_step_with_every_row_dropped_leaves_no_memory(memory):
+    # no finite row: the update is 0 and the memory holds nothing (the gm rule's median of no
+    # rows is NaN, stored as 0), so the next step is a fresh aggregator's first step
+    gen = torch.Generator().manual_seed(7)
+    G1, G3 = torch.randn(2, 5, 6, generator=gen, dtype=F64)
+    agg = make_aggregator("bgmd", k=2, mode="topk", memory=memory)
+    agg(G1)
+    assert bool((agg.memory != 0).any())
+    out = agg(torch.full((5, 6), float("nan"), dtype=F64))
+    torch.testing.assert_close(out, torch.zeros(6, dtype=F64), rtol=0, atol=0)
+    torch.testing.assert_close(agg.memory, torch.zeros(6, dtype=F64), rtol=0, atol=0)
+    fresh = make_aggregator("bgmd", k=2, mode="topk", memory=memory)
+    torch.testing.assert_close(agg(G3), fresh(G3), rtol=0, atol=0)
