@@ -146,10 +146,12 @@ def _top_k_by_sort(norms, k):
     return torch.sort(torch.argsort(norms, descending=True, stable=True)[:k]).values
 
 
-@pytest.mark.parametrize("k", [1, 37, 3000, LONG // 2 - 1, LONG - 1])
-def test_select_block_topk_on_one_long_vector(k):
+@pytest.mark.parametrize("d,k", [(LONG, 1), (LONG, 37), (LONG, 3000), (LONG, LONG // 2 - 1),
+                                 (LONG, LONG - 1), (1 << 19, 1), (1 << 19, 5)])
+def test_select_block_topk_on_one_long_vector(d, k):
+    # (d = 2**19, small k: the sample's expected count of keys above the threshold is ~1/64)
     gen = torch.Generator().manual_seed(k)
-    G = torch.randn(1, LONG, generator=gen, dtype=F64)  # distinct |G_j|: no ties
+    G = torch.randn(1, d, generator=gen, dtype=F64)  # distinct |G_j|: no ties
     block = ms.select_block(G, k, mode="topk")
     assert torch.equal(block, _top_k_by_sort(G[0].abs(), k))
 
