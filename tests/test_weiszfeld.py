@@ -272,3 +272,17 @@ def test_gram_route_never_counts_more_than_max_iter():
     out = ms.geometric_median(X, tol=0.0, max_iter=40)  # (Gram stages of 19, 14 and 39 steps)
     # tol = 0: no problem converges, each uses exactly max_iter iterations
     assert out.n_iter.tolist() == [40, 40, 40] and not bool(out.converged.any())
+
+
+def test_gram_route_with_two_batch_dimensions_matches_each_problem_alone():
+    # (2, 3) problems of 8 rows in R^8192: the Gram route (n <= 64, n d >= 2**16) for each
+    g = torch.Generator().manual_seed(10)
+    X = torch.randn(2, 3, 8, 8192, generator=g, dtype=F64)
+    X[..., :3, :] += 2.0
+    X[1] += 50.0 * torch.randn(8192, generator=g, dtype=F64)  # a common component (centred K)
+    out = ms.geometric_median(X)
+    assert out.median.shape == (2, 3, 8192)
+    for i in range(2):
+        for j in range(3):
+            alone = ms.geometric_median(X[i, j])
+            torch.testing.assert_close(out.median[i, j], alone.median, rtol=1e-9, atol=1e-9)
