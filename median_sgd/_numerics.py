@@ -42,7 +42,9 @@ def pow2_scale(amax: torch.Tensor, top: int = 0) -> torch.Tensor:
     """
     dtype = amax.dtype
     finfo = torch.finfo(dtype)
-    max_exp = int(math.log2(finfo.max)) + 1  # 128 for float32
+    # 128 for float32, 1024 for float64 (not int(log2(max)) + 1: log2 of float64's max rounds
+    # to 1024.0, which made the clip 2**-1023 and the scale 0 for max |x| >= 2**1022)
+    max_exp = math.frexp(finfo.max)[1]
     min_exp = int(math.log2(finfo.tiny))  # -126 for float32
     _, e = torch.frexp(amax)
     e = torch.where(torch.isfinite(amax), e - top, 0).clamp(min_exp + 2, max_exp - 2)

@@ -40,3 +40,117 @@ def test_batched_problems_with_dropped_rows_match_each_problem_alone(name, optio
             torch.testing.assert_close(out[i, j], single(G[i, j]), rtol=1e-10, atol=1e-12)
             assert int(single.last_dropped) == dropped[i, j]
     assert bool(torch.isfinite(out).all())
+
+
+# --------------------------------------------------------------------------------------------
+# Found by the second mutation pass (benchmarks/results/mutation/README.md)
+
+
+def test_hook_seed_option_must_be_an_integer():
+    # the hook seeds one torch.Generator per device with it: 2.5 is a caller's error, not 2
+    from median_sgd.aggregators import resolve_rule
+    assert resolve_rule("bgmd", "hook", seed=3)[1]["seed"] == 3
+    with pytest.raises(ValueError, match="seed"):
+        resolve_rule("bgmd", "hook", seed=2.5)
+
+
+def test_geometric_median_repr_lists_its_options():
+    assert repr(make_aggregator("gmd")) == "GeometricMedian()"
+    assert repr(make_aggregator("gmd", eps=1e-6, max_iter=7)) == "GeometricMedian(eps=1e-06, max_iter=7)"
+
+
+def _krum_by_hand(G, f, m=1):
+    """Blanchard et al.'s rule, written out: score_i = sum of the n - f - 2 smallest
+    ||G_i - G_j||^2 over j != i; the mean of the m rows of smallest score."""
+    n = G.shape[0]
+    scores = []
+    for i in range(n):
+        sq = sorted(float(((G[i] - G[j]) ** 2).sum()) for j in range(n) if j != i)
+        scores.append(sum(sq[: n - f - 2]))
+    best = sorted(range(n), key=lambda i: scores[i])[:m]
+    return torch.tensor(scores, dtype=G.dtype), G[best].mean(0)
+
+
+def test_krum_never_counts_a_dropped_row_as_a_neighbour():
+    # A NaN row is zeroed before the distances; were it a neighbour, the finite row next to the
+    # origin would score ~0 and win. Krum of the finite rows alone picks the cluster at (10, 0).
+    finite = torch.tensor([[0.1, 0.0], [10.0, 0.0], [10.0, 1.0], [11.0, 0.0], [10.0, -1.0]], dtype=F64)
+    G = torch.cat([finite, torch.full((2, 2), float("nan"), dtype=F64)])
+    _, expected = _krum_by_hand(finite, f=1)
+    torch.testing.assert_close(expected, torch.tensor([10.0, 0.0], dtype=F64))
+    agg = make_aggregator("krum", f=1)
+    torch.testing.assert_close(agg(G), expected)
+    assert int(agg.last_dropped) == 2
+
+
+def test_krum_scores_and_multi_krum_of_batched_problems_match_the_formula():
+    from median_sgd.aggregators import krum, krum_scores
+    gen = torch.Generator().manual_seed(3)
+    G = torch.randn(4, 7, 3, generator=gen, dtype=F64)  # (problems, n, d), n != d != problems
+    scores = krum_scores(G, 2)
+    assert scores.shape == (4, 7)
+    out = krum(G, 2, m=3)
+    assert out.shape == (4, 3)
+    for i in range(4):
+        by_hand_scores, by_hand = _krum_by_hand(G[i], f=2, m=3)
+        torch.testing.assert_close(scores[i], by_hand_scores)
+        torch.testing.assert_close(out[i], by_hand)
+
+
+def test_bgmd_aggregator_counts_dropped_rows_per_problem():
+    G = _batch_with_bad_rows()
+    agg = make_aggregator("bgmd", k=2, mode="topk")
+    out = agg(G)
+    assert agg.last_dropped is not None and agg.last_dropped.tolist() == [[0, 2], [0, 3], [1, 0]]
+    for i in range(3):
+        for j in range(2):
+            single = make_aggregator("bgmd", k=2, mode="topk")
+            torch.testing.assert_close(out[i, j], single(G[i, j]), rtol=1e-10, atol=1e-12)
+
+
+def _column_median(A):
+    return A.median(dim=0).values  # n odd: the middle value, no convention to choose
+
+
+def test_bgmd_aggregator_median_memory_is_the_median_of_the_memory_augmented_rows():
+    # memory="median": m_J = median_i (G_i + m)_J, m_I = 0; check two steps by hand (n odd)
+    gen = torch.Generator().manual_seed(5)
+    G1, G2 = torch.randn(2, 7, 6, generator=gen, dtype=F64)
+    G2[:, :3] *= 4.0  # the second block differs from the first
+    agg = make_aggregator("bgmd", k=2, mode="topk", memory="median")
+    m = torch.zeros(6, dtype=F64)
+    for G in (G1, G2):
+        agg(G)
+        A = G + m
+        block = torch.topk(A.square().sum(0), 2).indices
+        m = _column_median(A)
+        m[block] = 0.0
+        torch.testing.assert_close(agg.memory, m)
+    assert bool((m != 0).any())
+
+
+def test_bgmd_aggregator_gm_memory_ignores_dropped_rows():
+    # memory="gm" over the finite rows only: the same memory as BGmD on those rows alone
+    gen = torch.Generator().manual_seed(6)
+    finite = torch.randn(6, 5, generator=gen, dtype=F64) + 3.0
+    G = torch.cat([finite[:2], torch.full((1, 5), float("nan"), dtype=F64), finite[2:]])
+    agg = make_aggregator("bgmd", k=2, mode="topk", memory="gm", tol=0.0, max_iter=200)
+    alone = make_aggregator("bgmd", k=2, mode="topk", memory="gm", tol=0.0, max_iter=200)
+    torch.testing.assert_close(agg(G), alone(finite))
+    torch.testing.assert_close(agg.memory, alone.memory)
+
+
+@pytest.mark.parametrize("memory", ["mean", "gm"])
+def test_bgmd_aggregator_step_with_every_row_dropped_leaves_no_memory(memory):
+    # no finite row: the update is 0 and the memory holds nothing (the gm rule's median of no
+    # rows is NaN, stored as 0), so the next step is a fresh aggregator's first step
+    gen = torch.Generator().manual_seed(7)
+    G1, G3 = torch.randn(2, 5, 6, generator=gen, dtype=F64)
+    agg = make_aggregator("bgmd", k=2, mode="topk", memory=memory)
+    agg(G1)
+    assert bool((agg.memory != 0).any())
+    out = agg(torch.full((5, 6), float("nan"), dtype=F64))
+    torch.testing.assert_close(out, torch.zeros(6, dtype=F64), rtol=0, atol=0)
+    torch.testing.assert_close(agg.memory, torch.zeros(6, dtype=F64), rtol=0, atol=0)
+    fresh = make_aggregator("bgmd", k=2, mode="topk", memory=memory)
+    torch.testing.assert_close(agg(G3), fresh(G3), rtol=0, atol=0)

@@ -131,3 +131,88 @@ def test_bgmd_draws_its_block_as_select_block_does(power):
     if power is not None and power != 2.0:
         other = ms.select_block(G, 30, generator=torch.Generator().manual_seed(5))
         assert not torch.equal(other.sort().values, expected.sort().values)  # power matters here
+
+
+# --------------------------------------------------------------------------------------------
+# Found by the second mutation pass (benchmarks/results/mutation/README.md): the CPU's
+# prefiltered search of the k largest keys (one long vector, d >= 2**16), the tuple of
+# generators, the residual of small statistics and the batched "gm" memory.
+
+LONG = (1 << 16) + 123  # above the prefilter's threshold, not a multiple of its stride
+
+
+def _top_k_by_sort(norms, k):
+    """The k largest entries' indices, in increasing order (an independent reference: a sort)."""
+    return torch.sort(torch.argsort(norms, descending=True, stable=True)[:k]).values
+
+
+@pytest.mark.parametrize("d,k", [(LONG, 1), (LONG, 37), (LONG, 3000), (LONG, LONG // 2 - 1),
+                                 (LONG, LONG - 1), (1 << 19, 1), (1 << 19, 5)])
+def test_select_block_topk_on_one_long_vector(d, k):
+    # (d = 2**19, small k: the sample's expected count of keys above the threshold is ~1/64)
+    gen = torch.Generator().manual_seed(k)
+    G = torch.randn(1, d, generator=gen, dtype=F64)  # distinct |G_j|: no ties
+    block = ms.select_block(G, k, mode="topk")
+    assert torch.equal(block, _top_k_by_sort(G[0].abs(), k))
+
+
+def test_select_block_topk_long_vector_when_the_strided_sample_misleads():
+    # The prefilter samples every (d // 2**13)-th key: make exactly those the largest, so that
+    # the threshold estimated from the sample keeps fewer than k candidates.
+    d, k = LONG, 2000
+    stride = d // (1 << 13)
+    gen = torch.Generator().manual_seed(1)
+    norms = torch.rand(d, generator=gen, dtype=F64)
+    norms[::stride] += 10.0
+    block = ms.select_block(norms.unsqueeze(0), k, mode="topk")
+    assert torch.equal(block, _top_k_by_sort(norms, k))
+
+
+def test_select_block_topk_long_vector_with_ties_at_the_threshold():
+    # 110 columns share the value at the threshold of the 100 largest: any 100 of them (plus the
+    # larger ones) is a right block, but exactly k distinct columns must come back.
+    d, k = LONG, 100
+    gen = torch.Generator().manual_seed(2)
+    norms = torch.rand(d, generator=gen, dtype=F64)
+    tied = torch.randperm(d, generator=gen)[:110]
+    norms[tied] = 2.0
+    block = ms.select_block(norms.unsqueeze(0), k, mode="topk")
+    assert block.shape == (k,) and block.unique().numel() == k
+    assert bool((norms[block] == 2.0).all())
+
+
+def test_bgmd_with_a_tuple_of_generators_draws_each_problem_alone():
+    # one generator per leading problem: each problem's block is the one select_block draws
+    # for that problem alone from a generator in the same state
+    G = _matrix((3,), 5, 40, seed=4)
+    gens = tuple(torch.Generator().manual_seed(10 + i) for i in range(3))
+    agg = ms.BGmD(6, generator=gens)
+    agg(G)
+    for i in range(3):
+        alone = ms.select_block(G[i], 6, generator=torch.Generator().manual_seed(10 + i))
+        assert torch.equal(agg.last_block[i], alone)
+    with pytest.raises(ValueError, match="one generator per leading problem"):
+        ms.BGmD(6, generator=gens[:2])(G)
+
+
+def test_bgmd_residual_of_small_values_is_the_unselected_share():
+    # last_residual = 1 - sum_{j in I} ||A_j||^2 / sum_j ||A_j||^2, here with a total below 1
+    G = torch.tensor([[0.5, 0.25, 0.0], [0.0, 0.125, 0.0]], dtype=F64)
+    agg = ms.BGmD(1, mode="topk")
+    agg(G)
+    sq = G.square().sum(0)  # 0.25, 0.078125, 0
+    assert agg.last_block.tolist() == [0]
+    torch.testing.assert_close(agg.last_residual, 1 - sq[0] / sq.sum(), rtol=1e-15, atol=0)
+
+
+def test_bgmd_gm_memory_of_batched_problems_matches_each_problem_alone():
+    G1, G2 = _matrix((2, 3), 7, 12, seed=5), _matrix((2, 3), 7, 12, seed=6)
+    agg = ms.BGmD(3, mode="topk", memory="gm", tol=0.0, max_iter=50)
+    out = [agg(G1), agg(G2)]
+    for i in range(2):
+        for j in range(3):
+            alone = ms.BGmD(3, mode="topk", memory="gm", tol=0.0, max_iter=50)
+            for step, G in enumerate((G1, G2)):
+                torch.testing.assert_close(out[step][i, j], alone(G[i, j]), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(agg.memory[i, j], alone.memory, rtol=1e-12, atol=1e-12)
+            assert bool((alone.memory != 0).any())

@@ -199,3 +199,62 @@ def test_column_blocks_scale_with_the_largest_value_in_one_column(column, batch)
     ref = ms.geometric_median(G * down, tol=1e-10).median / down
     assert bool(torch.isfinite(res).all())
     torch.testing.assert_close(res, ref, rtol=1e-9, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Found by the second mutation pass (benchmarks/results/mutation/README.md)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_mean_of_identical_rows_is_exact_near_the_smallest_normal(n, dtype):
+    # The mean sums the rows scaled by p = 2**-ceil(log2 n) (no overflow) and unscales exactly:
+    # a value with a full mantissa, 2**ceil(log2 n) above the smallest normal number, stays
+    # normal once scaled, so the mean of n copies of it (a power of two: no rounding in the
+    # sum) is the value itself, bit for bit. A smaller p would push it below the normal range.
+    info = torch.finfo(dtype)
+    v = (1 + info.eps) * info.tiny * 2.0 ** ((n - 1).bit_length())
+    G = torch.full((n, 3), v, dtype=dtype)
+    assert torch.equal(ms.trimmed_mean(G, 0.0), torch.full((3,), v, dtype=dtype))
+
+
+def test_geometric_median_defaults_are_the_registrys():
+    # the aggregator registry documents geometric_median's own defaults (make_aggregator("gmd")
+    # passes none): on weighted problems whose median is a data point, where the smoothing
+    # floor decides the last digits, the defaults and the registry's values agree bit for bit
+    from median_sgd.aggregators import REGISTRY
+    defaults = REGISTRY["geometric_median"].defaults("aggregator")
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(6, 7, 3, generator=gen, dtype=F64)  # 6 problems of 7 points in R^3
+    w = torch.rand(6, 7, generator=gen, dtype=F64)
+    w[:, 0] = 1.2 * w[:, 1:].sum(-1)  # more than half of the weight: G_0 is the median
+    plain = ms.geometric_median(G, w)
+    assert torch.equal(plain.median, ms.geometric_median(G, w, **defaults).median)
+    assert torch.equal(plain.n_iter, ms.geometric_median(G, w, **defaults).n_iter)
+    # (and the floor matters here: twice the default eps changes the answer)
+    other = ms.geometric_median(G, w, **dict(defaults, eps=2 * defaults["eps"]))
+    assert not torch.equal(plain.median, other.median)
+
+
+def test_geometric_median_max_iter_must_be_an_integer():
+    G = torch.randn(5, 3, dtype=F64)
+    assert int(ms.geometric_median(G, max_iter=3, tol=0.0).n_iter) == 3
+    with pytest.raises(ValueError, match="max_iter"):
+        ms.geometric_median(G, max_iter=2.5)
+
+
+def test_zero_dimensional_weights_are_rejected():
+    G = torch.randn(5, 3, dtype=F64)
+    w = torch.tensor(1.0, dtype=F64)
+    with pytest.raises(ValueError, match="weights"):
+        ms.geometric_median(G, w)
+    with pytest.raises(ValueError, match="weights"):
+        ms.geometric_median_objective(G, torch.zeros(3, dtype=F64), w)
+
+
+@pytest.mark.parametrize("fn", [ms.coordinate_median, lambda G: ms.trimmed_mean(G, 0.1),
+                                ms.geometric_median])
+def test_batched_empty_vectors_are_rejected(fn):
+    # (batch, n, d) with d = 0 (the batch and n nonzero): no vector to aggregate
+    with pytest.raises(ValueError, match="empty vectors"):
+        fn(torch.zeros(3, 4, 0, dtype=F64))

@@ -234,3 +234,55 @@ def test_rank_rows_over_a_process_group_run_on_unbatched_rows(monkeypatch):
     assert mine.shape == (7,)
     torch.testing.assert_close(mine, sim[1], rtol=1e-15, atol=1e-15)
     torch.testing.assert_close(mine, y, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Found by the second mutation pass (benchmarks/results/mutation/README.md)
+
+
+def _weiszfeld_steps_by_hand(X, w, steps):
+    """``z0`` the weighted mean, then ``z <- sum_i b_i X_i / sum_i b_i``, ``b_i = w_i / ||X_i - z||``
+    (no floor: the data below are far from every iterate)."""
+    z = (w[:, None] * X).sum(0) / w.sum()
+    for _ in range(steps):
+        b = w / torch.linalg.vector_norm(X - z, dim=-1)
+        z = (b[:, None] * X).sum(0) / b.sum()
+    return z
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_fixed_iterations_are_weiszfeld_steps_from_the_weighted_mean(steps, weighted):
+    X = _rows(7, 9, 5)
+    g = torch.Generator().manual_seed(8)
+    w = torch.rand(9, generator=g, dtype=F64) + 0.5 if weighted else torch.ones(9, dtype=F64)
+    out = ms.geometric_median(X, w if weighted else None, max_iter=steps, fixed_iter=True, tol=0.0)
+    assert int(out.n_iter) == steps
+    torch.testing.assert_close(out.median, _weiszfeld_steps_by_hand(X, w, steps), rtol=1e-13, atol=1e-13)
+
+
+def test_gram_route_never_counts_more_than_max_iter():
+    # few rows of many coordinates (n d >= 2**16): the Gram pre-iteration first; problems that
+    # spent more of max_iter there have less left for the exact iteration, none exceeds it
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(3, 8, 10_000, generator=g, dtype=F64)
+    X[0] *= 1e-3
+    X[0, 0] += 1.0  # a far point: the problems need different numbers of iterations
+    X[2, :4] += 5.0  # two clusters of half the weight: slow
+    out = ms.geometric_median(X, tol=0.0, max_iter=40)  # (Gram stages of 19, 14 and 39 steps)
+    # tol = 0: no problem converges, each uses exactly max_iter iterations
+    assert out.n_iter.tolist() == [40, 40, 40] and not bool(out.converged.any())
+
+
+def test_gram_route_with_two_batch_dimensions_matches_each_problem_alone():
+    # (2, 3) problems of 8 rows in R^8192: the Gram route (n <= 64, n d >= 2**16) for each
+    g = torch.Generator().manual_seed(10)
+    X = torch.randn(2, 3, 8, 8192, generator=g, dtype=F64)
+    X[..., :3, :] += 2.0
+    X[1] += 50.0 * torch.randn(8192, generator=g, dtype=F64)  # a common component (centred K)
+    out = ms.geometric_median(X)
+    assert out.median.shape == (2, 3, 8192)
+    for i in range(2):
+        for j in range(3):
+            alone = ms.geometric_median(X[i, j])
+            torch.testing.assert_close(out.median[i, j], alone.median, rtol=1e-9, atol=1e-9)
