@@ -267,15 +267,25 @@ def _buckets(*lists: Sequence) -> Dict[Tuple[torch.device, torch.dtype], List[li
     return out
 
 
-def _difference(m: torch.Tensor, g: torch.Tensor, scratch: Optional[dict], need: int) -> torch.Tensor:
-    """``g - m``, written into the caller's scratch buffer for ``(device, dtype)`` when there is one."""
-    if scratch is None or not m.is_contiguous() or not g.is_contiguous():
-        return torch.sub(g, m)
-    key = (m.device, m.dtype)
+def _differences(ms: Sequence[torch.Tensor], gs: Sequence[torch.Tensor], scratch: Optional[dict],
+                 need: int) -> List[torch.Tensor]:
+    """``g - m`` for each pair (of one device and dtype), side by side in the caller's scratch
+    buffer for that ``(device, dtype)`` when there is one (``need``: the size to allocate)."""
+    if scratch is None:
+        return [torch.sub(g, m) for m, g in zip(ms, gs)]
+    key = (ms[0].device, ms[0].dtype)
     buf = scratch.get(key)
-    if buf is None or buf.numel() < m.numel():
-        buf = scratch[key] = torch.empty(max(need, m.numel()), device=m.device, dtype=m.dtype)
-    return torch.sub(g, m, out=buf[: m.numel()].view(m.shape))
+    total = sum(m.numel() for m in ms)
+    if buf is None or buf.numel() < total:
+        buf = scratch[key] = torch.empty(max(need, total), device=key[0], dtype=key[1])
+    out, offset = [], 0
+    for m, g in zip(ms, gs):
+        if m.is_contiguous() and g.is_contiguous():
+            out.append(torch.sub(g, m, out=buf[offset: offset + m.numel()].view(m.shape)))
+            offset += m.numel()
+        else:
+            out.append(torch.sub(g, m))
+    return out
 
 
 def _largest(ms: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], int]:
@@ -284,6 +294,31 @@ def _largest(ms: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype
         key = (m.device, m.dtype)
         need[key] = max(need[key], m.numel())
     return need
+
+
+#: The loop's ``"l2"`` norms are taken over runs of consecutive tensors (of one device and
+#: dtype) of at most this many elements together (or one larger tensor): the run's differences
+#: into the scratch buffer, their norms in one ``_foreach_norm`` and one host check, then the
+#: run's updates while it is still in cache. The norm kernel of one tensor is serial; between
+#: parallel elementwise kernels, tensor by tensor, it stalls them (the idle thread must be woken).
+L2_RUN = 1 << 20
+
+
+def _runs(ms: Sequence[torch.Tensor]) -> Tuple[List[List[int]], Dict[Tuple[torch.device, torch.dtype], int]]:
+    """The runs (lists of consecutive indices) and the largest run's size per (device, dtype)."""
+    runs: List[List[int]] = []
+    need: Dict[Tuple[torch.device, torch.dtype], int] = defaultdict(int)
+    size, last = 0, None
+    for i, m in enumerate(ms):
+        key = (m.device, m.dtype)
+        if runs and key == last and size + m.numel() <= L2_RUN:
+            runs[-1].append(i)
+            size += m.numel()
+        else:
+            runs.append([i])
+            size, last = m.numel(), key
+        need[key] = max(need[key], size)
+    return runs, need
 
 
 def _wide(d: torch.Tensor) -> torch.Tensor:
@@ -351,34 +386,74 @@ def _single_tensor_update(lists: _Lists, rule: _Rule, scratch: Optional[dict],
     """The loop: each tensor's estimate, then its weight, while both are in cache.
 
     ``l2_weight``: the ``"l2"`` weight of every unscaled difference (the global scope's, from
-    the norm of all of them); else each tensor's own. Without a mirror the ``"sq"`` and
-    ``"l2"`` steps are one fused ``lerp_`` each and the difference is never kept.
+    the norm of all of them); else each tensor's own, from the norms of a run of tensors at a
+    time (:data:`L2_RUN`). Without a mirror the ``"sq"`` and ``"l2"`` steps are one fused
+    ``lerp_`` each and the difference is never kept.
     """
+    if rule.div == "l2":
+        if l2_weight is not None:
+            cast: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
+            for i, m in enumerate(lists.ms):
+                key = (m.device, m.dtype)
+                if key not in cast:
+                    cast[key] = l2_weight.to(device=m.device, dtype=opmath_dtype(m.dtype))
+                _l2_step(lists, i, cast[key], rule)
+            return
+        runs, need = _runs(lists.ms)
+        for run in runs:
+            norms, scales = _run_norms(lists, run, rule, scratch, need)
+            if scales is None:  # one weight computation for the whole run
+                weights = l2_step_weight(norms, None, rule.tau, clip=rule.clip).unbind()
+            else:
+                weights = tuple(l2_step_weight(n, s, rule.tau, clip=rule.clip) for n, s in zip(norms, scales))
+            for i, f in zip(run, weights):
+                _l2_step(lists, i, f, rule)
+        return
     need = _largest(lists.ms)
-    cast: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
     for m, g, w, mirror in zip(lists.ms, lists.gs, lists.ws, lists.mirrors):
-        key = (m.device, m.dtype)
         if rule.div == "sq" and mirror is None:
             m.lerp_(g, rule.sq_weight)
         elif rule.div == "sq":
             _add_increment_(m, mirror, torch.sub(g, m).mul_(rule.sq_weight), 1.0, rule)
-        elif rule.div == "l1":
-            d = _difference(m, g, scratch if mirror is None else None, need[key])
-            _add_increment_(m, mirror, _increment_(d, rule), _increment_alpha(d, rule), rule)
         else:
-            if l2_weight is None:
-                n, s, _ = l2_norm(_difference(m, g, scratch, need[key]), None, tiny=rule.tiny)
-                f = l2_step_weight(n, s, rule.tau, clip=rule.clip)
-            else:
-                if key not in cast:
-                    cast[key] = l2_weight.to(device=m.device, dtype=opmath_dtype(m.dtype))
-                f = cast[key]
-            if mirror is None:
-                _lerp_(m, g, f)
-            else:
-                d = _wide(torch.sub(g, m))
-                _add_increment_(m, mirror, d.mul_(f.to(d.dtype)), 1.0, rule)
+            d = _differences([m], [g], scratch if mirror is None else None, need[(m.device, m.dtype)])[0]
+            _add_increment_(m, mirror, _increment_(d, rule), _increment_alpha(d, rule), rule)
         weight_step(w, m, rule.lr, rule.shrink)
+
+
+def _run_norms(lists: _Lists, run: List[int], rule: _Rule, scratch: Optional[dict],
+               need: Dict[Tuple[torch.device, torch.dtype], int]):
+    """The norms ``n / s`` of the run's differences, as :func:`median_sgd.prox.l2_norm` gives them.
+
+    On the CPU all plain norms first (one ``_foreach_norm``, one host check): ``(stacked norms,
+    None)`` when none needs scaling, which is then what ``l2_norm`` returns for each. Else, and
+    off the CPU, ``l2_norm`` of each: ``(norms, scales)``, lists.
+    """
+    ms, gs = [lists.ms[i] for i in run], [lists.gs[i] for i in run]
+    ds = _differences(ms, gs, scratch, need[(ms[0].device, ms[0].dtype)])
+    if host_reads_are_free(ds[0]):
+        work = opmath_dtype(ds[0].dtype)
+        n = torch.stack(torch._foreach_norm(ds, 2, **({"dtype": work} if work != ds[0].dtype else {})))
+        if rule.tiny:
+            lo, hi = (float(t) for t in torch.aminmax(n))
+            fine = lo > 0 and not math.isinf(hi)
+        else:
+            fine = not bool(torch.isinf(n).any())  # NaN is fine: the norm of NaN data
+        if fine:
+            return n, None
+    pairs = [l2_norm(d, None, tiny=rule.tiny) for d in ds]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _l2_step(lists: _Lists, i: int, f: torch.Tensor, rule: _Rule) -> None:
+    """``m <- m + f (g - m)`` for tensor ``i`` (and its mirror), then its weight step."""
+    m, g, mirror = lists.ms[i], lists.gs[i], lists.mirrors[i]
+    if mirror is None:
+        _lerp_(m, g, f)
+    else:
+        d = _wide(torch.sub(g, m))
+        _add_increment_(m, mirror, d.mul_(f.to(d.dtype)), 1.0, rule)
+    weight_step(lists.ws[i], m, rule.lr, rule.shrink)
 
 
 def _multi_tensor_update(bucket: _Lists, rule: _Rule) -> None:
@@ -483,12 +558,17 @@ def _combined_norm(norms: Sequence[torch.Tensor], scales: Sequence[Optional[torc
 def _global_l2_update(single: _Lists, buckets: List[_Lists], rule: _Rule, scratch: Optional[dict]) -> None:
     """``"l2"`` on the concatenation of all tensors: the norm of the whole difference first (the
     loop's differences are recomputed in the second pass, not kept), then the steps."""
-    norms, scales = [], []
-    need = _largest(single.ms)
-    for m, g in zip(single.ms, single.gs):
-        n, s, _ = l2_norm(_difference(m, g, scratch, need[(m.device, m.dtype)]), None, tiny=rule.tiny)
-        norms.append(n)
-        scales.append(s)
+    norms: List[torch.Tensor] = []
+    scales: List[Optional[torch.Tensor]] = []
+    runs, need = _runs(single.ms)
+    for run in runs:
+        n, s = _run_norms(single, run, rule, scratch, need)
+        if s is None:
+            norms.append(n)  # type: ignore[arg-type]
+            scales.append(None)
+        else:
+            norms += n
+            scales += s
     deltas = []
     for bucket in buckets:
         d = _foreach_differences(bucket.gs, bucket.ms)
