@@ -267,25 +267,21 @@ def _buckets(*lists: Sequence) -> Dict[Tuple[torch.device, torch.dtype], List[li
     return out
 
 
-def _differences(ms: Sequence[torch.Tensor], gs: Sequence[torch.Tensor], scratch: Optional[dict],
-                 need: int) -> List[torch.Tensor]:
-    """``g - m`` for each pair (of one device and dtype), side by side in the caller's scratch
-    buffer for that ``(device, dtype)`` when there is one (``need``: the size to allocate)."""
-    if scratch is None:
-        return [torch.sub(g, m) for m, g in zip(ms, gs)]
-    key = (ms[0].device, ms[0].dtype)
+def _scratch_view(scratch: dict, key: Tuple[torch.device, torch.dtype], offset: int,
+                  shape: torch.Size, need: int) -> torch.Tensor:
+    """A view of ``shape`` at ``offset`` into the caller's scratch buffer for ``key`` (device,
+    dtype), allocated with ``need`` elements when missing or too small. The views are kept with
+    the buffer: building one costs more than the arithmetic on a small tensor."""
     buf = scratch.get(key)
-    total = sum(m.numel() for m in ms)
-    if buf is None or buf.numel() < total:
-        buf = scratch[key] = torch.empty(max(need, total), device=key[0], dtype=key[1])
-    out, offset = [], 0
-    for m, g in zip(ms, gs):
-        if m.is_contiguous() and g.is_contiguous():
-            out.append(torch.sub(g, m, out=buf[offset: offset + m.numel()].view(m.shape)))
-            offset += m.numel()
-        else:
-            out.append(torch.sub(g, m))
-    return out
+    end = offset + shape.numel()
+    if buf is None or buf.numel() < end:
+        buf = scratch[key] = torch.empty(max(need, end), device=key[0], dtype=key[1])
+        scratch[key, "views"] = {}
+    views = scratch[key, "views"]
+    view = views.get((offset, shape))
+    if view is None:
+        view = views[offset, shape] = buf[offset: end].view(shape)
+    return view
 
 
 def _largest(ms: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], int]:
@@ -298,27 +294,60 @@ def _largest(ms: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype
 
 #: The loop's ``"l2"`` norms are taken over runs of consecutive tensors (of one device and
 #: dtype) of at most this many elements together (or one larger tensor): the run's differences
-#: into the scratch buffer, their norms in one ``_foreach_norm`` and one host check, then the
-#: run's updates while it is still in cache. The norm kernel of one tensor is serial; between
-#: parallel elementwise kernels, tensor by tensor, it stalls them (the idle thread must be woken).
+#: into the scratch buffer, their norms and one host check, then the run's updates while it is
+#: still in cache.
 L2_RUN = 1 << 20
+
+#: On the CPU each difference lies in the scratch buffer as rows of this many elements (its last
+#: row padded with zeros, which add nothing to a sum of squares), and a tensor's norm is the norm
+#: of its rows' norms: one kernel for all rows of a run, parallel over rows. The norm kernel of a
+#: whole tensor is one serial, latency-bound accumulation; between the parallel elementwise
+#: kernels around it, it leaves the other cores idle and stalls the next kernel (the idle thread
+#: must be woken). Rows of a few thousand elements cost the kernel nothing per row.
+NORM_ROW = 4096
+
+
+def _rows(n: int) -> int:
+    """The rows of :data:`NORM_ROW` elements that hold ``n`` elements."""
+    return -(-n // NORM_ROW)
 
 
 def _runs(ms: Sequence[torch.Tensor]) -> Tuple[List[List[int]], Dict[Tuple[torch.device, torch.dtype], int]]:
-    """The runs (lists of consecutive indices) and the largest run's size per (device, dtype)."""
+    """The runs (lists of consecutive indices) and the scratch a run needs (its rows) at most,
+    per (device, dtype)."""
     runs: List[List[int]] = []
     need: Dict[Tuple[torch.device, torch.dtype], int] = defaultdict(int)
-    size, last = 0, None
+    size, padded, last = 0, 0, None
     for i, m in enumerate(ms):
         key = (m.device, m.dtype)
         if runs and key == last and size + m.numel() <= L2_RUN:
             runs[-1].append(i)
             size += m.numel()
+            padded += _rows(m.numel()) * NORM_ROW
         else:
             runs.append([i])
-            size, last = m.numel(), key
-        need[key] = max(need[key], size)
+            size, padded, last = m.numel(), _rows(m.numel()) * NORM_ROW, key
+        need[key] = max(need[key], padded)
     return runs, need
+
+
+def _row_differences(ms: Sequence[torch.Tensor], gs: Sequence[torch.Tensor], scratch: dict,
+                     need: int) -> Tuple[List[torch.Tensor], torch.Tensor, List[int]]:
+    """``g - m`` for each pair (one device and dtype) in the scratch buffer, each starting a row
+    of :data:`NORM_ROW` elements, its last row padded with zeros: ``(differences, rows, rows
+    per tensor)`` with ``rows`` the ``(rows, NORM_ROW)`` view of them all."""
+    key = (ms[0].device, ms[0].dtype)
+    counts = [_rows(m.numel()) for m in ms]
+    # the view of all rows first: the buffer is (re)allocated before any difference is in it
+    rows = _scratch_view(scratch, key, 0, torch.Size([sum(counts), NORM_ROW]), need)
+    out, offset = [], 0
+    for m, g, count in zip(ms, gs, counts):
+        n = m.numel()
+        out.append(torch.sub(g, m, out=_scratch_view(scratch, key, offset, m.shape, need)))
+        if n % NORM_ROW:
+            _scratch_view(scratch, key, offset + n, torch.Size([count * NORM_ROW - n]), need).zero_()
+        offset += count * NORM_ROW
+    return out, rows, counts
 
 
 def _wide(d: torch.Tensor) -> torch.Tensor:
@@ -349,20 +378,27 @@ def _sign_plan(dtype: torch.dtype, tau: float) -> Tuple[int, float, float, float
     raise AssertionError("unreachable: two scalings reach every finite tau")
 
 
-def _increment_(d: torch.Tensor, rule: _Rule) -> torch.Tensor:
-    """``"l1"``: the increment ``m+ - m`` from ``d = g - m``, in place: ``clip_l1(d, tau)`` or
-    ``tau sign(d)`` (exact, NaN kept: :func:`_sign_plan`; the result is ``alpha`` times it)."""
-    if rule.clip:
-        bound = float(radius_in_range(rule.tau, d.dtype))
-        return d.clamp_(-bound, bound)
-    muls, big, t, _ = _sign_plan(d.dtype, rule.tau)
-    for _ in range(muls):
-        d.mul_(big)
-    return d.clamp_(-t, t)
+class _L1Plan:
+    """The ``"l1"`` increment ``m+ - m`` from ``d = g - m`` for one dtype, in place on ``d``:
+    ``clip_l1(d, tau)``, or ``tau sign(d)`` (exact, NaN kept: :func:`_sign_plan`) whose result
+    is ``alpha`` times the increment."""
 
+    def __init__(self, rule: _Rule, d: torch.Tensor) -> None:
+        self.clip = rule.clip
+        if self.clip:
+            self.bound = float(radius_in_range(rule.tau, d.dtype))
+            self.alpha = 1.0
+        else:
+            muls, big, self.t, self.alpha = _sign_plan(d.dtype, rule.tau)
+            # a 0-dim tensor: d.mul_ with a Python number costs twice as much on the CPU
+            self.scales = [torch.tensor(big, dtype=d.dtype, device=d.device)] * muls
 
-def _increment_alpha(d: torch.Tensor, rule: _Rule) -> float:
-    return _sign_plan(d.dtype, rule.tau)[3] if rule.div == "l1" and not rule.clip else 1.0
+    def increment_(self, d: torch.Tensor) -> torch.Tensor:
+        if self.clip:
+            return d.clamp_(-self.bound, self.bound)
+        for big in self.scales:
+            d.mul_(big)
+        return d.clamp_(-self.t, self.t)
 
 
 def _add_increment_(m: torch.Tensor, mirror: Optional[torch.Tensor], u: torch.Tensor, alpha: float,
@@ -372,13 +408,28 @@ def _add_increment_(m: torch.Tensor, mirror: Optional[torch.Tensor], u: torch.Te
         mirror.add_(u, alpha=alpha * rule.alpha)
 
 
-def _lerp_(m: torch.Tensor, g: torch.Tensor, f: torch.Tensor) -> None:
+Weight = Union[float, torch.Tensor]
+
+
+def _lerp_(m: torch.Tensor, g: torch.Tensor, f: Weight) -> None:
     """``m <- m + f (g - m)``; for float16 in float32, where ``f`` (down to tau / ||g - m||)
-    can be below float16's normal range."""
+    can be below float16's normal range. ``f``: a tensor in the arithmetic dtype, or a Python
+    number already rounded as :func:`_lerp_weights` rounds it."""
     if m.dtype == torch.float16:
         m.add_(g.float().sub_(m).mul_(f))
+    elif isinstance(f, torch.Tensor) and f.dtype != m.dtype:
+        m.lerp_(g, f.to(m.dtype))
     else:
-        m.lerp_(g, f if f.dtype == m.dtype else f.to(m.dtype))
+        m.lerp_(g, f)
+
+
+def _lerp_weights(f: torch.Tensor, dtype: torch.dtype) -> List[float]:
+    """The ``"l2"`` weights ``f`` (in the arithmetic dtype) as Python numbers, rounded to the
+    precision :func:`_lerp_` applies a tensor weight in (``dtype``'s, float32 for float16): the
+    same steps bit for bit, without a 0-dim tensor per step (CPU tensors only)."""
+    if dtype != torch.float16 and f.dtype != dtype:
+        f = f.to(dtype)
+    return f.reshape(-1).tolist()
 
 
 def _single_tensor_update(lists: _Lists, rule: _Rule, scratch: Optional[dict],
@@ -391,68 +442,101 @@ def _single_tensor_update(lists: _Lists, rule: _Rule, scratch: Optional[dict],
     ``lerp_`` each and the difference is never kept.
     """
     if rule.div == "l2":
-        if l2_weight is not None:
-            cast: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
-            for i, m in enumerate(lists.ms):
-                key = (m.device, m.dtype)
-                if key not in cast:
-                    cast[key] = l2_weight.to(device=m.device, dtype=opmath_dtype(m.dtype))
-                _l2_step(lists, i, cast[key], rule)
-            return
-        runs, need = _runs(lists.ms)
-        for run in runs:
-            norms, scales = _run_norms(lists, run, rule, scratch, need)
-            if scales is None:  # one weight computation for the whole run
-                weights = l2_step_weight(norms, None, rule.tau, clip=rule.clip).unbind()
-            else:
-                weights = tuple(l2_step_weight(n, s, rule.tau, clip=rule.clip) for n, s in zip(norms, scales))
-            for i, f in zip(run, weights):
-                _l2_step(lists, i, f, rule)
+        _l2_loop(lists, rule, scratch, l2_weight)
         return
     need = _largest(lists.ms)
+    plans: Dict[Tuple[torch.device, torch.dtype], _L1Plan] = {}
+    lr, shrink = rule.lr, rule.shrink
     for m, g, w, mirror in zip(lists.ms, lists.gs, lists.ws, lists.mirrors):
         if rule.div == "sq" and mirror is None:
             m.lerp_(g, rule.sq_weight)
         elif rule.div == "sq":
             _add_increment_(m, mirror, torch.sub(g, m).mul_(rule.sq_weight), 1.0, rule)
         else:
-            d = _differences([m], [g], scratch if mirror is None else None, need[(m.device, m.dtype)])[0]
-            _add_increment_(m, mirror, _increment_(d, rule), _increment_alpha(d, rule), rule)
-        weight_step(w, m, rule.lr, rule.shrink)
+            key = (m.device, m.dtype)
+            if scratch is None or mirror is not None:
+                d = torch.sub(g, m)
+            else:
+                d = torch.sub(g, m, out=_scratch_view(scratch, key, 0, m.shape, need[key]))
+            plan = plans.get(key)
+            if plan is None:
+                plan = plans[key] = _L1Plan(rule, d)
+            _add_increment_(m, mirror, plan.increment_(d), plan.alpha, rule)
+        if w is not None:
+            weight_step(w, m, lr, shrink)
+
+
+def _l2_loop(lists: _Lists, rule: _Rule, scratch: Optional[dict], l2_weight: Optional[torch.Tensor]) -> None:
+    """The loop's ``"l2"`` steps: with the global weight ``l2_weight``, or run by run."""
+    if l2_weight is not None:
+        cast: Dict[Tuple[torch.device, torch.dtype], Weight] = {}
+        for i, m in enumerate(lists.ms):
+            key = (m.device, m.dtype)
+            if key not in cast:
+                f = l2_weight.to(device=m.device, dtype=opmath_dtype(m.dtype))
+                cast[key] = _lerp_weights(f, m.dtype)[0] if host_reads_are_free(f) else f
+            _l2_step(lists, i, cast[key], rule)
+        return
+    runs, need = _runs(lists.ms)
+    for run in runs:
+        norms, scales = _run_norms(lists, run, rule, scratch, need)
+        weights: Sequence[Weight]
+        if scales is None:  # one weight computation for the whole run (on the CPU: numbers)
+            weights = _lerp_weights(l2_step_weight(norms, None, rule.tau, clip=rule.clip),
+                                    lists.ms[run[0]].dtype)
+        else:
+            weights = [l2_step_weight(n, s, rule.tau, clip=rule.clip) for n, s in zip(norms, scales)]
+        for i, weight in zip(run, weights):
+            _l2_step(lists, i, weight, rule)
 
 
 def _run_norms(lists: _Lists, run: List[int], rule: _Rule, scratch: Optional[dict],
                need: Dict[Tuple[torch.device, torch.dtype], int]):
-    """The norms ``n / s`` of the run's differences, as :func:`median_sgd.prox.l2_norm` gives them.
+    """The norms ``n / s`` of the run's differences, as :func:`median_sgd.prox.l2_norm` gives them
+    (up to the order of summation).
 
-    On the CPU all plain norms first (one ``_foreach_norm``, one host check): ``(stacked norms,
-    None)`` when none needs scaling, which is then what ``l2_norm`` returns for each. Else, and
-    off the CPU, ``l2_norm`` of each: ``(norms, scales)``, lists.
+    On the CPU with a scratch buffer, the norms of the rows of all differences first (one
+    kernel, :data:`NORM_ROW`), then each tensor's norm from its rows' norms, and one host check:
+    ``(stacked norms, None)`` when none needs scaling. Else, and off the CPU, ``l2_norm`` of
+    each: ``(norms, scales)``, lists.
     """
     ms, gs = [lists.ms[i] for i in run], [lists.gs[i] for i in run]
-    ds = _differences(ms, gs, scratch, need[(ms[0].device, ms[0].dtype)])
-    if host_reads_are_free(ds[0]):
-        work = opmath_dtype(ds[0].dtype)
-        n = torch.stack(torch._foreach_norm(ds, 2, **({"dtype": work} if work != ds[0].dtype else {})))
-        if rule.tiny:
-            lo, hi = (float(t) for t in torch.aminmax(n))
-            fine = lo > 0 and not math.isinf(hi)
+    key = (ms[0].device, ms[0].dtype)
+    if scratch is not None and host_reads_are_free(ms[0]):
+        ds, rows, counts = _row_differences(ms, gs, scratch, need[key])
+        work = opmath_dtype(key[1])
+        row_norms = torch.linalg.vector_norm(rows, dim=1, dtype=work if work != key[1] else None)
+        if len(ds) == 1:
+            n = torch.linalg.vector_norm(row_norms).reshape(1)
         else:
-            fine = not bool(torch.isinf(n).any())  # NaN is fine: the norm of NaN data
-        if fine:
+            n = torch.stack(torch._foreach_norm(row_norms.split(counts)))
+        if _plain_norms_fine(n, rule.tiny):
             return n, None
+    else:
+        ds = [torch.sub(g, m) for m, g in zip(ms, gs)]
     pairs = [l2_norm(d, None, tiny=rule.tiny) for d in ds]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def _l2_step(lists: _Lists, i: int, f: torch.Tensor, rule: _Rule) -> None:
+def _plain_norms_fine(n: torch.Tensor, tiny: bool) -> bool:
+    """Whether unscaled norms (a CPU tensor) are what :func:`median_sgd.prox.l2_norm` would
+    return: none overflowed to Inf (NaN is fine: the norm of NaN data) and, with ``tiny``, none
+    is 0 (NaN then is not fine, as there)."""
+    if tiny:
+        lo, hi = (float(t) for t in torch.aminmax(n))
+        return lo > 0 and not math.isinf(hi)
+    total = float(n.sum())  # norms are >= 0: finite unless one is Inf or NaN (or they add up past the range)
+    return math.isfinite(total) or (math.isnan(total) and not bool(torch.isinf(n).any()))
+
+
+def _l2_step(lists: _Lists, i: int, f: Weight, rule: _Rule) -> None:
     """``m <- m + f (g - m)`` for tensor ``i`` (and its mirror), then its weight step."""
     m, g, mirror = lists.ms[i], lists.gs[i], lists.mirrors[i]
     if mirror is None:
         _lerp_(m, g, f)
     else:
         d = _wide(torch.sub(g, m))
-        _add_increment_(m, mirror, d.mul_(f.to(d.dtype)), 1.0, rule)
+        _add_increment_(m, mirror, d.mul_(f.to(d.dtype) if isinstance(f, torch.Tensor) else f), 1.0, rule)
     weight_step(lists.ws[i], m, rule.lr, rule.shrink)
 
 
