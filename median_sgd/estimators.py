@@ -294,9 +294,11 @@ def _largest(ms: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype
 
 #: The loop's ``"l2"`` norms are taken over runs of consecutive tensors (of one device and
 #: dtype) of at most this many elements together (or one larger tensor): the run's differences
-#: into the scratch buffer, their norms and one host check, then the run's updates while it is
-#: still in cache.
-L2_RUN = 1 << 20
+#: into the scratch buffer, their norms and one host check, then the run's updates. Small
+#: tensors share a run (one check for many); a large one is a run of its own, so that its
+#: difference, estimate and sample are still in cache for its update (longer runs push them out
+#: of the cache between the two and cost more than the checks they save).
+L2_RUN = 1 << 16
 
 #: On the CPU each difference lies in the scratch buffer as rows of this many elements (its last
 #: row padded with zeros, which add nothing to a sum of squares), and a tensor's norm is the norm
@@ -429,7 +431,7 @@ def _lerp_weights(f: torch.Tensor, dtype: torch.dtype) -> List[float]:
     same steps bit for bit, without a 0-dim tensor per step (CPU tensors only)."""
     if dtype != torch.float16 and f.dtype != dtype:
         f = f.to(dtype)
-    return f.reshape(-1).tolist()
+    return f.tolist() if f.dim() == 1 else [f.item()]
 
 
 def _single_tensor_update(lists: _Lists, rule: _Rule, scratch: Optional[dict],
@@ -482,8 +484,9 @@ def _l2_loop(lists: _Lists, rule: _Rule, scratch: Optional[dict], l2_weight: Opt
         norms, scales = _run_norms(lists, run, rule, scratch, need)
         weights: Sequence[Weight]
         if scales is None:  # one weight computation for the whole run (on the CPU: numbers)
-            weights = _lerp_weights(l2_step_weight(norms, None, rule.tau, clip=rule.clip),
-                                    lists.ms[run[0]].dtype)
+            # the subgradient step's norms are all > 0 here: its weight is tau / n
+            f = l2_step_weight(norms, None, rule.tau) if rule.clip else torch.div(rule.tau, norms)
+            weights = _lerp_weights(f, lists.ms[run[0]].dtype)
         else:
             weights = [l2_step_weight(n, s, rule.tau, clip=rule.clip) for n, s in zip(norms, scales)]
         for i, weight in zip(run, weights):
@@ -507,7 +510,7 @@ def _run_norms(lists: _Lists, run: List[int], rule: _Rule, scratch: Optional[dic
         work = opmath_dtype(key[1])
         row_norms = torch.linalg.vector_norm(rows, dim=1, dtype=work if work != key[1] else None)
         if len(ds) == 1:
-            n = torch.linalg.vector_norm(row_norms).reshape(1)
+            n = torch.linalg.vector_norm(row_norms, dim=0, keepdim=True)
         else:
             n = torch.stack(torch._foreach_norm(row_norms.split(counts)))
         if _plain_norms_fine(n, rule.tiny):
@@ -523,9 +526,10 @@ def _plain_norms_fine(n: torch.Tensor, tiny: bool) -> bool:
     return: none overflowed to Inf (NaN is fine: the norm of NaN data) and, with ``tiny``, none
     is 0 (NaN then is not fine, as there)."""
     if tiny:
-        lo, hi = (float(t) for t in torch.aminmax(n))
+        lo, hi = (float(n),) * 2 if n.numel() == 1 else (float(t) for t in torch.aminmax(n))
         return lo > 0 and not math.isinf(hi)
-    total = float(n.sum())  # norms are >= 0: finite unless one is Inf or NaN (or they add up past the range)
+    # norms are >= 0: their sum is finite unless one is Inf or NaN (or they add up past the range)
+    total = float(n) if n.numel() == 1 else float(n.sum())
     return math.isfinite(total) or (math.isnan(total) and not bool(torch.isinf(n).any()))
 
 
