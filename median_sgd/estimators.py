@@ -472,7 +472,9 @@ def _l2_loop(lists: _Lists, rule: _Rule, scratch: Optional[dict], l2_weight: Opt
     """The loop's ``"l2"`` steps: with the global weight ``l2_weight``, or run by run."""
     if l2_weight is not None:
         cast: Dict[Tuple[torch.device, torch.dtype], Weight] = {}
-        for i, m in enumerate(lists.ms):
+        # last tensor first: the norms' pass ended with it, so it may still be in cache
+        for i in reversed(range(len(lists.ms))):
+            m = lists.ms[i]
             key = (m.device, m.dtype)
             if key not in cast:
                 f = l2_weight.to(device=m.device, dtype=opmath_dtype(m.dtype))
