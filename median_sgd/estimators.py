@@ -577,10 +577,22 @@ def _multi_tensor_update(bucket: _Lists, rule: _Rule) -> None:
     else:
         d = _foreach_differences(bg, bm)
         n, s = _foreach_norms_(d, rule.tiny, safe=bg[0].dtype == torch.float16)
-        f = l2_step_weight(n, s, rule.tau, clip=rule.clip, of_scaled=True).to(d[0].dtype)
-        torch._foreach_mul_(d, list(f.unbind()))
-        _foreach_add_increments_(bucket, d, 1.0, rule)
+        if s is None and _lerps_on_host(bucket):
+            # the loop's step, one lerp_ per tensor with a number: no 0-dim weights, no scaled copies
+            f = l2_step_weight(n, None, rule.tau, clip=rule.clip)
+            torch._foreach_lerp_(bm, bg, _lerp_weights(f, bm[0].dtype))
+        else:
+            f = l2_step_weight(n, s, rule.tau, clip=rule.clip, of_scaled=True).to(d[0].dtype)
+            torch._foreach_mul_(d, list(f.unbind()))
+            _foreach_add_increments_(bucket, d, 1.0, rule)
     _foreach_weight_step(bucket.ws, bm, rule.lr, rule.shrink)
+
+
+def _lerps_on_host(bucket: _Lists) -> bool:
+    """Whether a bucket's ``"l2"`` steps can be ``_foreach_lerp_`` with numbers, as the loop's:
+    CPU tensors (weights read for free), no mirror, not float16 (stepped in float32)."""
+    m = bucket.ms[0]
+    return bucket.mirrors[0] is None and m.dtype != torch.float16 and host_reads_are_free(m)
 
 
 def _foreach_add_increments_(bucket: _Lists, d: List[torch.Tensor], alpha: float, rule: _Rule) -> None:
@@ -672,11 +684,14 @@ def _global_l2_update(single: _Lists, buckets: List[_Lists], rule: _Rule, scratc
     _single_tensor_update(single, rule, scratch, l2_weight=f)
     for bucket, (d, s_part) in zip(buckets, deltas):
         here = f.to(device=d[0].device, dtype=opmath_dtype(d[0].dtype))
-        if s_part is None:
-            torch._foreach_mul_(d, here.to(d[0].dtype))
-        else:  # these deltas were scaled by s_part in place
-            torch._foreach_mul_(d, list((here / s_part.to(here)).to(d[0].dtype).unbind()))
-        _foreach_add_increments_(bucket, d, 1.0, rule)
+        if s_part is None and _lerps_on_host(bucket):  # the loop's step (see _multi_tensor_update)
+            torch._foreach_lerp_(bucket.ms, bucket.gs, _lerp_weights(here, bucket.ms[0].dtype)[0])
+        else:
+            if s_part is None:
+                torch._foreach_mul_(d, here.to(d[0].dtype))
+            else:  # these deltas were scaled by s_part in place
+                torch._foreach_mul_(d, list((here / s_part.to(here)).to(d[0].dtype).unbind()))
+            _foreach_add_increments_(bucket, d, 1.0, rule)
         _foreach_weight_step(bucket.ws, bucket.ms, rule.lr, rule.shrink)
 
 
