@@ -203,7 +203,7 @@ def estimator_update(
     server average). ``foreach``: ``True`` (multi-tensor kernels for all), ``False`` (a loop over
     all) or ``"auto"`` (the loop for tensors of at least :data:`SMALL_TENSOR` elements).
     ``scratch`` (a dict kept by the caller) holds one buffer per (device, dtype) for the loop's
-    differences ``g - m``, so that the loop allocates nothing. Norms of ``g - m`` never overflow
+    differences ``g - m`` (and the views of it the loop uses), so that the loop allocates nothing. Norms of ``g - m`` never overflow
     (nor, for the subgradient step, underflow): they are scaled by powers of two where needed
     (:func:`median_sgd.prox.l2_norm`). Chapter "Clipping is secretly estimating the median
     gradient" (method (17)).
