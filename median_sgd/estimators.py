@@ -204,7 +204,7 @@ def estimator_update(
     server average). ``foreach``: ``True`` (multi-tensor kernels for all), ``False`` (a loop over
     all) or ``"auto"`` (the loop for tensors of at least :data:`SMALL_TENSOR` elements).
     ``scratch`` (a dict kept by the caller) holds one buffer per (device, dtype) for the loop's
-    differences ``g - m``, so that the loop allocates nothing. Norms of ``g - m`` never overflow
+    differences ``g - m`` (and the views of it the loop uses), so that the loop allocates nothing. Norms of ``g - m`` never overflow
     (nor, for the subgradient step, underflow): they are scaled by powers of two where needed
     (:func:`median_sgd.prox.l2_norm`). Chapter "Clipping is secretly estimating the median
     gradient" (method (17)).
@@ -268,15 +268,21 @@ def _buckets(*lists: Sequence) -> Dict[Tuple[torch.device, torch.dtype], List[li
     return out
 
 
-def _difference(m: torch.Tensor, g: torch.Tensor, scratch: Optional[dict], need: int) -> torch.Tensor:
-    """``g - m``, written into the caller's scratch buffer for ``(device, dtype)`` when there is one."""
-    if scratch is None or not m.is_contiguous() or not g.is_contiguous():
-        return torch.sub(g, m)
-    key = (m.device, m.dtype)
+def _scratch_view(scratch: dict, key: Tuple[torch.device, torch.dtype], offset: int,
+                  shape: torch.Size, need: int) -> torch.Tensor:
+    """A view of ``shape`` at ``offset`` into the caller's scratch buffer for ``key`` (device,
+    dtype), allocated with ``need`` elements when missing or too small. The views are kept with
+    the buffer: building one costs more than the arithmetic on a small tensor."""
     buf = scratch.get(key)
-    if buf is None or buf.numel() < m.numel():
-        buf = scratch[key] = torch.empty(max(need, m.numel()), device=m.device, dtype=m.dtype)
-    return torch.sub(g, m, out=buf[: m.numel()].view(m.shape))
+    end = offset + shape.numel()
+    if buf is None or buf.numel() < end:
+        buf = scratch[key] = torch.empty(max(need, end), device=key[0], dtype=key[1])
+        scratch[key, "views"] = {}
+    views = scratch[key, "views"]
+    view = views.get((offset, shape))
+    if view is None:
+        view = views[offset, shape] = buf[offset: end].view(shape)
+    return view
 
 
 def _largest(ms: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], int]:
@@ -285,6 +291,66 @@ def _largest(ms: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype
         key = (m.device, m.dtype)
         need[key] = max(need[key], m.numel())
     return need
+
+
+#: The loop's ``"l2"`` norms are taken over runs of consecutive tensors (of one device and
+#: dtype) of at most this many elements together (or one larger tensor): the run's differences
+#: into the scratch buffer, their norms and one host check, then the run's updates. Small
+#: tensors share a run (one check for many); a large one is a run of its own, so that its
+#: difference, estimate and sample are still in cache for its update (longer runs push them out
+#: of the cache between the two and cost more than the checks they save).
+L2_RUN = 1 << 16
+
+#: On the CPU each difference lies in the scratch buffer as rows of this many elements (its last
+#: row padded with zeros, which add nothing to a sum of squares), and a tensor's norm is the norm
+#: of its rows' norms: one kernel for all rows of a run, parallel over rows. The norm kernel of a
+#: whole tensor is one serial, latency-bound accumulation; between the parallel elementwise
+#: kernels around it, it leaves the other cores idle and stalls the next kernel (the idle thread
+#: must be woken). Rows of a few thousand elements cost the kernel nothing per row.
+NORM_ROW = 4096
+
+
+def _rows(n: int) -> int:
+    """The rows of :data:`NORM_ROW` elements that hold ``n`` elements."""
+    return -(-n // NORM_ROW)
+
+
+def _runs(ms: Sequence[torch.Tensor]) -> Tuple[List[List[int]], Dict[Tuple[torch.device, torch.dtype], int]]:
+    """The runs (lists of consecutive indices) and the scratch a run needs (its rows) at most,
+    per (device, dtype)."""
+    runs: List[List[int]] = []
+    need: Dict[Tuple[torch.device, torch.dtype], int] = defaultdict(int)
+    size, padded, last = 0, 0, None
+    for i, m in enumerate(ms):
+        key = (m.device, m.dtype)
+        if runs and key == last and size + m.numel() <= L2_RUN:
+            runs[-1].append(i)
+            size += m.numel()
+            padded += _rows(m.numel()) * NORM_ROW
+        else:
+            runs.append([i])
+            size, padded, last = m.numel(), _rows(m.numel()) * NORM_ROW, key
+        need[key] = max(need[key], padded)
+    return runs, need
+
+
+def _row_differences(ms: Sequence[torch.Tensor], gs: Sequence[torch.Tensor], scratch: dict,
+                     need: int) -> Tuple[List[torch.Tensor], torch.Tensor, List[int]]:
+    """``g - m`` for each pair (one device and dtype) in the scratch buffer, each starting a row
+    of :data:`NORM_ROW` elements, its last row padded with zeros: ``(differences, rows, rows
+    per tensor)`` with ``rows`` the ``(rows, NORM_ROW)`` view of them all."""
+    key = (ms[0].device, ms[0].dtype)
+    counts = [_rows(m.numel()) for m in ms]
+    # the view of all rows first: the buffer is (re)allocated before any difference is in it
+    rows = _scratch_view(scratch, key, 0, torch.Size([sum(counts), NORM_ROW]), need)
+    out, offset = [], 0
+    for m, g, count in zip(ms, gs, counts):
+        n = m.numel()
+        out.append(torch.sub(g, m, out=_scratch_view(scratch, key, offset, m.shape, need)))
+        if n % NORM_ROW:
+            _scratch_view(scratch, key, offset + n, torch.Size([count * NORM_ROW - n]), need).zero_()
+        offset += count * NORM_ROW
+    return out, rows, counts
 
 
 def _wide(d: torch.Tensor) -> torch.Tensor:
@@ -315,20 +381,27 @@ def _sign_plan(dtype: torch.dtype, tau: float) -> Tuple[int, float, float, float
     raise AssertionError("unreachable: two scalings reach every finite tau")
 
 
-def _increment_(d: torch.Tensor, rule: _Rule) -> torch.Tensor:
-    """``"l1"``: the increment ``m+ - m`` from ``d = g - m``, in place: ``clip_l1(d, tau)`` or
-    ``tau sign(d)`` (exact, NaN kept: :func:`_sign_plan`; the result is ``alpha`` times it)."""
-    if rule.clip:
-        bound = float(radius_in_range(rule.tau, d.dtype))
-        return d.clamp_(-bound, bound)
-    muls, big, t, _ = _sign_plan(d.dtype, rule.tau)
-    for _ in range(muls):
-        d.mul_(big)
-    return d.clamp_(-t, t)
+class _L1Plan:
+    """The ``"l1"`` increment ``m+ - m`` from ``d = g - m`` for one dtype, in place on ``d``:
+    ``clip_l1(d, tau)``, or ``tau sign(d)`` (exact, NaN kept: :func:`_sign_plan`) whose result
+    is ``alpha`` times the increment."""
 
+    def __init__(self, rule: _Rule, d: torch.Tensor) -> None:
+        self.clip = rule.clip
+        if self.clip:
+            self.bound = float(radius_in_range(rule.tau, d.dtype))
+            self.alpha = 1.0
+        else:
+            muls, big, self.t, self.alpha = _sign_plan(d.dtype, rule.tau)
+            # a 0-dim tensor: d.mul_ with a Python number costs twice as much on the CPU
+            self.scales = [torch.tensor(big, dtype=d.dtype, device=d.device)] * muls
 
-def _increment_alpha(d: torch.Tensor, rule: _Rule) -> float:
-    return _sign_plan(d.dtype, rule.tau)[3] if rule.div == "l1" and not rule.clip else 1.0
+    def increment_(self, d: torch.Tensor) -> torch.Tensor:
+        if self.clip:
+            return d.clamp_(-self.bound, self.bound)
+        for big in self.scales:
+            d.mul_(big)
+        return d.clamp_(-self.t, self.t)
 
 
 def _add_increment_(m: torch.Tensor, mirror: Optional[torch.Tensor], u: torch.Tensor, alpha: float,
@@ -338,13 +411,28 @@ def _add_increment_(m: torch.Tensor, mirror: Optional[torch.Tensor], u: torch.Te
         mirror.add_(u, alpha=alpha * rule.alpha)
 
 
-def _lerp_(m: torch.Tensor, g: torch.Tensor, f: torch.Tensor) -> None:
+Weight = Union[float, torch.Tensor]
+
+
+def _lerp_(m: torch.Tensor, g: torch.Tensor, f: Weight) -> None:
     """``m <- m + f (g - m)``; for float16 in float32, where ``f`` (down to tau / ||g - m||)
-    can be below float16's normal range."""
+    can be below float16's normal range. ``f``: a tensor in the arithmetic dtype, or a Python
+    number already rounded as :func:`_lerp_weights` rounds it."""
     if m.dtype == torch.float16:
         m.add_(g.float().sub_(m).mul_(f))
+    elif isinstance(f, torch.Tensor) and f.dtype != m.dtype:
+        m.lerp_(g, f.to(m.dtype))
     else:
-        m.lerp_(g, f if f.dtype == m.dtype else f.to(m.dtype))
+        m.lerp_(g, f)
+
+
+def _lerp_weights(f: torch.Tensor, dtype: torch.dtype) -> List[float]:
+    """The ``"l2"`` weights ``f`` (in the arithmetic dtype) as Python numbers, rounded to the
+    precision :func:`_lerp_` applies a tensor weight in (``dtype``'s, float32 for float16): the
+    same steps bit for bit, without a 0-dim tensor per step (CPU tensors only)."""
+    if dtype != torch.float16 and f.dtype != dtype:
+        f = f.to(dtype)
+    return f.tolist() if f.dim() == 1 else [f.item()]
 
 
 def _single_tensor_update(lists: _Lists, rule: _Rule, scratch: Optional[dict],
@@ -352,34 +440,111 @@ def _single_tensor_update(lists: _Lists, rule: _Rule, scratch: Optional[dict],
     """The loop: each tensor's estimate, then its weight, while both are in cache.
 
     ``l2_weight``: the ``"l2"`` weight of every unscaled difference (the global scope's, from
-    the norm of all of them); else each tensor's own. Without a mirror the ``"sq"`` and
-    ``"l2"`` steps are one fused ``lerp_`` each and the difference is never kept.
+    the norm of all of them); else each tensor's own, from the norms of a run of tensors at a
+    time (:data:`L2_RUN`). Without a mirror the ``"sq"`` and ``"l2"`` steps are one fused
+    ``lerp_`` each and the difference is never kept.
     """
+    if rule.div == "l2":
+        _l2_loop(lists, rule, scratch, l2_weight)
+        return
     need = _largest(lists.ms)
-    cast: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
+    plans: Dict[Tuple[torch.device, torch.dtype], _L1Plan] = {}
+    lr, shrink = rule.lr, rule.shrink
     for m, g, w, mirror in zip(lists.ms, lists.gs, lists.ws, lists.mirrors):
-        key = (m.device, m.dtype)
         if rule.div == "sq" and mirror is None:
             m.lerp_(g, rule.sq_weight)
         elif rule.div == "sq":
             _add_increment_(m, mirror, torch.sub(g, m).mul_(rule.sq_weight), 1.0, rule)
-        elif rule.div == "l1":
-            d = _difference(m, g, scratch if mirror is None else None, need[key])
-            _add_increment_(m, mirror, _increment_(d, rule), _increment_alpha(d, rule), rule)
         else:
-            if l2_weight is None:
-                n, s, _ = l2_norm(_difference(m, g, scratch, need[key]), None, tiny=rule.tiny)
-                f = l2_step_weight(n, s, rule.tau, clip=rule.clip)
+            key = (m.device, m.dtype)
+            if scratch is None or mirror is not None:
+                d = torch.sub(g, m)
             else:
-                if key not in cast:
-                    cast[key] = l2_weight.to(device=m.device, dtype=opmath_dtype(m.dtype))
-                f = cast[key]
-            if mirror is None:
-                _lerp_(m, g, f)
-            else:
-                d = _wide(torch.sub(g, m))
-                _add_increment_(m, mirror, d.mul_(f.to(d.dtype)), 1.0, rule)
-        weight_step(w, m, rule.lr, rule.shrink)
+                d = torch.sub(g, m, out=_scratch_view(scratch, key, 0, m.shape, need[key]))
+            plan = plans.get(key)
+            if plan is None:
+                plan = plans[key] = _L1Plan(rule, d)
+            _add_increment_(m, mirror, plan.increment_(d), plan.alpha, rule)
+        if w is not None:
+            weight_step(w, m, lr, shrink)
+
+
+def _l2_loop(lists: _Lists, rule: _Rule, scratch: Optional[dict], l2_weight: Optional[torch.Tensor]) -> None:
+    """The loop's ``"l2"`` steps: with the global weight ``l2_weight``, or run by run."""
+    if l2_weight is not None:
+        cast: Dict[Tuple[torch.device, torch.dtype], Weight] = {}
+        # last tensor first: the norms' pass ended with it, so it may still be in cache
+        for i in reversed(range(len(lists.ms))):
+            m = lists.ms[i]
+            key = (m.device, m.dtype)
+            if key not in cast:
+                f = l2_weight.to(device=m.device, dtype=opmath_dtype(m.dtype))
+                cast[key] = _lerp_weights(f, m.dtype)[0] if host_reads_are_free(f) else f
+            _l2_step(lists, i, cast[key], rule)
+        return
+    runs, need = _runs(lists.ms)
+    for run in runs:
+        norms, scales = _run_norms(lists, run, rule, scratch, need)
+        weights: Sequence[Weight]
+        if scales is None:  # one weight computation for the whole run (on the CPU: numbers)
+            # the subgradient step's norms are all > 0 here: its weight is tau / n
+            f = l2_step_weight(norms, None, rule.tau) if rule.clip else torch.div(rule.tau, norms)
+            weights = _lerp_weights(f, lists.ms[run[0]].dtype)
+        else:
+            weights = [l2_step_weight(n, s, rule.tau, clip=rule.clip) for n, s in zip(norms, scales)]
+        for i, weight in zip(run, weights):
+            _l2_step(lists, i, weight, rule)
+
+
+def _run_norms(lists: _Lists, run: List[int], rule: _Rule, scratch: Optional[dict],
+               need: Dict[Tuple[torch.device, torch.dtype], int]):
+    """The norms ``n / s`` of the run's differences, as :func:`median_sgd.prox.l2_norm` gives them
+    (up to the order of summation).
+
+    On the CPU with a scratch buffer, the norms of the rows of all differences first (one
+    kernel, :data:`NORM_ROW`), then each tensor's norm from its rows' norms, and one host check:
+    ``(stacked norms, None)`` when none needs scaling. Else, and off the CPU, ``l2_norm`` of
+    each: ``(norms, scales)``, lists.
+    """
+    ms, gs = [lists.ms[i] for i in run], [lists.gs[i] for i in run]
+    key = (ms[0].device, ms[0].dtype)
+    if scratch is not None and host_reads_are_free(ms[0]):
+        ds, rows, counts = _row_differences(ms, gs, scratch, need[key])
+        work = opmath_dtype(key[1])
+        row_norms = torch.linalg.vector_norm(rows, dim=1, dtype=work if work != key[1] else None)
+        if len(ds) == 1:
+            n = torch.linalg.vector_norm(row_norms, dim=0, keepdim=True)
+        else:
+            n = torch.stack(torch._foreach_norm(row_norms.split(counts)))
+        if _plain_norms_fine(n, rule.tiny):
+            return n, None
+    else:
+        ds = [torch.sub(g, m) for m, g in zip(ms, gs)]
+    pairs = [l2_norm(d, None, tiny=rule.tiny) for d in ds]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _plain_norms_fine(n: torch.Tensor, tiny: bool) -> bool:
+    """Whether unscaled norms (a CPU tensor) are what :func:`median_sgd.prox.l2_norm` would
+    return: none overflowed to Inf (NaN is fine: the norm of NaN data) and, with ``tiny``, none
+    is 0 (NaN then is not fine, as there)."""
+    if tiny:
+        lo, hi = (float(n),) * 2 if n.numel() == 1 else (float(t) for t in torch.aminmax(n))
+        return lo > 0 and not math.isinf(hi)
+    # norms are >= 0: their sum is finite unless one is Inf or NaN (or they add up past the range)
+    total = float(n) if n.numel() == 1 else float(n.sum())
+    return math.isfinite(total) or (math.isnan(total) and not bool(torch.isinf(n).any()))
+
+
+def _l2_step(lists: _Lists, i: int, f: Weight, rule: _Rule) -> None:
+    """``m <- m + f (g - m)`` for tensor ``i`` (and its mirror), then its weight step."""
+    m, g, mirror = lists.ms[i], lists.gs[i], lists.mirrors[i]
+    if mirror is None:
+        _lerp_(m, g, f)
+    else:
+        d = _wide(torch.sub(g, m))
+        _add_increment_(m, mirror, d.mul_(f.to(d.dtype) if isinstance(f, torch.Tensor) else f), 1.0, rule)
+    weight_step(lists.ws[i], m, rule.lr, rule.shrink)
 
 
 def _multi_tensor_update(bucket: _Lists, rule: _Rule) -> None:
@@ -413,10 +578,22 @@ def _multi_tensor_update(bucket: _Lists, rule: _Rule) -> None:
     else:
         d = _foreach_differences(bg, bm)
         n, s = _foreach_norms_(d, rule.tiny, safe=bg[0].dtype == torch.float16)
-        f = l2_step_weight(n, s, rule.tau, clip=rule.clip, of_scaled=True).to(d[0].dtype)
-        torch._foreach_mul_(d, list(f.unbind()))
-        _foreach_add_increments_(bucket, d, 1.0, rule)
+        if s is None and _lerps_on_host(bucket):
+            # the loop's step, one lerp_ per tensor with a number: no 0-dim weights, no scaled copies
+            f = l2_step_weight(n, None, rule.tau, clip=rule.clip)
+            torch._foreach_lerp_(bm, bg, _lerp_weights(f, bm[0].dtype))
+        else:
+            f = l2_step_weight(n, s, rule.tau, clip=rule.clip, of_scaled=True).to(d[0].dtype)
+            torch._foreach_mul_(d, list(f.unbind()))
+            _foreach_add_increments_(bucket, d, 1.0, rule)
     _foreach_weight_step(bucket.ws, bm, rule.lr, rule.shrink)
+
+
+def _lerps_on_host(bucket: _Lists) -> bool:
+    """Whether a bucket's ``"l2"`` steps can be ``_foreach_lerp_`` with numbers, as the loop's:
+    CPU tensors (weights read for free), no mirror, not float16 (stepped in float32)."""
+    m = bucket.ms[0]
+    return bucket.mirrors[0] is None and m.dtype != torch.float16 and host_reads_are_free(m)
 
 
 def _foreach_add_increments_(bucket: _Lists, d: List[torch.Tensor], alpha: float, rule: _Rule) -> None:
@@ -484,12 +661,17 @@ def _combined_norm(norms: Sequence[torch.Tensor], scales: Sequence[Optional[torc
 def _global_l2_update(single: _Lists, buckets: List[_Lists], rule: _Rule, scratch: Optional[dict]) -> None:
     """``"l2"`` on the concatenation of all tensors: the norm of the whole difference first (the
     loop's differences are recomputed in the second pass, not kept), then the steps."""
-    norms, scales = [], []
-    need = _largest(single.ms)
-    for m, g in zip(single.ms, single.gs):
-        n, s, _ = l2_norm(_difference(m, g, scratch, need[(m.device, m.dtype)]), None, tiny=rule.tiny)
-        norms.append(n)
-        scales.append(s)
+    norms: List[torch.Tensor] = []
+    scales: List[Optional[torch.Tensor]] = []
+    runs, need = _runs(single.ms)
+    for run in runs:
+        n, s = _run_norms(single, run, rule, scratch, need)
+        if s is None:
+            norms.append(n)  # type: ignore[arg-type]
+            scales.append(None)
+        else:
+            norms += n
+            scales += s
     deltas = []
     for bucket in buckets:
         d = _foreach_differences(bucket.gs, bucket.ms)
@@ -503,11 +685,14 @@ def _global_l2_update(single: _Lists, buckets: List[_Lists], rule: _Rule, scratc
     _single_tensor_update(single, rule, scratch, l2_weight=f)
     for bucket, (d, s_part) in zip(buckets, deltas):
         here = f.to(device=d[0].device, dtype=opmath_dtype(d[0].dtype))
-        if s_part is None:
-            torch._foreach_mul_(d, here.to(d[0].dtype))
-        else:  # these deltas were scaled by s_part in place
-            torch._foreach_mul_(d, list((here / s_part.to(here)).to(d[0].dtype).unbind()))
-        _foreach_add_increments_(bucket, d, 1.0, rule)
+        if s_part is None and _lerps_on_host(bucket):  # the loop's step (see _multi_tensor_update)
+            torch._foreach_lerp_(bucket.ms, bucket.gs, _lerp_weights(here, bucket.ms[0].dtype)[0])
+        else:
+            if s_part is None:
+                torch._foreach_mul_(d, here.to(d[0].dtype))
+            else:  # these deltas were scaled by s_part in place
+                torch._foreach_mul_(d, list((here / s_part.to(here)).to(d[0].dtype).unbind()))
+            _foreach_add_increments_(bucket, d, 1.0, rule)
         _foreach_weight_step(bucket.ws, bucket.ms, rule.lr, rule.shrink)
 
 
