@@ -63,6 +63,9 @@ def test_nested_settings_and_run_arguments():
     for bad in (["table2=3"], ["table2.nonsense=1"], ["table2.methods=SGD"], ["table2.epochs.x=1"]):
         with pytest.raises(ValueError):
             paper_scale.paper_config("bgmd_experiments", bad)
+    # a parameter whose default is None: None, true/false, numbers, else the text
+    assert [paper_scale._parse_value(t, None) for t in ("None", "false", "True", "3", "0.5", "x")] \
+        == [None, False, True, 3, 0.5, "x"]
     for bad in (["device=cuda"], ["nonsense=1"], ["experiments"]):
         with pytest.raises(ValueError):
             paper_scale.run_arguments("bgmd_experiments", bad)

@@ -49,7 +49,7 @@ DEFAULT_OUT = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "
 
 def _parse_value(text: str, current: Any) -> Any:
     """``text`` as a value of the kind of ``current`` (a tuple: comma-separated elements; where
-    ``current`` is None: None, an int, a float or the text)."""
+    ``current`` is None: None, true/false, an int, a float or the text)."""
     if isinstance(current, tuple):
         kind = type(current[0]) if current else str
         if kind not in (str, int, float, bool):
@@ -64,6 +64,8 @@ def _parse_value(text: str, current: Any) -> Any:
     if current is None:
         if text.lower() == "none":
             return None
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
         for kind in (int, float):
             try:
                 return kind(text)
