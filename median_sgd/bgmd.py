@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -246,7 +246,8 @@ def _largest_prefiltered(keys: torch.Tensor, k: int) -> Optional[torch.Tensor]:
 
 
 def select_from_squares(
-    sq: torch.Tensor, k: int, mode: str, generator: Optional[torch.Generator], power: float
+    sq: torch.Tensor, k: int, mode: str,
+    generator: Union[None, torch.Generator, Tuple[torch.Generator, ...]], power: float,
 ) -> torch.Tensor:
     """The block (indices, shape (..., k)) from squared column norms ``sq``."""
     if mode == "topk":
@@ -269,7 +270,7 @@ def select_block(
     k: Union[int, float],
     *,
     mode: str = "norm",
-    generator: Optional[torch.Generator] = None,
+    generator: Union[None, torch.Generator, Tuple[torch.Generator, ...]] = None,
     power: float = 2.0,
 ) -> torch.Tensor:
     """``I_k``: ``k`` distinct columns of ``G`` (..., n, d), drawn with probability ``∝ ||G[:, j]||^power``.
@@ -287,13 +288,15 @@ def select_block(
     Returns a ``LongTensor`` of shape (..., k) on ``G``'s device: in increasing order on the CPU
     (unless there are ties in the scores), in no particular order elsewhere. Draws come
     from ``generator`` (a ``torch.Generator``; one on another device than ``G`` works too, its
-    draws are moved: from the CPU to a GPU through pinned memory, without waiting). No host
+    draws are moved: from the CPU to a GPU through pinned memory, without waiting), or from a
+    tuple of them, one per leading problem, as in :class:`BGmD`
+    (:func:`~median_sgd.bgmd.check_block_generator`). No host
     synchronisation. The column norms are computed on ``G`` scaled by a power of two (in float32
     for half precision): no square overflows, and the scores keep their order and ratios.
     """
     check_sample_matrix(G)
     check_choice(mode, "mode", MODES)
-    check_generator(generator)
+    check_block_generator(generator)
     power = check_real(power, "power", 0.0, lo_open=True)
     k = resolve_block_size(k, G.shape[-1])
     sq = column_stats(G)[2]  # squared column norms (scaled: the same order, the same draws)

@@ -195,6 +195,19 @@ def test_bgmd_with_a_tuple_of_generators_draws_each_problem_alone():
         ms.BGmD(6, generator=gens[:2])(G)
 
 
+def test_select_block_takes_the_tuple_of_generators_bgmd_takes():
+    G = _matrix((3,), 5, 40, seed=4)
+    blocks = ms.select_block(G, 6, generator=tuple(torch.Generator().manual_seed(10 + i)
+                                                   for i in range(3)))
+    for i in range(3):
+        alone = ms.select_block(G[i], 6, generator=torch.Generator().manual_seed(10 + i))
+        assert torch.equal(blocks[i], alone)
+    with pytest.raises(ValueError, match="one generator per leading problem"):
+        ms.select_block(G, 6, generator=(torch.Generator(), torch.Generator()))
+    with pytest.raises(TypeError, match="torch.Generator"):
+        ms.select_block(G, 6, generator=(torch.Generator(), 3, torch.Generator()))
+
+
 def test_bgmd_residual_of_small_values_is_the_unselected_share():
     # last_residual = 1 - sum_{j in I} ||A_j||^2 / sum_j ||A_j||^2, here with a total below 1
     G = torch.tensor([[0.5, 0.25, 0.0], [0.0, 0.125, 0.0]], dtype=F64)
