@@ -154,3 +154,60 @@ def test_median_sgd_default_path_with_weight_decay(div, method, scope, dtype, de
     eps = 2**-7 if dtype == torch.bfloat16 else 64 * torch.finfo(dtype).eps
     for a, b in zip(got_m + got_w, ref_m + ref_w):
         torch.testing.assert_close(a, b, rtol=eps, atol=eps)
+
+
+def test_a_run_holds_one_dtype():
+    """Tensors of two dtypes, alternating: each run of the loop's l2 norms holds one dtype (a
+    float64 difference written into a float32 buffer would lose its precision)."""
+    gen = torch.Generator().manual_seed(11)
+    dtypes = [torch.float32, torch.float64] * 3
+    ms = [torch.randn(300, generator=gen, dtype=torch.float64).to(t) for t in dtypes]
+    gs = [torch.randn(300, generator=gen, dtype=torch.float64).to(t) for t in dtypes]
+    ws = [torch.zeros(300, dtype=t) for t in dtypes]
+    want_m, _ = per_tensor_reference(ms, gs, ws, tau=3.0, div="l2", method="spp", scope="param",
+                                     lr=0.0, shrink=1.0)
+    got_m = [m.clone() for m in ms]
+    estimator_update(got_m, gs, tau=3.0, div="l2", foreach=False, scratch={})
+    for a, b, g, m in zip(got_m, want_m, gs, ms):
+        torch.testing.assert_close(a, b, **l2_tolerance(a.dtype, [g], [m]))
+
+
+def test_number_weights_round_as_tensor_weights():
+    """``_lerp_weights``: a Python number gives the step a tensor weight of the tensor's dtype
+    gives, bit for bit (bfloat16: the weight rounded to bfloat16 first)."""
+    gen = torch.Generator().manual_seed(12)
+    for dtype in DTYPES:
+        m = torch.randn(4000, generator=gen).to(dtype)
+        g = torch.randn(4000, generator=gen).to(dtype)
+        f = torch.tensor([0.3, 0.7001], dtype=est.opmath_dtype(dtype))
+        for fi, number in zip(f, est._lerp_weights(f, dtype)):
+            with_tensor, with_number = m.clone(), m.clone()
+            est._lerp_(with_tensor, g, fi)
+            est._lerp_(with_number, g, number)
+            assert torch.equal(with_tensor, with_number), dtype
+
+
+def test_subgradient_step_of_a_tensor_at_its_sample_stays_put():
+    """``method="sgd"``: a tensor whose sample equals its estimate (norm 0) does not move and
+    stays finite, next to tensors of the same run that do move."""
+    ms, gs, _ = tensors(torch.float32, seed=13)
+    gs[1] = ms[1].clone()
+    got = [m.clone() for m in ms]
+    estimator_update(got, gs, tau=0.1, div="l2", method="sgd", foreach=False, scratch={})
+    assert torch.equal(got[1], ms[1])
+    assert all(bool(torch.isfinite(a).all()) for a in got)
+    assert not torch.equal(got[2], ms[2])
+
+
+def test_an_overflowing_norm_next_to_nan_data_is_scaled():
+    """A run with one tensor of NaN data and one whose squares overflow float32: the large
+    tensor's step is the one it gets alone (its norm scaled, not Inf), whatever the NaN does."""
+    m = torch.zeros(300)
+    huge = torch.full((300,), 1e30)
+    nan = torch.full((7,), float("nan"))
+    alone = [m.clone()]
+    estimator_update(alone, [huge], tau=0.5, div="l2", foreach=False, scratch={})
+    assert float(alone[0].norm()) == pytest.approx(0.5, rel=1e-5)  # one step of tau toward g
+    both = [torch.zeros(7), m.clone()]
+    estimator_update(both, [nan, huge], tau=0.5, div="l2", foreach=False, scratch={})
+    assert torch.equal(both[1], alone[0])
