@@ -21,7 +21,7 @@ import torch
 from ._harness import device_name, load_average, write_results
 
 #: every suite, in the order they run: ours (medians, sampler, Fig. 2), then BGmD and optimizers
-SUITES = ("medians", "stable", "alpha_stable_experiment", "bgmd", "optim")
+SUITES = ("medians", "stable", "alpha_stable_experiment", "bgmd", "optim", "floor")
 
 
 def _summary(results) -> None:

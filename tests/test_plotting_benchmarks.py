@@ -25,6 +25,7 @@ from median_sgd.plotting import (  # noqa: E402
     plot_targets,
     target_factor,
 )
+from median_sgd.plotting.benchmarks import SUITES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +102,7 @@ def test_load_from_the_repository_url_without_a_checkout(tmp_path, monkeypatch):
     res = load_benchmark_results(opener=opener)
     assert list(res) == ["medians"]
     assert all(u.startswith("https://raw.githubusercontent.com/") for u in asked)
-    assert len(asked) == 5
+    assert len(asked) == len(SUITES)  # one request per suite
     with pytest.raises(FileNotFoundError):
         load_benchmark_results(opener=opener, suites=["stable"])
     with pytest.raises(FileNotFoundError):
@@ -221,3 +222,9 @@ def test_committed_bgmd_map_is_complete():
     for r in pay:
         assert r["ratio"] == pytest.approx(r["gm_s"] / r["bgmd_s"])
         assert {"predicted_ratio", "gm_iter", "bgmd_iter", "gram", "select_s", "pass_s"} <= set(r)
+
+
+def test_suites_are_those_python_m_benchmarks_writes():
+    from benchmarks.__main__ import SUITES as WRITTEN
+
+    assert SUITES == WRITTEN

@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 #: the suites ``python -m benchmarks`` writes (benchmarks/__main__.py), in its order
-SUITES = ("medians", "stable", "alpha_stable_experiment", "bgmd", "optim")
+SUITES = ("medians", "stable", "alpha_stable_experiment", "bgmd", "optim", "floor")
 #: where the committed results live when there is no local checkout (e.g. on Colab)
 RESULTS_URL = "https://raw.githubusercontent.com/median-sgd/median-sgd/main/benchmarks/results/"
 
