@@ -251,6 +251,46 @@ def map_rows(device: torch.device, *, quick: bool = False, ns=None, dims=None) -
     return rows
 
 
+#: (label, mode, options) of the rows per size: the converged ones carry the target
+CASES = (("converged norm", "norm", {}), ("converged topk", "topk", {}),
+         ("fixed 20", "norm", {"fixed_iter": True, "max_iter": 20}),
+         ("fixed 100", "norm", {"fixed_iter": True, "max_iter": 100}))
+
+
+def size_rows(device: torch.device, n: int, d: int, repeat: int, cases=CASES) -> List[dict]:
+    """The rows of one size (k = d/10), clean and with 20% bit flips: BGmD against the full
+    geometric median (interleaved), and BGmD's time in copies of ``G``."""
+    k = d // 10
+    rows = []
+    with ms.value_checks(False):
+        for scenario, flip in (("clean", 0.0), ("bit_flip", 0.2)):
+            G = gradient_matrix(n, d, flip=flip, device=device)
+            out = torch.empty_like(G)
+            copy = measure(lambda: out.copy_(G), device, warmup=1, repeat=repeat)["median_s"]
+            out = None
+            for label, mode, opts in cases:
+                gen = torch.Generator(device=device).manual_seed(0)
+                agg = ms.BGmD(k, mode=mode, memory="mean", generator=gen, **opts)
+                agg(G)  # the memory is warm from now on
+                full, block = measure_pair(lambda: ms.geometric_median(G, **opts), lambda: agg(G),
+                                           device, warmup=1, repeat=repeat)
+                fixed = opts.get("fixed_iter", False)
+                gm_iter = opts["max_iter"] if fixed else int(ms.geometric_median(G).n_iter)
+                bgmd_iter = opts["max_iter"] if fixed else int(agg.last_gm.n_iter)
+                ratio = full["median_s"] / block["median_s"]
+                row = {
+                    "case": label, "n": n, "d": d, "k": k, "scenario": scenario,
+                    "gm_s": full["median_s"], "bgmd_s": block["median_s"], "ratio": ratio,
+                    "copy_s": copy, "copies": block["median_s"] / copy, "gm_iter": gm_iter,
+                    "bgmd_iter": bgmd_iter,
+                }
+                if (n, d) == TARGET_SIZE and not fixed:
+                    row.update(target=TARGET, better="higher", met=bool(ratio >= TARGET))
+                rows.append(row)
+            G = None  # free the matrix before the next one
+    return rows
+
+
 def run(device: torch.device, *, quick: bool = False) -> List[dict]:
     """Rows ``{case, n, d, k, scenario, gm_s, bgmd_s, ratio, copies, gm_iter, bgmd_iter}`` (ratio:
     ``gm_s / bgmd_s``; the converged rows at the target size also carry ``target``, ``better``,
@@ -261,37 +301,8 @@ def run(device: torch.device, *, quick: bool = False) -> List[dict]:
     if device.type == "cuda" and not quick:
         sizes.append((32, 10_000_000))
     repeat = 3 if quick else 7
-    cases = (("converged norm", "norm", {}), ("converged topk", "topk", {}),
-             ("fixed 20", "norm", {"fixed_iter": True, "max_iter": 20}),
-             ("fixed 100", "norm", {"fixed_iter": True, "max_iter": 100}))
-    rows = []
+    rows = [row for n, d in sizes for row in size_rows(device, n, d, repeat)]
     with ms.value_checks(False):
-        for n, d in sizes:
-            k = d // 10
-            for scenario, flip in (("clean", 0.0), ("bit_flip", 0.2)):
-                G = gradient_matrix(n, d, flip=flip, device=device)
-                out = torch.empty_like(G)
-                copy = measure(lambda: out.copy_(G), device, warmup=1, repeat=repeat)["median_s"]
-                out = None
-                for label, mode, opts in cases:
-                    gen = torch.Generator(device=device).manual_seed(0)
-                    agg = ms.BGmD(k, mode=mode, memory="mean", generator=gen, **opts)
-                    agg(G)  # the memory is warm from now on
-                    full, block = measure_pair(lambda: ms.geometric_median(G, **opts), lambda: agg(G),
-                                               device, warmup=1, repeat=repeat)
-                    fixed = opts.get("fixed_iter", False)
-                    gm_iter = opts["max_iter"] if fixed else int(ms.geometric_median(G).n_iter)
-                    bgmd_iter = opts["max_iter"] if fixed else int(agg.last_gm.n_iter)
-                    ratio = full["median_s"] / block["median_s"]
-                    row = {
-                        "case": label, "n": n, "d": d, "k": k, "scenario": scenario,
-                        "gm_s": full["median_s"], "bgmd_s": block["median_s"], "ratio": ratio,
-                        "copies": block["median_s"] / copy, "gm_iter": gm_iter, "bgmd_iter": bgmd_iter,
-                    }
-                    if (n, d) == TARGET_SIZE and not fixed:
-                        row.update(target=TARGET, better="higher", met=bool(ratio >= TARGET))
-                    rows.append(row)
-                G = None  # free the matrix before the next size
         map_ = map_rows(device, quick=quick)
     print_table(f"BGmD (k = d/10, mean memory) vs full geometric median on {device.type}", rows,
                 ["case", "n", "d", "k", "scenario", "gm_iter", "bgmd_iter", "gm_s", "bgmd_s",

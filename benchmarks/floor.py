@@ -31,11 +31,8 @@ from typing import List
 
 import torch
 
-import median_sgd as ms
-
-from . import medians
-from ._harness import measure, print_table
-from .bgmd import TARGET_SIZE, gradient_matrix
+from . import bgmd, medians
+from ._harness import print_table
 
 SUITE = "floor"
 TARGET_ITERATION = medians.TARGET_COPIES_PER_ITERATION  # 2.5
@@ -45,23 +42,16 @@ TARGET_BGMD_COPIES = 2.0
 
 
 def bgmd_rows(device: torch.device, n: int, d: int, repeat: int) -> List[dict]:
+    """The ``bgmd`` suite's converged rows of one size (:func:`benchmarks.bgmd.size_rows`), as
+    BGmD's time in copies of ``G`` against :data:`TARGET_BGMD_COPIES`."""
+    converged = tuple(case for case in bgmd.CASES if not case[2])
     rows = []
-    with ms.value_checks(False):
-        for scenario, flip in (("clean", 0.0), ("bit_flip", 0.2)):
-            G = gradient_matrix(n, d, flip=flip, device=device)
-            out = torch.empty_like(G)
-            copy = measure(lambda: out.copy_(G), device, warmup=1, repeat=repeat)["median_s"]
-            for mode in ("norm", "topk"):
-                agg = ms.BGmD(d // 10, mode=mode, memory="mean",
-                              generator=torch.Generator(device=device).manual_seed(0))
-                agg(G)  # the memory is warm from now on
-                step = measure(lambda: agg(G), device, warmup=1, repeat=repeat)["median_s"]
-                copies = step / copy
-                rows.append({"case": f"bgmd {mode}", "n": n, "d": d, "k": d // 10,
-                             "scenario": scenario, "dtype": "float32", "copy_s": copy,
-                             "step_s": step, "ratio": copies, "target": TARGET_BGMD_COPIES,
-                             "better": "lower", "met": bool(copies <= TARGET_BGMD_COPIES)})
-            G = out = None  # free memory before the next matrix
+    for r in bgmd.size_rows(device, n, d, repeat, cases=converged):
+        rows.append({"case": r["case"].replace("converged", "bgmd"), "n": n, "d": d, "k": r["k"],
+                     "scenario": r["scenario"], "dtype": "float32", "copy_s": r["copy_s"],
+                     "step_s": r["bgmd_s"], "bgmd_iter": r["bgmd_iter"], "ratio": r["copies"],
+                     "target": TARGET_BGMD_COPIES, "better": "lower",
+                     "met": bool(r["copies"] <= TARGET_BGMD_COPIES)})
     return rows
 
 
@@ -88,7 +78,7 @@ def run(device, *, quick: bool = False) -> List[dict]:
             converged.update(target=TARGET_CONVERGED, better="lower",
                              met=bool(solve <= TARGET_CONVERGED))
         rows.append(converged)
-    n, d = (32, 100_000) if quick else TARGET_SIZE
+    n, d = (32, 100_000) if quick else bgmd.TARGET_SIZE
     rows += bgmd_rows(device, n, d, repeat)
     print_table(f"Issue 15's table: cost in copies of G ({device.type})", rows,
                 ["case", "n", "d", "dtype", "scenario", "solve_iter", "ratio", "target", "met"])
