@@ -57,7 +57,8 @@ def measure_interleaved(fns: Sequence[Callable[[], object]], device: torch.devic
     On a shared machine the load drifts; alternating the timed calls exposes all of them to the
     same drift, so their ratios are steadier than those of separate series. ``clock`` reads the
     time (default: wall-clock; ``time.process_time``, the process's CPU time, leaves out the
-    time other processes hold the cores, on the CPU with one thread).
+    time other processes hold the cores, on the CPU with one thread). Each result also has its
+    ``samples_s`` (in order: ``samples_s[r]`` of every function come from the same round ``r``).
     """
     for _ in range(warmup):
         for f in fns:
@@ -70,14 +71,22 @@ def measure_interleaved(fns: Sequence[Callable[[], object]], device: torch.devic
             f()
             synchronize(device)
             out.append(clock() - start)
-    return [{"median_s": statistics.median(x), "min_s": min(x), "max_s": max(x), "repeat": repeat}
-            for x in samples]
+    return [{"median_s": statistics.median(x), "min_s": min(x), "max_s": max(x), "repeat": repeat,
+             "samples_s": x} for x in samples]
 
 
 def measure_pair(reference: Callable[[], object], fn: Callable[[], object], device: torch.device, *,
                  warmup: int = 2, repeat: int = 7) -> tuple:
     """``(reference, fn)`` timings by :func:`measure_interleaved`."""
     return tuple(measure_interleaved([reference, fn], device, warmup=warmup, repeat=repeat))
+
+
+def pair_ratios(reference: dict, timed: dict) -> dict:
+    """The spread of ``reference / timed`` over the rounds of :func:`measure_interleaved` (each
+    ratio of two calls timed one right after the other): median and quartiles."""
+    ratios = [a / b for a, b in zip(reference["samples_s"], timed["samples_s"])]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"pair_ratio_q1": q1, "pair_ratio_median": median, "pair_ratio_q3": q3}
 
 
 def device_name(device: torch.device) -> str:
