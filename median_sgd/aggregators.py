@@ -25,7 +25,7 @@ the rows dropped. The whole row goes, also for the coordinate-wise rules (a work
 in one coordinate is broken, and its other coordinates are not to be trusted either; it is also
 what the DDP hooks of :mod:`median_sgd.distributed` do, where a rank's flag travels with the
 collectives). The rules then act on the rows that remain; when none remains the update is 0 (no
-step). Huge but finite rows are data, not faults: they are outliers like any other, and the sums
+step; ``bgmd``'s memory stays as it was). Huge but finite rows are data, not faults: they are outliers like any other, and the sums
 of the mean and the trimmed mean cannot overflow (half precision is summed in float32; a sum that
 overflows is redone from terms divided by their count first). No check synchronises with the host:
 the dropping is done with masks and weights. The plain functions
@@ -405,6 +405,8 @@ class _WorkersBGmD(BGmD):
     geometric median, and in the memory rule (the mean or the median of the finite rows, their
     geometric median). A memory that would overflow saturates at the largest finite value, and a
     row whose block overflows once the memory is added is dropped from that block's median.
+    A call in which every row is dropped is no step (:func:`~median_sgd.bgmd.bgmd_step`'s
+    ``absent``): it returns 0 and leaves the memory as it was, whatever the memory rule.
     ``last_dropped`` counts the rows dropped.
     """
 
@@ -463,7 +465,8 @@ class _WorkersBGmD(BGmD):
             return torch.nan_to_num(new.to(G.dtype), nan=0.0)
 
         idx, update, self.memory = bgmd_step(sq, k, self.mode, self.generator, self.power,
-                                             block_median, memory_of if self.memory_rule else None)
+                                             block_median, memory_of if self.memory_rule else None,
+                                             absent=count.squeeze(-1) == 0, memory=m)
         self._record(sq, idx, self.last_gm, G.dtype)
         return update
 

@@ -473,7 +473,7 @@ def zero_columns(A: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return A.scatter_(-1, idx.unsqueeze(-2).expand(*A.shape[:-1], idx.shape[-1]), 0.0)
 
 
-def bgmd_step(sq, k, mode, generator, power, block_median, memory_of):
+def bgmd_step(sq, k, mode, generator, power, block_median, memory_of, *, absent=None, memory=None):
     """``I = select(sq)``, ``u_I = block_median(I)``, ``u_J = 0``, ``m = memory_of(I)`` with ``m_I = 0``.
 
     One step of Algorithm 1 of Acharya et al. (chapter "Block geometric median descent") given
@@ -483,17 +483,26 @@ def bgmd_step(sq, k, mode, generator, power, block_median, memory_of):
     zeros) and the new memory (``memory_of(I)`` (..., d) with the block zeroed; ``None`` when
     ``memory_of`` is). Where the rows live is the callers' business: :class:`BGmD` (rows in this
     process), ``make_aggregator("bgmd")`` (the finite rows) and the DDP hook's ``"bgmd"`` rule
-    (one row per rank) pass their own ``block_median`` and ``memory_of``. Returns
-    ``(I, u, m)``.
+    (one row per rank) pass their own ``block_median`` and ``memory_of``. ``absent`` (a (...,)
+    bool tensor, or None): the problems in which no row counted (every one dropped). There the
+    step is no step: ``u = 0`` and the memory stays ``memory`` (the one before the step; None:
+    zero), as if nothing had been sent, instead of being overwritten by the statistics of no
+    rows. Returns ``(I, u, m)``.
     """
     idx = select_from_squares(sq, k, mode, generator, power)  # (..., k)
     median = block_median(idx)
     zeros = median.new_zeros(*median.shape[:-1], sq.shape[-1])
     update = zeros.index_copy_(-1, idx, median) if idx.dim() == 1 else zeros.scatter_(-1, idx, median)
+    if absent is not None:
+        update = update.masked_fill_(absent.unsqueeze(-1), 0.0)
     if memory_of is None:
         return idx, update, None
     new = memory_of(idx)
-    return idx, update, new.index_fill_(-1, idx, 0.0) if idx.dim() == 1 else new.scatter_(-1, idx, 0.0)
+    new = new.index_fill_(-1, idx, 0.0) if idx.dim() == 1 else new.scatter_(-1, idx, 0.0)
+    if absent is not None:
+        kept = torch.zeros_like(new) if memory is None else memory.to(new.dtype)
+        new = torch.where(absent.unsqueeze(-1), kept, new)
+    return idx, update, new
 
 
 def _saturate(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

@@ -28,7 +28,7 @@ its bucket weight 0 in that round, as if it had not been sent, and counts it in
 with the collectives the rule makes anyway (one more element in the all-reduce or per all-to-all
 chunk, a NaN in place of the distance in the Weiszfeld gathers), so every rank drops the same
 ranks. The whole bucket goes, also for the coordinate-wise rules. When every rank is dropped the
-result is 0. Huge but finite values are outliers like any other: distances are computed scaled
+result is 0 (and ``"bgmd"``'s memory stays as it was: no step). Huge but finite values are outliers like any other: distances are computed scaled
 (so they overflow only when the work dtype cannot hold them; such a rank then weighs 0 in the
 Weiszfeld round, the limit of ``1 / distance``), and sums are divided by their count first.
 
@@ -238,14 +238,18 @@ class RobustHook:
         n, opts = y.shape[-1], self.settings
         k = opts["k"]
         k = resolve_block_size(k, n) if not isinstance(k, numbers.Integral) else min(int(k), n)
-        memory = self.memory.get(key)
-        if memory is not None and memory.shape != y.shape[-1:]:
-            memory = None  # the bucket changed (DDP rebuilds its buckets after the first step)
-        a = y if memory is None else y + ranks.spread(memory)
+        old = self.memory.get(key)
+        if old is not None and old.shape != y.shape[-1:]:
+            old = None  # the bucket changed (DDP rebuilds its buckets after the first step)
+        a = y if old is None else y + ranks.spread(old)
         good = finite_rows(a)
-        # squared column norms ||A[:, j]||^2 of the finite ranks
-        sq = ranks.shared(ranks.all_reduce(torch.where(good.unsqueeze(-1), a * a, 0.0),
-                                           inplace=True))
+        # squared column norms ||A[:, j]||^2 of the finite ranks, and how many ranks count (in
+        # the same all-reduce): with none, the step is no step (bgmd_step's absent)
+        buf = a.new_empty(*a.shape[:-1], n + 1)
+        torch.mul(a, a, out=buf[..., :n]).masked_fill_(~good.unsqueeze(-1), 0.0)
+        buf[..., n] = good
+        total = ranks.shared(ranks.all_reduce(buf, inplace=True))
+        sq, absent = total[..., :n], total[..., n] == 0
         dropped = []
 
         def block_median(idx):  # the same on every rank
@@ -261,7 +265,8 @@ class RobustHook:
             return ranks.shared(residual)
 
         _, out, memory = bgmd_step(sq, k, opts["mode"], self._generator(sq.device), opts["power"],
-                                   block_median, memory_of if opts["memory"] else None)
+                                   block_median, memory_of if opts["memory"] else None,
+                                   absent=absent, memory=old)
         if memory is None:
             self.memory.pop(key, None)
         else:

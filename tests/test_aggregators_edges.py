@@ -140,17 +140,40 @@ def test_bgmd_aggregator_gm_memory_ignores_dropped_rows():
     torch.testing.assert_close(agg.memory, alone.memory)
 
 
-@pytest.mark.parametrize("memory", ["mean", "gm"])
-def test_bgmd_aggregator_step_with_every_row_dropped_leaves_no_memory(memory):
-    # no finite row: the update is 0 and the memory holds nothing (the gm rule's median of no
-    # rows is NaN, stored as 0), so the next step is a fresh aggregator's first step
+@pytest.mark.parametrize("memory", ["mean", "median", "gm"])
+def test_bgmd_aggregator_step_with_every_row_dropped_is_no_step(memory):
+    # no finite row (an AMP overflow in every worker, say): the update is 0 and the memory stays
+    # what it was, under every rule, so the next step is the one that would have followed
+    # without that call (the median rule used to zero the block's memory, mean and gm all of it)
     gen = torch.Generator().manual_seed(7)
     G1, G3 = torch.randn(2, 5, 6, generator=gen, dtype=F64)
     agg = make_aggregator("bgmd", k=2, mode="topk", memory=memory)
-    agg(G1)
-    assert bool((agg.memory != 0).any())
+    without = make_aggregator("bgmd", k=2, mode="topk", memory=memory)
+    agg(G1), without(G1)
+    before = agg.memory.clone()
+    assert bool((before != 0).any())
     out = agg(torch.full((5, 6), float("nan"), dtype=F64))
     torch.testing.assert_close(out, torch.zeros(6, dtype=F64), rtol=0, atol=0)
-    torch.testing.assert_close(agg.memory, torch.zeros(6, dtype=F64), rtol=0, atol=0)
-    fresh = make_aggregator("bgmd", k=2, mode="topk", memory=memory)
-    torch.testing.assert_close(agg(G3), fresh(G3), rtol=0, atol=0)
+    torch.testing.assert_close(agg.memory, before, rtol=0, atol=0)
+    assert agg.last_dropped.item() == 5
+    torch.testing.assert_close(agg(G3), without(G3), rtol=0, atol=0)
+    torch.testing.assert_close(agg.memory, without.memory, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("memory", ["mean", "median"])
+def test_bgmd_aggregator_no_step_is_per_problem(memory):
+    # batched: the problem whose rows are all dropped keeps its memory and gets 0; the other
+    # takes its step as it would alone
+    gen = torch.Generator().manual_seed(9)
+    G1, G2 = torch.randn(2, 2, 5, 6, generator=gen, dtype=F64)
+    G2[0] = float("inf")
+    agg = make_aggregator("bgmd", k=2, mode="topk", memory=memory)
+    alone = make_aggregator("bgmd", k=2, mode="topk", memory=memory)
+    agg(G1)
+    alone(G1[1])
+    before = agg.memory.clone()
+    out = agg(G2)
+    torch.testing.assert_close(out[0], torch.zeros(6, dtype=F64), rtol=0, atol=0)
+    torch.testing.assert_close(agg.memory[0], before[0], rtol=0, atol=0)
+    torch.testing.assert_close(out[1], alone(G2[1]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(agg.memory[1], alone.memory, rtol=1e-12, atol=1e-12)

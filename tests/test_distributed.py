@@ -144,6 +144,21 @@ def test_the_issue_example_and_every_rank_dropped():
 
 
 @pytest.mark.parametrize("memory", ["mean", "median"])
+def test_bgmd_round_with_every_rank_dropped_keeps_the_memory(memory):
+    """No finite rank: no step, and the memory stays, so later rounds are those without it."""
+    gen = torch.Generator().manual_seed(10)
+    G1, G3 = torch.randn(2, 5, 40, generator=gen, dtype=torch.float64)
+    hook, without = (robust_hook("bgmd", k=0.2, memory=memory) for _ in range(2))
+    hook.simulate(G1, key="b"), without.simulate(G1, key="b")
+    before = hook.memory["b"].clone()
+    out = hook.simulate(torch.full_like(G1, float("nan")), key="b")
+    assert torch.equal(out, torch.zeros_like(G1)) and torch.equal(hook.memory["b"], before)
+    assert bool((before != 0).any()) and hook.stats["dropped"] == 5
+    torch.testing.assert_close(hook.simulate(G3, key="b"), without.simulate(G3, key="b"), rtol=0, atol=0)
+    torch.testing.assert_close(hook.memory["b"], without.memory["b"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("memory", ["mean", "median"])
 def test_bgmd_memory_is_not_poisoned_by_a_nan_round(memory):
     """With memory="mean" a NaN rank used to leave the memory NaN in every later clean round."""
     gen = torch.Generator().manual_seed(8)
