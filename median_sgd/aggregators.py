@@ -8,7 +8,7 @@ before or after aggregating is the same, except for BGmD whose memory mixes step
 
 * ``mean`` (SGD): ``mean_i G_i``; breakdown point 0.
 * ``cmd``: coordinate-wise median (CmD; Yin et al. 2018).
-* ``gmd``: geometric median (GmD), smoothed Weiszfeld.
+* ``gmd``: geometric median (GmD), smoothed Weiszfeld from the coordinate-wise median.
 * ``bgmd``: block geometric median with memory (:class:`median_sgd.BGmD`).
 * ``trimmed_mean``: coordinate-wise trimmed mean (Yin et al. 2018).
 * ``krum`` / ``multi_krum``: Krum (Blanchard et al. 2017): the row whose ``n - f - 2`` nearest
@@ -210,7 +210,8 @@ WEISZFELD = (EPS, TOL, MAX_ITER, FIXED_ITER)
 _OPTIMIZER_WEISZFELD = (EPS, TOL, MAX_ITER.with_default(10), FIXED_ITER.with_default(True))
 _HOOK_WEISZFELD = (EPS, TOL, MAX_ITER.with_default(8), FIXED_ITER.with_default(True))
 INIT = _choice_option("init", "median", ("median", "mean"),
-                      "hook's starting point: the coordinate-wise median (robust) or the mean (RFA)")
+                      "Weiszfeld's starting point: the coordinate-wise median (robust: in the "
+                      "honest rows' range whatever the others send) or the mean (RFA)")
 TRIM = _real_option("trim", 0.1, 0, 0.5, hi_open=True,
                     doc="fraction trimmed at each end: floor(trim n) values")
 K = Option("k", 0.1, _check_block_size, "BGmD's block: int coordinates or float fraction of d")
@@ -279,15 +280,16 @@ class GeometricMedian(Aggregator):
     """``argmin_z sum_i ||z - G_i||`` over the finite rows (GmD):
     :func:`median_sgd.geometric_median` with weight 1 on the finite rows and 0 on the others.
 
-    ``gm_options`` (``eps``, ``tol``, ``max_iter``, ``fixed_iter``) go to the solver; the result
-    of the last call is ``agg.last_gm`` (iterations, convergence).
+    ``gm_options`` (``init``, ``eps``, ``tol``, ``max_iter``, ``fixed_iter``) go to the solver,
+    which starts at the coordinate-wise median of the finite rows unless ``init="mean"`` (see
+    :data:`REGISTRY`); the result of the last call is ``agg.last_gm`` (iterations, convergence).
     """
 
     name = "gmd"
 
     def __init__(self, **gm_options) -> None:
         REGISTRY["geometric_median"].check(gm_options, "aggregator")
-        self.gm_options = dict(gm_options)
+        self.gm_options = {"init": INIT.default, **gm_options}  # robust start: see the registry
         self.last_gm: Optional[GeometricMedianResult] = None
 
     def __call__(self, G):
@@ -400,8 +402,9 @@ class Krum(Aggregator):
 class _WorkersBGmD(BGmD):
     """:class:`median_sgd.BGmD` over the finite rows: what ``make_aggregator("bgmd")`` returns.
 
-    The same step as BGmD's (and on finite data the same numbers), with the rows that hold a NaN
-    or Inf given weight 0 everywhere: in the column norms that choose the block, in the block's
+    The same step as BGmD's (and on finite data the same numbers, for the same ``init``: here
+    the geometric medians start at the coordinate-wise median by default, see :data:`REGISTRY`),
+    with the rows that hold a NaN or Inf given weight 0 everywhere: in the column norms that choose the block, in the block's
     geometric median, and in the memory rule (the mean or the median of the finite rows, their
     geometric median). A memory that would overflow saturates at the largest finite value, and a
     row whose block overflows once the memory is added is dropped from that block's median.
@@ -472,7 +475,8 @@ class _WorkersBGmD(BGmD):
 
 
 def _bgmd(k=0.1, **options) -> BGmD:
-    return _WorkersBGmD(k, **options)
+    # the block's geometric median from the coordinate-wise median, as the gmd aggregator's
+    return _WorkersBGmD(k, **{"init": INIT.default, **options})
 
 
 def _multi_krum(f: int, m: Optional[int] = None) -> Krum:
@@ -495,16 +499,20 @@ REGISTRY: Dict[str, Rule] = {rule.name: rule for rule in (
                      "fewer than 10 ranks would trim nothing (floor(0.1 W) = 0), the mean"),
     Rule("geometric_median", "argmin_z sum_i ||z - G_i||, smoothed Weiszfeld (GmD; RFA in the hook)",
          ("gmd", "gm"),
-         {"aggregator": WEISZFELD, "optimizer": _OPTIMIZER_WEISZFELD,
+         {"aggregator": (INIT, *WEISZFELD), "optimizer": _OPTIMIZER_WEISZFELD,
           "hook": (INIT, *_HOOK_WEISZFELD)},
-         differences="the aggregator runs geometric_median's own defaults (max_iter=100, stop "
-                     "when converged); the optimizer runs a fixed 10 iterations per step and the "
-                     "hook a fixed 8 rounds per bucket (each round two collectives), so that "
-                     "neither waits for the host; the hook starts at the coordinate-wise median "
-                     "(init='median'): from the mean a huge Byzantine vector leaves a trace that "
-                     "a fixed budget of rounds does not remove (chapter 'Scaling out')"),
+         differences="the aggregator runs geometric_median's own iteration defaults "
+                     "(max_iter=100, stop when converged); the optimizer runs a fixed 10 "
+                     "iterations per step and the hook a fixed 8 rounds per bucket (each round "
+                     "two collectives), so that neither waits for the host. The aggregator and "
+                     "the hook start at the coordinate-wise median (init='median', where the "
+                     "function geometric_median starts at the mean): from the mean a huge "
+                     "Byzantine vector leaves a trace that max_iter iterations do not remove "
+                     "(one row of 1e300 among 32 is still ~1e149 away after 100; chapter "
+                     "'Scaling out'). The optimizer's samples are the model's own per-sample "
+                     "gradients: it starts at their mean"),
     Rule("bgmd", "block geometric median with memory (Acharya et al. 2022; median_sgd.BGmD)", (),
-         {"aggregator": (K, MODE, MEMORY, GENERATOR, POWER, *WEISZFELD),
+         {"aggregator": (K, MODE, MEMORY, GENERATOR, POWER, INIT, *WEISZFELD),
           "hook": (K, MODE.with_default("topk"),
                    _choice_option("memory", "median", ("median", "mean", None), MEMORY.doc),
                    SEED, POWER, INIT, *_HOOK_WEISZFELD)},

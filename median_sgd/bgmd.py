@@ -39,7 +39,7 @@ __all__ = ["select_block", "resolve_block_size", "BGmD", "MODES", "MEMORY_RULES"
 
 MODES = ("norm", "topk")
 MEMORY_RULES = ("mean", "median", "gm", None)
-_GM_OPTIONS = ("eps", "tol", "max_iter", "fixed_iter")
+_GM_OPTIONS = ("eps", "tol", "max_iter", "fixed_iter", "init")
 
 
 def resolve_block_size(k: Union[int, float], d: int) -> int:
@@ -323,7 +323,8 @@ class BGmD:
 
     ``k`` is an int number of columns or a float fraction of ``d`` (``0.1``: the paper's 10%).
     ``gm_options`` go to :func:`median_sgd.geometric_median` (``eps``, ``tol``, ``max_iter``,
-    ``fixed_iter``; with ``fixed_iter=True`` a step has no host synchronisation at all) and are
+    ``fixed_iter``, ``init``; with ``fixed_iter=True`` a step has no host synchronisation at all;
+    ``init="median"`` starts each solve at the coordinate-wise median, robust to huge rows) and are
     also used by the ``"gm"`` memory rule. ``power`` is the exponent of the column norms in the
     sampling probabilities (see :func:`select_block`). ``generator`` may be a tuple of
     generators, one per leading problem (:func:`~median_sgd.bgmd.check_block_generator`): each problem then draws

@@ -190,6 +190,28 @@ def weighted_mean(X, w, w_sum, uniform):
     return torch.matmul((w * p.unsqueeze(-1)).unsqueeze(-2), X).squeeze(-2) / (w_sum * p).unsqueeze(-1)
 
 
+def weighted_coordinate_median(X, w, uniform):
+    """Per coordinate, the weighted median of the rows of ``X`` (..., n, d) with weights ``w``
+    (..., n): the value at which the cumulative weight of the sorted column reaches half the
+    total, midway between two values where it reaches exactly half (for equal weights the mean of
+    the two middle values, as :func:`median_sgd.coordinate_median`). Rows of weight 0 never
+    count. The middle of two values is ``a/2 + b/2`` where ``a + b`` would overflow."""
+    n = X.shape[-2]
+    if uniform:
+        a = torch.kthvalue(X, (n + 1) // 2, dim=-2).values
+        b = a if n % 2 else torch.kthvalue(X, n // 2 + 1, dim=-2).values
+    else:
+        values, order = X.sort(dim=-2)
+        cum = w.unsqueeze(-1).expand(X.shape).gather(-2, order).cumsum(-2)
+        half = cum[..., -1:, :] / 2
+        lo = (cum < half).sum(-2, keepdim=True).clamp_max(n - 1)  # first with cum >= half
+        hi = (cum <= half).sum(-2, keepdim=True).clamp_max(n - 1)  # first with cum > half
+        a = values.gather(-2, lo).squeeze(-2)
+        b = values.gather(-2, hi).squeeze(-2)
+    mid = (a + b) / 2
+    return torch.where(torch.isfinite(mid), mid, a / 2 + b / 2)
+
+
 def _scaled_top(dtype: torch.dtype, d: int) -> int:
     """The exponent ``t`` to which sums of ``d`` squares scale the largest entry: ``2**t`` in size,
     the largest sum of squares (of differences) is below the dtype's largest value, and values
@@ -232,6 +254,14 @@ class LocalRows:
         self.beta = c.to(self.X.dtype)
         return n_iter
 
+    def begin_at_centre(self) -> None:
+        """The first iterate is ``start`` itself (one that is not a combination of the rows, such
+        as the coordinate-wise median): a pass for its distances only."""
+        self.offset = torch.zeros_like(self.neg)
+        self.dist = _distances(self.X, self.s_rows, self.neg, self.cols)
+        self.rounded = self.neg
+        self.result = self.rounded
+
     def begin(self) -> None:
         """The first pass: the iterate ``sum_i beta_i X_i / sum_i beta_i`` and its distances."""
         self.offset, self.dist = self._pass(self.beta / self.beta.sum(-1, keepdim=True))
@@ -273,17 +303,26 @@ class LocalRows:
         return _distances(self.X, self.s_rows, self.result, self.cols)
 
 
-def local_weiszfeld(X, w, w_sum, start, *, uniform, eps, tol, max_iter, fixed_iter):
-    """Weiszfeld on the rows of ``X`` (..., n, d) from ``start`` (their weighted mean: :func:`weighted_mean`): ``(rows, n_iter, done,
-    floor)`` with ``rows`` the :class:`LocalRows` at the answer (``rows.median()``).
+def local_weiszfeld(X, w, w_sum, start, *, uniform, eps, tol, max_iter, fixed_iter,
+                    start_is_iterate=False):
+    """Weiszfeld on the rows of ``X`` (..., n, d) from ``start``: ``(rows, n_iter, done, floor)``
+    with ``rows`` the :class:`LocalRows` at the answer (``rows.median()``).
 
-    The adaptive mode first iterates on the Gram matrix when few rows have many coordinates
-    (``n <= 64`` and ``n d >= 2**16``), then hands over to the exact iteration, which checks the
-    stopping rule on ``X`` itself and goes on if needed.
+    ``start`` is their weighted mean (:func:`weighted_mean`), whose weights begin the iteration,
+    or with ``start_is_iterate`` any point, the first iterate itself (the coordinate-wise median:
+    :func:`weighted_coordinate_median`). From the mean, the adaptive mode first iterates on the
+    Gram matrix when few rows have many coordinates (``n <= 64`` and ``n d >= 2**16``), then
+    hands over to the exact iteration, which checks the stopping rule on ``X`` itself and goes
+    on if needed.
     """
     n, d = X.shape[-2], X.shape[-1]
     rows = LocalRows(X, w, w_sum, start, uniform=uniform)
     n_iter, budget = None, max_iter
+    if start_is_iterate:
+        rows.begin_at_centre()
+        n_iter, done, floor = weiszfeld(rows, eps=eps, tol=tol, max_iter=max_iter,
+                                        fixed_iter=fixed_iter)
+        return rows, n_iter, done, floor
     if not fixed_iter and max_iter > 1 and n <= _GRAM_MAX_N and n * d >= _GRAM_MIN_SIZE:
         n_iter = rows.gram_start(eps, tol, max_iter - 1)
         budget = max_iter - int(n_iter.min()) if n_iter.numel() else 1

@@ -194,7 +194,7 @@ def test_bgmd_memory_is_not_poisoned_by_a_nan_row():
     """make_aggregator("bgmd") (the paper's mean memory) after a round with a NaN row: the memory
     is that of the finite rows, and later clean rounds are BGmD's own."""
     agg = make_aggregator("bgmd", k=0.25, mode="topk", fixed_iter=True, max_iter=20)
-    ref = ms.BGmD(0.25, mode="topk", fixed_iter=True, max_iter=20)
+    ref = ms.BGmD(0.25, mode="topk", fixed_iter=True, max_iter=20, init="median")  # the aggregator's start
     for step in range(3):
         G = rows(8, 12, seed=step)
         finite = G
@@ -233,12 +233,17 @@ def test_finite_data_gives_the_plain_functions_numbers_bit_for_bit():
             if dtype == torch.float16:
                 continue
             for fixed in (False, True):
+                for init in ("median", "mean"):  # the aggregator's default first
+                    options = {"fixed_iter": fixed, "max_iter": 30, "init": init}
+                    assert torch.equal(make_aggregator("gmd", **options)(G),
+                                       ms.geometric_median(G, **options).median)
                 assert torch.equal(make_aggregator("gmd", fixed_iter=fixed, max_iter=30)(G),
-                                   ms.geometric_median(G, fixed_iter=fixed, max_iter=30).median)
+                                   ms.geometric_median(G, fixed_iter=fixed, max_iter=30,
+                                                       init="median").median)
             for memory in ("mean", "median", "gm", None):
                 agg = make_aggregator("bgmd", k=0.3, memory=memory, max_iter=20,
                                       generator=torch.Generator().manual_seed(2))
-                ref = ms.BGmD(0.3, memory=memory, max_iter=20,
+                ref = ms.BGmD(0.3, memory=memory, max_iter=20, init="median",
                               generator=torch.Generator().manual_seed(2))
                 for _ in range(2):
                     H = (torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
@@ -324,7 +329,12 @@ def test_registry_defaults_are_the_ones_each_place_uses():
 
     gm, bgmd = REGISTRY["geometric_median"], REGISTRY["bgmd"]
     signature = inspect.signature(ms.geometric_median).parameters
-    assert gm.defaults("aggregator") == {k: signature[k].default for k in gm.defaults("aggregator")}
+    iteration = {k: v for k, v in gm.defaults("aggregator").items() if k != "init"}
+    assert iteration == {k: signature[k].default for k in iteration}
+    # the aggregators start where the registry says (the function: at the mean)
+    assert signature["init"].default == "mean" and gm.defaults("aggregator")["init"] == "median"
+    assert make_aggregator("gmd").gm_options == {"init": "median"}
+    assert make_aggregator("bgmd").gm_options == {"init": bgmd.defaults("aggregator")["init"]}
     signature = inspect.signature(ms.BGmD).parameters
     for name in ("mode", "memory", "power", "generator"):
         assert bgmd.defaults("aggregator")[name] == signature[name].default

@@ -55,8 +55,10 @@ def test_hook_seed_option_must_be_an_integer():
 
 
 def test_geometric_median_repr_lists_its_options():
-    assert repr(make_aggregator("gmd")) == "GeometricMedian()"
-    assert repr(make_aggregator("gmd", eps=1e-6, max_iter=7)) == "GeometricMedian(eps=1e-06, max_iter=7)"
+    assert repr(make_aggregator("gmd")) == "GeometricMedian(init='median')"
+    assert (repr(make_aggregator("gmd", eps=1e-6, max_iter=7))
+            == "GeometricMedian(init='median', eps=1e-06, max_iter=7)")
+    assert repr(make_aggregator("gmd", init="mean")) == "GeometricMedian(init='mean')"
 
 
 def _krum_by_hand(G, f, m=1):

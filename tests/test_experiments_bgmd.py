@@ -154,7 +154,8 @@ def test_configs():
     m = bt.method("bgmd", k=0.2, memory=None)
     assert m.label == "bgmd" and dict(m.options) == {"k": 0.2, "memory": None}
     agg = m.build(generator=torch.Generator(), gm_options={"max_iter": 7})
-    assert agg.k == 0.2 and agg.memory_rule is None and agg.gm_options == {"max_iter": 7}
+    assert agg.k == 0.2 and agg.memory_rule is None
+    assert agg.gm_options == {"init": "median", "max_iter": 7}  # the aggregators' robust start
 
 
 def test_attacks_and_blocks_draw_on_a_cpu_generator(digits, monkeypatch):

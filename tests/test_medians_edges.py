@@ -219,11 +219,12 @@ def test_mean_of_identical_rows_is_exact_near_the_smallest_normal(n, dtype):
 
 
 def test_geometric_median_defaults_are_the_registrys():
-    # the aggregator registry documents geometric_median's own defaults (make_aggregator("gmd")
-    # passes none): on weighted problems whose median is a data point, where the smoothing
+    # the aggregator registry documents geometric_median's own iteration defaults
+    # (make_aggregator("gmd") passes only init): on weighted problems whose median is a data point, where the smoothing
     # floor decides the last digits, the defaults and the registry's values agree bit for bit
     from median_sgd.aggregators import REGISTRY
     defaults = REGISTRY["geometric_median"].defaults("aggregator")
+    assert defaults.pop("init") == "median"  # the aggregators' robust start (the function's: mean)
     gen = torch.Generator().manual_seed(0)
     G = torch.randn(6, 7, 3, generator=gen, dtype=F64)  # 6 problems of 7 points in R^3
     w = torch.rand(6, 7, generator=gen, dtype=F64)

@@ -1,0 +1,108 @@
+"""geometric_median(init="median"): the robust start (the weighted coordinate-wise median)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import median_sgd as ms
+from median_sgd._masked import masked_coordinate_median
+from median_sgd.weiszfeld import weighted_coordinate_median
+
+F64 = torch.float64
+
+
+def _weighted_median_by_hand(column, weights):
+    """The smallest value whose cumulative weight (sorted) reaches half the total; midway to the
+    next value with positive weight when it reaches exactly half."""
+    pairs = sorted(zip(column.tolist(), weights.tolist()))
+    half = sum(w for _, w in pairs) / 2
+    cum, lo = 0.0, None
+    for value, w in pairs:
+        cum += w
+        if lo is None and cum >= half:
+            lo = value
+            if cum > half:
+                return lo
+        elif lo is not None and w > 0:
+            return (lo + value) / 2
+    return lo
+
+
+def test_weighted_coordinate_median_against_the_definition():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 7, 5, generator=gen, dtype=F64)
+    w = torch.rand(3, 7, generator=gen, dtype=F64)
+    w[0, 2] = 0.0  # a row of weight 0 never counts
+    got = weighted_coordinate_median(X, w, uniform=False)
+    for p in range(3):
+        for j in range(5):
+            assert got[p, j].item() == pytest.approx(_weighted_median_by_hand(X[p, :, j], w[p]), abs=0)
+
+
+@pytest.mark.parametrize("n", [6, 7])
+def test_weighted_coordinate_median_with_equal_or_0_1_weights_is_the_library_s_median(n):
+    gen = torch.Generator().manual_seed(n)
+    X = torch.randn(2, n, 9, generator=gen, dtype=F64)
+    ones = torch.ones(2, n, dtype=F64)
+    assert torch.equal(weighted_coordinate_median(X, ones, uniform=True), ms.coordinate_median(X))
+    assert torch.equal(weighted_coordinate_median(X, 3 * ones, uniform=False), ms.coordinate_median(X))
+    ok = torch.rand(2, n, generator=gen) < 0.7
+    ok[:, 0] = True
+    assert torch.equal(weighted_coordinate_median(X, ok.to(F64), uniform=False),
+                       masked_coordinate_median(X, ok))
+
+
+def test_median_start_converges_to_the_same_median():
+    gen = torch.Generator().manual_seed(1)
+    G = torch.randn(4, 15, 6, generator=gen, dtype=F64) * torch.tensor([1.0, 10.0, 0.1, 3.0],
+                                                                       dtype=F64)[:, None, None]
+    w = torch.rand(4, 15, generator=gen, dtype=F64)
+    for weights in (None, w):
+        a = ms.geometric_median(G, weights, tol=1e-12, max_iter=2000)
+        b = ms.geometric_median(G, weights, tol=1e-12, max_iter=2000, init="median")
+        assert bool(a.converged.all()) and bool(b.converged.all())
+        torch.testing.assert_close(b.median, a.median, rtol=1e-9, atol=1e-9)
+        # the adaptive mode's bits are those of fixed_iter=True with as many iterations
+        steps = int(b.n_iter.max())
+        fixed = ms.geometric_median(G, weights, tol=1e-12, max_iter=steps, fixed_iter=True, init="median")
+        assert torch.equal(fixed.median, b.median)
+
+
+def test_median_start_converges_where_the_mean_start_does_not():
+    # one row of 1e300 among 32 (float64): from the mean each iteration divides the distance to the
+    # inliers only by ~31, so 100 iterations leave it ~1e149 away (the docstring's numbers)
+    gen = torch.Generator().manual_seed(2)
+    G = torch.randn(32, 10, generator=gen, dtype=F64)
+    honest = ms.geometric_median(G[1:], tol=1e-12, max_iter=1000).median
+    G[0] = 1e300
+    far = ms.geometric_median(G)
+    assert not bool(far.converged) and int(far.n_iter) == 100
+    assert float(torch.linalg.vector_norm(far.median - honest)) > 1e100
+    near = ms.geometric_median(G, init="median")
+    assert bool(near.converged) and int(near.n_iter) < 20
+    # the outlier's pull on the median is at most its weight's share of a unit vector
+    assert float(torch.linalg.vector_norm(near.median - honest)) < 1.0
+    # and the aggregator starts there
+    torch.testing.assert_close(ms.aggregators.make_aggregator("gmd")(G), near.median, rtol=0, atol=0)
+    # float32, 4 rows of 1e30 among 10: from the mean still ~1e12 away after 100 iterations
+    G = torch.randn(10, 10, generator=gen)
+    honest = ms.geometric_median(G[4:].double(), tol=1e-12, max_iter=1000).median
+    G[:4] = 1e30
+    far = ms.geometric_median(G).median.double()
+    assert 1e11 < float(torch.linalg.vector_norm(far - honest)) < 1e14
+    near = ms.geometric_median(G, init="median")
+    assert bool(near.converged) and float(torch.linalg.vector_norm(near.median.double() - honest)) < 5.0
+
+
+def test_median_start_keeps_the_one_step_gradient():
+    gen = torch.Generator().manual_seed(3)
+    G = torch.randn(9, 4, generator=gen, dtype=F64, requires_grad=True)
+    a = torch.autograd.grad(ms.geometric_median(G, tol=1e-12, max_iter=500).median.sum(), G)[0]
+    b = torch.autograd.grad(ms.geometric_median(G, tol=1e-12, max_iter=500, init="median").median.sum(), G)[0]
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_init_must_be_mean_or_median():
+    with pytest.raises(ValueError, match="init"):
+        ms.geometric_median(torch.zeros(3, 2), init="medoid")
