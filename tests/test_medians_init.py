@@ -106,3 +106,19 @@ def test_median_start_keeps_the_one_step_gradient():
 def test_init_must_be_mean_or_median():
     with pytest.raises(ValueError, match="init"):
         ms.geometric_median(torch.zeros(3, 2), init="medoid")
+
+
+def test_weighted_coordinate_median_of_two_huge_middle_values_does_not_overflow():
+    big = torch.finfo(F64).max
+    X = torch.tensor([[0.8 * big, -0.9 * big], [0.9 * big, -0.8 * big]], dtype=F64)  # n = 2
+    want = torch.tensor([0.85 * big, -0.85 * big], dtype=F64)
+    for w, uniform in ((torch.ones(2, dtype=F64), True), (torch.tensor([1.0, 1.0], dtype=F64), False)):
+        torch.testing.assert_close(weighted_coordinate_median(X, w, uniform), want, rtol=1e-15, atol=0)
+
+
+def test_weighted_coordinate_median_with_weights_summing_to_0_indexes_no_row_beyond_n():
+    # invalid for geometric_median (checked unless value checks are off), but the start must not
+    # gather outside the matrix: every cumulative weight is then "at most half"
+    X = torch.arange(12.0, dtype=F64).reshape(4, 3)
+    got = weighted_coordinate_median(X, torch.zeros(4, dtype=F64), uniform=False)
+    torch.testing.assert_close(got, (X[0] + X[3]) / 2)
