@@ -207,11 +207,12 @@ FIXED_ITER = Option("fixed_iter", False, _check_flag("fixed_iter"),
 WEISZFELD = (EPS, TOL, MAX_ITER, FIXED_ITER)
 #: one step of an optimizer or one bucket of a hook must not wait for the host: a fixed,
 #: small budget of iterations (10 per step; 8 rounds, each two collectives, per bucket)
-_OPTIMIZER_WEISZFELD = (EPS, TOL, MAX_ITER.with_default(10), FIXED_ITER.with_default(True))
-_HOOK_WEISZFELD = (EPS, TOL, MAX_ITER.with_default(8), FIXED_ITER.with_default(True))
 INIT = _choice_option("init", "median", ("median", "mean"),
                       "Weiszfeld's starting point: the coordinate-wise median (robust: in the "
                       "honest rows' range whatever the others send) or the mean (RFA)")
+_OPTIMIZER_WEISZFELD = (INIT.with_default("mean"), EPS, TOL, MAX_ITER.with_default(10),
+                        FIXED_ITER.with_default(True))
+_HOOK_WEISZFELD = (EPS, TOL, MAX_ITER.with_default(8), FIXED_ITER.with_default(True))
 TRIM = _real_option("trim", 0.1, 0, 0.5, hi_open=True,
                     doc="fraction trimmed at each end: floor(trim n) values")
 K = Option("k", 0.1, _check_block_size, "BGmD's block: int coordinates or float fraction of d")
@@ -510,7 +511,8 @@ REGISTRY: Dict[str, Rule] = {rule.name: rule for rule in (
                      "Byzantine vector leaves a trace that max_iter iterations do not remove "
                      "(one row of 1e300 among 32 is still ~1e149 away after 100; chapter "
                      "'Scaling out'). The optimizer's samples are the model's own per-sample "
-                     "gradients: it starts at their mean"),
+                     "gradients: it starts at their mean (init='median' is robust to heavy "
+                     "tails in the 10 iterations: tests/test_medians_init.py)"),
     Rule("bgmd", "block geometric median with memory (Acharya et al. 2022; median_sgd.BGmD)", (),
          {"aggregator": (K, MODE, MEMORY, GENERATOR, POWER, INIT, *WEISZFELD),
           "hook": (K, MODE.with_default("topk"),

@@ -344,7 +344,7 @@ def test_registry_defaults_are_the_ones_each_place_uses():
 
     opt = SampleMedianSGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
     assert opt.defaults["gm_options"] == {k: v for k, v in gm.defaults("optimizer").items()
-                                          if k in ("max_iter", "fixed_iter")}
+                                          if k in ("init", "max_iter", "fixed_iter")}
     assert opt.defaults["trim"] == REGISTRY["trimmed_mean"].defaults("optimizer")["trim"]
 
     for name in ("trimmed_mean", "gm", "bgmd"):

@@ -122,3 +122,17 @@ def test_weighted_coordinate_median_with_weights_summing_to_0_indexes_no_row_bey
     X = torch.arange(12.0, dtype=F64).reshape(4, 3)
     got = weighted_coordinate_median(X, torch.zeros(4, dtype=F64), uniform=False)
     torch.testing.assert_close(got, (X[0] + X[3]) / 2)
+
+
+def test_median_start_is_closer_after_ten_iterations_under_heavy_tails():
+    # SampleMedianSGD's budget (10 fixed iterations) on 32 alpha-stable samples (alpha = 0.5) in
+    # R^10: the error to the converged median in the worst 1% of 1000 problems, from each start
+    # (seed 4: 0.52 from the mean, 0.028 from the median; 13x to 21x over seeds 4-8)
+    gen = torch.Generator().manual_seed(4)
+    X = ms.sample_stable(0.5, (1000, 32, 10), generator=gen, dtype=F64)
+    best = ms.geometric_median(X, tol=1e-10, max_iter=5000).median
+    worst = {}
+    for init in ("mean", "median"):
+        z = ms.geometric_median(X, max_iter=10, fixed_iter=True, init=init).median
+        worst[init] = float(torch.linalg.vector_norm(z - best, dim=-1).quantile(0.99))
+    assert worst["median"] * 4 < worst["mean"]

@@ -693,6 +693,24 @@ def test_sample_median_sgd_steps_along_the_aggregate(aggregate, scope):
     assert all(p.grad_sample is None for p in params)
 
 
+@pytest.mark.parametrize("init", ["mean", "median"])
+def test_sample_median_sgd_passes_the_geometric_median_start(init):
+    model = small_net()
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(3)
+    samples = [torch.randn(5, *p.shape, generator=gen, dtype=torch.float64) for p in params]
+    before = [p.detach().clone() for p in params]
+    for p, s in zip(params, samples):
+        p.grad_sample = s
+    opt = SampleMedianSGD(params, lr=0.5, aggregate="geometric_median", gm_options={"init": init})
+    assert opt.defaults["gm_options"] == {"init": init, "max_iter": 10, "fixed_iter": True}
+    opt.step()
+    flat = ms.geometric_median(torch.cat([s.reshape(5, -1) for s in samples], 1), init=init,
+                               max_iter=10, fixed_iter=True).median
+    for p, b, a in zip(params, before, flat.split([q.numel() for q in params])):
+        torch.testing.assert_close(p.detach(), b - 0.5 * a.view_as(b), rtol=1e-12, atol=1e-12)
+
+
 def test_sample_median_sgd_resists_a_corrupted_sample():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3).double()  # the gradient grows with the input
