@@ -136,3 +136,17 @@ def test_median_start_is_closer_after_ten_iterations_under_heavy_tails():
         z = ms.geometric_median(X, max_iter=10, fixed_iter=True, init=init).median
         worst[init] = float(torch.linalg.vector_norm(z - best, dim=-1).quantile(0.99))
     assert worst["median"] * 4 < worst["mean"]
+
+
+def test_median_start_of_batched_problems_with_shared_weights_is_each_problem_s():
+    gen = torch.Generator().manual_seed(5)
+    G = torch.randn(3, 2, 9, 4, generator=gen, dtype=F64)
+    w = torch.rand(9, generator=gen, dtype=F64)  # one weight vector for all six problems
+    batched = ms.geometric_median(G, w, init="median", tol=1e-12, max_iter=1000).median
+    for i in range(3):
+        for j in range(2):
+            alone = ms.geometric_median(G[i, j], w, init="median", tol=1e-12, max_iter=1000).median
+            torch.testing.assert_close(batched[i, j], alone, rtol=0, atol=1e-14)
+    for dtype in (torch.float16, torch.bfloat16):  # iterated in float32, returned in the dtype
+        half = ms.geometric_median(G.to(dtype), w.to(dtype), init="median").median
+        assert half.dtype == dtype and bool(torch.isfinite(half).all())
