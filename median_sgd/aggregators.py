@@ -25,9 +25,11 @@ the rows dropped. The whole row goes, also for the coordinate-wise rules (a work
 in one coordinate is broken, and its other coordinates are not to be trusted either; it is also
 what the DDP hooks of :mod:`median_sgd.distributed` do, where a rank's flag travels with the
 collectives). The rules then act on the rows that remain; when none remains the update is 0 (no
-step; ``bgmd``'s memory stays as it was). Huge but finite rows are data, not faults: they are outliers like any other, and the sums
-of the mean and the trimmed mean cannot overflow (half precision is summed in float32; a sum that
-overflows is redone from terms divided by their count first). No check synchronises with the host:
+step; ``bgmd``'s memory stays as it was). Huge but finite rows are data, not faults: they are
+outliers like any other, and the sums of the mean and the trimmed mean cannot overflow (half
+precision is summed in float32; a sum that overflows is redone from terms divided by their count
+first); the geometric medians start at the coordinate-wise median, which such rows cannot drag
+away. No check synchronises with the host:
 the dropping is done with masks and weights. The plain functions
 (:func:`median_sgd.coordinate_median`, :func:`median_sgd.geometric_median`, :func:`krum`, ...)
 still raise ``ValueError`` on NaN or Inf: there a non-finite value is a bug in the caller's code.
@@ -405,8 +407,8 @@ class _WorkersBGmD(BGmD):
 
     The same step as BGmD's (and on finite data the same numbers, for the same ``init``: here
     the geometric medians start at the coordinate-wise median by default, see :data:`REGISTRY`),
-    with the rows that hold a NaN or Inf given weight 0 everywhere: in the column norms that choose the block, in the block's
-    geometric median, and in the memory rule (the mean or the median of the finite rows, their
+    with the rows that hold a NaN or Inf given weight 0 everywhere: in the column norms that
+    choose the block, in the block's geometric median, and in the memory rule (the mean or the median of the finite rows, their
     geometric median). A memory that would overflow saturates at the largest finite value, and a
     row whose block overflows once the memory is added is dropped from that block's median.
     A call in which every row is dropped is no step (:func:`~median_sgd.bgmd.bgmd_step`'s

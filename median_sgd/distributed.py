@@ -28,9 +28,10 @@ its bucket weight 0 in that round, as if it had not been sent, and counts it in
 with the collectives the rule makes anyway (one more element in the all-reduce or per all-to-all
 chunk, a NaN in place of the distance in the Weiszfeld gathers), so every rank drops the same
 ranks. The whole bucket goes, also for the coordinate-wise rules. When every rank is dropped the
-result is 0 (and ``"bgmd"``'s memory stays as it was: no step). Huge but finite values are outliers like any other: distances are computed scaled
-(so they overflow only when the work dtype cannot hold them; such a rank then weighs 0 in the
-Weiszfeld round, the limit of ``1 / distance``), and sums are divided by their count first.
+result is 0 (and ``"bgmd"``'s memory stays as it was: no step). Huge but finite values are
+outliers like any other: distances are computed scaled (so they overflow only when the work dtype
+cannot hold them; such a rank then weighs 0 in the Weiszfeld round, the limit of
+``1 / distance``), and sums are divided by their count first.
 
 **Ranks must register the same rule.** At its first call on a process group, the hook all-gathers
 a fingerprint of its rule, its options and the tensor's length and dtype (three integers per rank)
