@@ -162,9 +162,10 @@ def geometric_median(
     iterations, and 4 rows of 1e30 among 10 in float32 ~1e12 away. The coordinate-wise median
     lies in the inliers' range in every coordinate while the outliers hold less than half the
     weight, however far they are. Weiszfeld then converges from there as if they were absent.
-    It costs a sort of each column (a selection when the weights are uniform), and the Gram
-    pre-iteration below (which iterates on combinations of the rows, from the mean's) is not
-    taken. The aggregators (``make_aggregator("gmd")``, ``"bgmd"``) and the DDP hook start
+    It costs a sort of each column (a selection when the weights are uniform), which on a CPU
+    takes longer than the iterations (several times a whole solve from the mean for a few dozen
+    rows: pass ``init="mean"`` where the rows are trusted), and the Gram pre-iteration below
+    (which iterates on combinations of the rows, from the mean's) is not taken. The aggregators (``make_aggregator("gmd")``, ``"bgmd"``) and the DDP hook start
     there by default. Both starts converge to the same median, up to ``tol``.
 
     ``weights`` (..., n) are nonnegative with a positive sum per problem. The breakdown point is
