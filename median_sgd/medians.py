@@ -20,7 +20,7 @@ import torch
 from ._checks import check_choice, check_finite, check_float_tensor, check_real, value_checks_enabled
 from ._numerics import opmath_dtype
 from ._numerics import pow2_scale as _pow2_scale
-from .weiszfeld import local_weiszfeld, max_abs, weighted_coordinate_median, weighted_mean
+from .weiszfeld import local_weiszfeld, max_abs, weighted_mean
 
 __all__ = [
     "coordinate_median",
@@ -113,7 +113,8 @@ def geometric_median(
     init: str = "mean",
 ) -> GeometricMedianResult:
     """``argmin_z sum_i w_i ||z - G_i||_2`` by smoothed Weiszfeld, started at the weighted mean
-    (``init="mean"``) or at the weighted coordinate-wise median (``init="median"``).
+    (``init="mean"``) or at a robust start (``init="median"``: the weighted coordinate-wise
+    median, or the medoid where the Gram route below is taken).
 
     One iteration: ``r_i = ||G_i - z||``, ``b_i = w_i / max(r_i, eps s)``,
     ``z <- z + sum_i b_i (G_i - z) / sum_i b_i``, where ``s`` is the weighted median of the
@@ -164,8 +165,11 @@ def geometric_median(
     weight, however far they are. Weiszfeld then converges from there as if they were absent.
     It costs a sort of each column (a selection when the weights are uniform), which on a CPU
     takes longer than the iterations (several times a whole solve from the mean for a few dozen
-    rows: pass ``init="mean"`` where the rows are trusted), and the Gram pre-iteration below
-    (which iterates on combinations of the rows, from the mean's) is not taken. The aggregators (``make_aggregator("gmd")``, ``"bgmd"``) and the DDP hook start
+    rows: pass ``init="mean"`` where the rows are trusted). Where the adaptive mode takes the
+    Gram route (few rows, many coordinates: below), the start is instead the medoid, the row of
+    positive weight with the smallest weighted sum of distances to the others, found from the
+    Gram matrix in ``O(n^2)``: as robust (far rows cannot make it a far row while they hold less
+    than half the weight), at no extra pass over ``G``. The aggregators (``make_aggregator("gmd")``, ``"bgmd"``) and the DDP hook start
     there by default. Both starts converge to the same median, up to ``tol``.
 
     ``weights`` (..., n) are nonnegative with a positive sum per problem. The breakdown point is
@@ -222,20 +226,16 @@ def geometric_median(
         X0 = X.detach()
         w0 = w.detach()
         w_sum = w0.sum(-1)  # (...,)
-        if init == "mean":
-            start = weighted_mean(X0, w0, w_sum, uniform)
-        else:
-            start = weighted_coordinate_median(X0, w0, uniform)
+        start = weighted_mean(X0, w0, w_sum, uniform)
         if value_checks_enabled():
             # NaN and +-Inf propagate through sums, so a finite mean proves finite data (no pass
-            # of its own); zero weights could hide a row (and a median ignores a few), so the
-            # other cases sum G instead
-            probe = start if uniform and init == "mean" else X0.sum()
+            # of its own); zero weights could hide a row, so weighted problems sum G instead
+            probe = start if uniform else X0.sum()
             if not bool(torch.isfinite(probe).all()):
                 check_finite(G, "G")  # decides (a non-finite sum may also be an overflow)
         rows, n_iter, done, floor = local_weiszfeld(X0, w0, w_sum, start, uniform=uniform, eps=eps, tol=tol,
                                                     max_iter=max_iter, fixed_iter=fixed_iter,
-                                                    start_is_iterate=init == "median")
+                                                    robust=init == "median")
         z = rows.median()
 
     if torch.is_grad_enabled() and (G.requires_grad or (weights is not None and weights.requires_grad)):

@@ -247,10 +247,11 @@ class LocalRows:
         self.rounding = 4 * self.resolution_unit
         self.beta = w  # the iterate is sum_i beta_i X_i / sum_i beta_i
 
-    def gram_start(self, eps: float, tol: float, max_iter: int):
-        """Iterate on the coefficients first (:func:`_weiszfeld_gram`); returns its ``n_iter``."""
+    def gram_start(self, eps: float, tol: float, max_iter: int, medoid: bool = False):
+        """Iterate on the coefficients first (:func:`_weiszfeld_gram`; from the medoid with
+        ``medoid``, else from the weighted mean's); returns its ``n_iter``."""
         c, n_iter = _weiszfeld_gram(self.X, self.s_rows, self.neg, self.amax, self.w, self.w_sum,
-                                    eps, tol, max_iter, self.rounding, self.uniform)
+                                    eps, tol, max_iter, self.rounding, self.uniform, medoid=medoid)
         self.beta = c.to(self.X.dtype)
         return n_iter
 
@@ -304,29 +305,41 @@ class LocalRows:
 
 
 def local_weiszfeld(X, w, w_sum, start, *, uniform, eps, tol, max_iter, fixed_iter,
-                    start_is_iterate=False):
-    """Weiszfeld on the rows of ``X`` (..., n, d) from ``start``: ``(rows, n_iter, done, floor)``
-    with ``rows`` the :class:`LocalRows` at the answer (``rows.median()``).
+                    robust=False):
+    """Weiszfeld on the rows of ``X`` (..., n, d): ``(rows, n_iter, done, floor)`` with ``rows``
+    the :class:`LocalRows` at the answer (``rows.median()``).
 
-    ``start`` is their weighted mean (:func:`weighted_mean`), whose weights begin the iteration,
-    or with ``start_is_iterate`` any point, the first iterate itself (the coordinate-wise median:
-    :func:`weighted_coordinate_median`). From the mean, the adaptive mode first iterates on the
-    Gram matrix when few rows have many coordinates (``n <= 64`` and ``n d >= 2**16``), then
+    ``start`` is their weighted mean (:func:`weighted_mean`): the centre of the scaled
+    coordinates, and, unless ``robust``, the first iterate. The adaptive mode first iterates on
+    the Gram matrix when few rows have many coordinates (``n <= 64`` and ``n d >= 2**16``), then
     hands over to the exact iteration, which checks the stopping rule on ``X`` itself and goes
-    on if needed.
+    on if needed. ``robust``: a start that far rows cannot drag away. On the Gram route the
+    medoid (:func:`_weiszfeld_gram`, from the Gram matrix it forms anyway), and the exact
+    iteration is then centred on the Gram iterate (one pass more); elsewhere the weighted
+    coordinate-wise median (:func:`weighted_coordinate_median`, a sort of each column). Either
+    is the exact iteration's first iterate and centre.
     """
     n, d = X.shape[-2], X.shape[-1]
-    rows = LocalRows(X, w, w_sum, start, uniform=uniform)
-    n_iter, budget = None, max_iter
-    if start_is_iterate:
+    gram = not fixed_iter and max_iter > 1 and n <= _GRAM_MAX_N and n * d >= _GRAM_MIN_SIZE
+    if robust and not gram:
+        rows = LocalRows(X, w, w_sum, weighted_coordinate_median(X, w, uniform), uniform=uniform)
         rows.begin_at_centre()
         n_iter, done, floor = weiszfeld(rows, eps=eps, tol=tol, max_iter=max_iter,
                                         fixed_iter=fixed_iter)
         return rows, n_iter, done, floor
-    if not fixed_iter and max_iter > 1 and n <= _GRAM_MAX_N and n * d >= _GRAM_MIN_SIZE:
-        n_iter = rows.gram_start(eps, tol, max_iter - 1)
+    rows = LocalRows(X, w, w_sum, start, uniform=uniform)
+    n_iter, budget = None, max_iter
+    if gram:
+        n_iter = rows.gram_start(eps, tol, max_iter - 1, medoid=robust)
         budget = max_iter - int(n_iter.min()) if n_iter.numel() else 1
-    rows.begin()
+    if robust:
+        # Re-centre on the Gram iterate itself, computed on X: precision relative to a mean that
+        # far rows dragged away is lost (and with it the inliers' spread, in K too).
+        c = rows.beta
+        rows.neg = weighted_mean(X, c, c.sum(-1), False) * -rows.s[..., None]
+        rows.begin_at_centre()
+    else:
+        rows.begin()
     n_iter, done, floor = weiszfeld(rows, eps=eps, tol=tol, max_iter=max_iter,
                                     fixed_iter=fixed_iter, n_iter=n_iter, budget=budget)
     return rows, n_iter, done, floor
@@ -374,8 +387,13 @@ def _distances(X, s, neg, cols):
     return sq.sqrt()
 
 
-def _weiszfeld_gram(X, s, neg, amax, w, w_sum, eps, tol, max_iter, rounding, uniform):
-    """Weiszfeld on the coefficients ``c`` of ``z = sum_j c_j X_j`` (``sum_j c_j = 1``).
+def _weiszfeld_gram(X, s, neg, amax, w, w_sum, eps, tol, max_iter, rounding, uniform,
+                    medoid=False):
+    """Weiszfeld on the coefficients ``c`` of ``z = sum_j c_j X_j`` (``sum_j c_j = 1``), from the
+    weighted mean's ``c = w / sum w`` or, with ``medoid``, from the row of positive weight with
+    the smallest weighted sum of distances to the rows (the best row for the objective: like the
+    coordinate-wise median, far rows cannot drag it away while they hold less than half the
+    weight; O(n^2) from ``K``, no pass over ``X``).
 
     With the Gram matrix ``K = Y Y^T`` of the scaled rows ``Y = X s`` (:func:`_gram_matrix`:
     centred, ``Y = X s + neg``, when a component common to all rows would cancel),
@@ -397,6 +415,12 @@ def _weiszfeld_gram(X, s, neg, amax, w, w_sum, eps, tol, max_iter, rounding, uni
     K_diag = K.diagonal(dim1=-2, dim2=-1)
     rel_err = _GRAM_ERR * torch.finfo(X.dtype).eps
     c = w64 / w_sum64.unsqueeze(-1)
+    if medoid:
+        pair_sq = K_diag.unsqueeze(-1) + K_diag.unsqueeze(-2) - 2 * K
+        score = torch.matmul(pair_sq.clamp_min(0.0).sqrt(), w64.unsqueeze(-1)).squeeze(-1)
+        score = torch.where(w64 > 0, score, torch.inf)
+        best = score.argmin(-1, keepdim=True)
+        c = torch.zeros_like(c).scatter_(-1, best, 1.0)
     done = torch.zeros(batch, dtype=torch.bool, device=X.device)
     n_iter = torch.zeros(batch, dtype=torch.int64, device=X.device)
     check = check_schedule(X.device)

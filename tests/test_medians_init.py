@@ -150,3 +150,75 @@ def test_median_start_of_batched_problems_with_shared_weights_is_each_problem_s(
     for dtype in (torch.float16, torch.bfloat16):  # iterated in float32, returned in the dtype
         half = ms.geometric_median(G.to(dtype), w.to(dtype), init="median").median
         assert half.dtype == dtype and bool(torch.isfinite(half).all())
+
+
+# n <= 64 rows and n d >= 2**16: the adaptive mode's Gram route, where the robust start is the
+# medoid found from the Gram matrix (no sort), and the exact iteration is centred on it
+
+
+def test_medoid_start_on_the_gram_route_converges_to_the_same_median():
+    gen = torch.Generator().manual_seed(6)
+    G = torch.randn(2, 32, 4096, generator=gen, dtype=F64) + 5.0  # a common component too
+    w = torch.rand(2, 32, generator=gen, dtype=F64)
+    for weights in (None, w):
+        a = ms.geometric_median(G, weights, tol=1e-10, max_iter=500)
+        b = ms.geometric_median(G, weights, tol=1e-10, max_iter=500, init="median")
+        assert bool(a.converged.all()) and bool(b.converged.all())
+        torch.testing.assert_close(b.median, a.median, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype,huge,bad", [(F64, 1e300, 1), (F64, 1e300, 4), (torch.float32, 1e30, 4)])
+def test_medoid_start_on_the_gram_route_is_robust_to_huge_rows(dtype, huge, bad):
+    gen = torch.Generator().manual_seed(7)
+    G = torch.randn(32, 4096, generator=gen, dtype=F64)
+    honest = ms.geometric_median(G[bad:], tol=1e-12, max_iter=1000).median
+    spread = float(torch.linalg.vector_norm(G[bad:] - honest, dim=-1).max())
+    G = G.to(dtype)
+    G[:bad] = huge
+    for solve in (lambda: ms.geometric_median(G, init="median"),
+                  lambda: ms.aggregators.make_aggregator("gmd")(G)):
+        out = solve()
+        z = out if isinstance(out, torch.Tensor) else out.median
+        if not isinstance(out, torch.Tensor):
+            assert bool(out.converged) and int(out.n_iter) < 30
+        # the outliers' bounded pull (< half the weight), not their size
+        assert float(torch.linalg.vector_norm(z.double() - honest)) < spread
+    if dtype == F64:  # from the mean, 100 iterations leave the attack's trace (float32's 1e30
+        far = ms.geometric_median(G)  # with 4 of 32 rows converges from there in 40)
+        assert float(torch.linalg.vector_norm(far.median.double() - honest)) > 1e3 * spread
+
+
+def test_medoid_is_never_a_row_of_weight_0():
+    # the far rows weigh 0 and lie together: by distances alone they would look central
+    gen = torch.Generator().manual_seed(8)
+    G = torch.randn(40, 2048, generator=gen, dtype=F64)
+    G[:25] = 1e6 + torch.randn(25, 2048, generator=gen, dtype=F64) * 1e-3
+    w = torch.ones(40, dtype=F64)
+    w[:25] = 0.0
+    got = ms.geometric_median(G, w, init="median", tol=1e-10, max_iter=500)
+    want = ms.geometric_median(G[25:], tol=1e-10, max_iter=500)
+    assert bool(got.converged)
+    torch.testing.assert_close(got.median, want.median, rtol=1e-7, atol=1e-7)
+
+
+def test_medoid_is_the_row_with_the_smallest_weighted_sum_of_distances():
+    # the Gram pre-iteration's robust start, before any step (max_iter=0): the brute-force medoid
+    from median_sgd.weiszfeld import LocalRows, weighted_mean
+    gen = torch.Generator().manual_seed(9)
+    # rows spread along a line with skewed positions: the medoid is not simply the row nearest
+    # the mean (which other formulas of "distance" would also find)
+    # (scaled so that many distances are below 1)
+    a = torch.empty(3, 12, 1, dtype=F64).exponential_(generator=gen) ** 2
+    X = 0.05 * (a * torch.randn(50, generator=gen, dtype=F64)
+                + 0.1 * torch.randn(3, 12, 50, generator=gen, dtype=F64))
+    w = torch.rand(3, 12, generator=gen, dtype=F64)
+    w[:, 0] = 0.0  # row 0 at the others' geometric median: the best point, but of weight 0
+    X[:, 0] = ms.geometric_median(X[:, 1:], w[:, 1:], tol=1e-12, max_iter=1000).median
+    dist = torch.cdist(X, X)
+    scores = (dist * w.unsqueeze(-2)).sum(-1)
+    scores[:, 0] = torch.inf  # a row of weight 0 is never the start
+    rows = LocalRows(X, w, w.sum(-1), weighted_mean(X, w, w.sum(-1), False), uniform=False)
+    rows.gram_start(1e-8, 1e-6, 0, medoid=True)
+    c = rows.beta
+    assert torch.equal(c.argmax(-1), scores.argmin(-1))
+    assert torch.equal(c, torch.nn.functional.one_hot(scores.argmin(-1), 12).to(c.dtype))
