@@ -169,8 +169,9 @@ def geometric_median(
     Gram route (few rows, many coordinates: below), the start is instead the medoid, the row of
     positive weight with the smallest weighted sum of distances to the others, found from the
     Gram matrix in ``O(n^2)``: as robust (far rows cannot make it a far row while they hold less
-    than half the weight), at no extra pass over ``G``. The aggregators (``make_aggregator("gmd")``, ``"bgmd"``) and the DDP hook start
-    there by default. Both starts converge to the same median, up to ``tol``.
+    than half the weight), at no extra pass over ``G``. The aggregators
+    (``make_aggregator("gmd")``, ``"bgmd"``) and the DDP hook start there by default. Both
+    starts converge to the same median, up to ``tol``.
 
     ``weights`` (..., n) are nonnegative with a positive sum per problem. The breakdown point is
     1/2: fewer than half of the total weight in outliers, however far, moves the median a bounded
