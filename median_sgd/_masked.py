@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ._numerics import midpoint
+
 
 def finite_rows(G: torch.Tensor) -> torch.Tensor:
     """``(..., n)`` bool: the rows of ``G`` whose entries are all finite (their largest magnitude
@@ -69,9 +71,7 @@ def masked_coordinate_median(G: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     shape = (*G.shape[:-2], 1, d)
     a = s.gather(-2, lower.unsqueeze(-1).expand(shape)).squeeze(-2)
     b = s.gather(-2, upper.unsqueeze(-1).expand(shape)).squeeze(-2)
-    mid = (a + b) / 2
-    mid = torch.where(torch.isfinite(mid), mid, a / 2 + b / 2)
-    return torch.where(m > 0, mid, 0)
+    return torch.where(m > 0, midpoint(a, b), 0)
 
 
 def masked_trimmed_mean(G: torch.Tensor, ok: torch.Tensor, t: int) -> torch.Tensor:

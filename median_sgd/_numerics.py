@@ -16,7 +16,7 @@ import math
 
 import torch
 
-__all__ = ["opmath_dtype", "host_reads_are_free", "pow2_scale", "scaled_l2_norm", "to_device"]
+__all__ = ["opmath_dtype", "host_reads_are_free", "midpoint", "pow2_scale", "scaled_l2_norm", "to_device"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -29,6 +29,15 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
 def host_reads_are_free(x: torch.Tensor) -> bool:
     """Whether reading a flag of ``x`` on the host costs nothing: a CPU tensor, eager mode."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def midpoint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a + b) / 2``, or ``a / 2 + b / 2`` where ``a + b`` overflows (two values near the dtype's
+    largest; half precision: above ~32,752). Halving each is exact for normal numbers, so the
+    bits elsewhere are those of ``(a + b) / 2``. The middle of the two middle values of the
+    medians."""
+    mid = (a + b) / 2
+    return torch.where(torch.isfinite(mid), mid, a / 2 + b / 2)
 
 
 def pow2_scale(amax: torch.Tensor, top: int = 0) -> torch.Tensor:

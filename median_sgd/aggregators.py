@@ -292,7 +292,7 @@ class GeometricMedian(Aggregator):
 
     def __init__(self, **gm_options) -> None:
         REGISTRY["geometric_median"].check(gm_options, "aggregator")
-        self.gm_options = {"init": INIT.default, **gm_options}  # robust start: see the registry
+        self.gm_options = _with_robust_start(gm_options)
         self.last_gm: Optional[GeometricMedianResult] = None
 
     def __call__(self, G):
@@ -477,9 +477,14 @@ class _WorkersBGmD(BGmD):
         return update
 
 
+def _with_robust_start(gm_options: dict) -> dict:
+    """The aggregators' solver options: ``init`` defaults to the registry's robust start (the
+    coordinate-wise median or the medoid, where ``geometric_median`` itself starts at the mean)."""
+    return {"init": INIT.default, **gm_options}
+
+
 def _bgmd(k=0.1, **options) -> BGmD:
-    # the block's geometric median from the coordinate-wise median, as the gmd aggregator's
-    return _WorkersBGmD(k, **{"init": INIT.default, **options})
+    return _WorkersBGmD(k, **_with_robust_start(options))  # the block's median: as gmd's
 
 
 def _multi_krum(f: int, m: Optional[int] = None) -> Krum:

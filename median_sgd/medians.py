@@ -20,7 +20,7 @@ import torch
 from ._checks import check_choice, check_finite, check_float_tensor, check_real, value_checks_enabled
 from ._numerics import opmath_dtype
 from ._numerics import pow2_scale as _pow2_scale
-from .weiszfeld import local_weiszfeld, max_abs, weighted_mean
+from .weiszfeld import local_weiszfeld, max_abs, weighted_coordinate_median, weighted_mean
 
 __all__ = [
     "coordinate_median",
@@ -58,18 +58,12 @@ def coordinate_median(G: torch.Tensor) -> torch.Tensor:
     """``median_j G[..., :, j]`` per coordinate; the mean of the two middle values when n is even.
 
     Uses ``kthvalue`` (no size limit, unlike ``torch.quantile``'s 2**24 elements). The two middle
-    values are averaged without overflow (``a/2 + b/2`` where ``(a + b)/2`` would overflow).
+    values are averaged without overflow (``a/2 + b/2`` where ``(a + b)/2`` would overflow). The
+    selection is the one :func:`geometric_median`'s robust start makes
+    (:func:`median_sgd.weiszfeld.weighted_coordinate_median` with equal weights).
     """
     _check_sample_matrix_fast(G)
-    n = G.shape[-2]
-    lower = torch.kthvalue(G, (n + 1) // 2, dim=-2).values
-    if n % 2 == 1:
-        return lower
-    upper = torch.kthvalue(G, n // 2 + 1, dim=-2).values
-    mid = (lower + upper) / 2
-    # a + b overflows for two values near the dtype's largest (half precision: above ~32,752);
-    # halving each first is exact for normal numbers, so elsewhere the bits are those of (a + b)/2
-    return torch.where(torch.isfinite(mid), mid, lower / 2 + upper / 2)
+    return weighted_coordinate_median(G, None, uniform=True)
 
 
 def trimmed_mean(G: torch.Tensor, trim: float) -> torch.Tensor:

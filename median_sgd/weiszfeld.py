@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from ._numerics import pow2_scale, scaled_l2_norm
+from ._numerics import midpoint, pow2_scale, scaled_l2_norm
 from ._ranks import CollectiveCounter, ProcessGroupRanks, SimulatedRanks
 
 __all__ = ["weiszfeld", "distance_floor", "local_weiszfeld", "weighted_mean", "ranks_weiszfeld", "LocalRows", "RankRows", "ProcessGroupRanks",
@@ -195,11 +195,14 @@ def weighted_coordinate_median(X, w, uniform):
     (..., n): the value at which the cumulative weight of the sorted column reaches half the
     total, midway between two values where it reaches exactly half (for equal weights the mean of
     the two middle values, as :func:`median_sgd.coordinate_median`). Rows of weight 0 never
-    count. The middle of two values is ``a/2 + b/2`` where ``a + b`` would overflow."""
+    count. The middle of two values is :func:`~median_sgd._numerics.midpoint` (no overflow).
+    ``w`` is not read when ``uniform``."""
     n = X.shape[-2]
     if uniform:
-        a = torch.kthvalue(X, (n + 1) // 2, dim=-2).values
-        b = a if n % 2 else torch.kthvalue(X, n // 2 + 1, dim=-2).values
+        a = torch.kthvalue(X, (n + 1) // 2, dim=-2).values  # no size limit (torch.quantile's)
+        if n % 2:
+            return a
+        b = torch.kthvalue(X, n // 2 + 1, dim=-2).values
     else:
         values, order = X.sort(dim=-2)
         cum = w.unsqueeze(-1).expand(X.shape).gather(-2, order).cumsum(-2)
@@ -208,8 +211,7 @@ def weighted_coordinate_median(X, w, uniform):
         hi = (cum <= half).sum(-2, keepdim=True).clamp_max(n - 1)  # first with cum > half
         a = values.gather(-2, lo).squeeze(-2)
         b = values.gather(-2, hi).squeeze(-2)
-    mid = (a + b) / 2
-    return torch.where(torch.isfinite(mid), mid, a / 2 + b / 2)
+    return midpoint(a, b)
 
 
 def _scaled_top(dtype: torch.dtype, d: int) -> int:

@@ -53,16 +53,22 @@ def test_weighted_coordinate_median_with_equal_or_0_1_weights_is_the_library_s_m
                        masked_coordinate_median(X, ok))
 
 
+def _median_start_agrees_with_the_mean_start(G, weights, tol, max_iter, close):
+    """Both starts converge, to medians within ``close``; returns the median start's result."""
+    a = ms.geometric_median(G, weights, tol=tol, max_iter=max_iter)
+    b = ms.geometric_median(G, weights, tol=tol, max_iter=max_iter, init="median")
+    assert bool(a.converged.all()) and bool(b.converged.all())
+    torch.testing.assert_close(b.median, a.median, rtol=close, atol=close)
+    return b
+
+
 def test_median_start_converges_to_the_same_median():
     gen = torch.Generator().manual_seed(1)
     G = torch.randn(4, 15, 6, generator=gen, dtype=F64) * torch.tensor([1.0, 10.0, 0.1, 3.0],
                                                                        dtype=F64)[:, None, None]
     w = torch.rand(4, 15, generator=gen, dtype=F64)
     for weights in (None, w):
-        a = ms.geometric_median(G, weights, tol=1e-12, max_iter=2000)
-        b = ms.geometric_median(G, weights, tol=1e-12, max_iter=2000, init="median")
-        assert bool(a.converged.all()) and bool(b.converged.all())
-        torch.testing.assert_close(b.median, a.median, rtol=1e-9, atol=1e-9)
+        b = _median_start_agrees_with_the_mean_start(G, weights, 1e-12, 2000, close=1e-9)
         # the adaptive mode's bits are those of fixed_iter=True with as many iterations
         steps = int(b.n_iter.max())
         fixed = ms.geometric_median(G, weights, tol=1e-12, max_iter=steps, fixed_iter=True, init="median")
@@ -161,10 +167,7 @@ def test_medoid_start_on_the_gram_route_converges_to_the_same_median():
     G = torch.randn(2, 32, 4096, generator=gen, dtype=F64) + 5.0  # a common component too
     w = torch.rand(2, 32, generator=gen, dtype=F64)
     for weights in (None, w):
-        a = ms.geometric_median(G, weights, tol=1e-10, max_iter=500)
-        b = ms.geometric_median(G, weights, tol=1e-10, max_iter=500, init="median")
-        assert bool(a.converged.all()) and bool(b.converged.all())
-        torch.testing.assert_close(b.median, a.median, rtol=1e-7, atol=1e-7)
+        _median_start_agrees_with_the_mean_start(G, weights, 1e-10, 500, close=1e-7)
 
 
 @pytest.mark.parametrize("dtype,huge,bad", [(F64, 1e300, 1), (F64, 1e300, 4), (torch.float32, 1e30, 4)])

@@ -663,17 +663,23 @@ def test_sample_gradients_bad_input():
         sample_gradients(model, loss_fn, x, y[:5])
 
 
+def _net_with_sample_gradients(n: int, seed: int):
+    """``small_net``'s parameters with ``n`` random float64 per-sample gradients each
+    (``p.grad_sample``): ``(params, samples, params before any step)``."""
+    params = list(small_net().parameters())
+    gen = torch.Generator().manual_seed(seed)
+    samples = [torch.randn(n, *p.shape, generator=gen, dtype=torch.float64) for p in params]
+    before = [p.detach().clone() for p in params]
+    for p, s in zip(params, samples):
+        p.grad_sample = s
+    return params, samples, before
+
+
 @pytest.mark.parametrize("aggregate", ["mean", "coordinate_median", "trimmed_mean",
                                        "geometric_median"])
 @pytest.mark.parametrize("scope", SCOPES)
 def test_sample_median_sgd_steps_along_the_aggregate(aggregate, scope):
-    model = small_net()
-    params = list(model.parameters())
-    gen = torch.Generator().manual_seed(1)
-    samples = [torch.randn(7, *p.shape, generator=gen, dtype=torch.float64) for p in params]
-    before = [p.detach().clone() for p in params]
-    for p, s in zip(params, samples):
-        p.grad_sample = s
+    params, samples, before = _net_with_sample_gradients(7, seed=1)
     gm = {"max_iter": 200, "fixed_iter": False, "tol": 1e-12}
     opt = SampleMedianSGD(params, lr=0.5, aggregate=aggregate, scope=scope, trim=0.2,
                           gm_options=gm)
@@ -695,13 +701,7 @@ def test_sample_median_sgd_steps_along_the_aggregate(aggregate, scope):
 
 @pytest.mark.parametrize("init", ["mean", "median"])
 def test_sample_median_sgd_passes_the_geometric_median_start(init):
-    model = small_net()
-    params = list(model.parameters())
-    gen = torch.Generator().manual_seed(3)
-    samples = [torch.randn(5, *p.shape, generator=gen, dtype=torch.float64) for p in params]
-    before = [p.detach().clone() for p in params]
-    for p, s in zip(params, samples):
-        p.grad_sample = s
+    params, samples, before = _net_with_sample_gradients(5, seed=3)
     opt = SampleMedianSGD(params, lr=0.5, aggregate="geometric_median", gm_options={"init": init})
     assert opt.defaults["gm_options"] == {"init": init, "max_iter": 10, "fixed_iter": True}
     opt.step()
