@@ -60,7 +60,7 @@ def coordinate_median(G: torch.Tensor) -> torch.Tensor:
     Uses ``kthvalue`` (no size limit, unlike ``torch.quantile``'s 2**24 elements). The two middle
     values are averaged without overflow (``a/2 + b/2`` where ``(a + b)/2`` would overflow). The
     selection is the one :func:`geometric_median`'s robust start makes
-    (:func:`median_sgd.weiszfeld.weighted_coordinate_median` with equal weights).
+    (``median_sgd.weiszfeld.weighted_coordinate_median`` with equal weights).
     """
     _check_sample_matrix_fast(G)
     return weighted_coordinate_median(G, None, uniform=True)
