@@ -224,9 +224,10 @@ def geometric_median(
         start = weighted_mean(X0, w0, w_sum, uniform)
         if value_checks_enabled():
             # NaN and +-Inf propagate through sums, so a finite mean proves finite data (no pass
-            # of its own); zero weights could hide a row, so weighted problems sum G instead
-            probe = start if uniform else X0.sum()
-            if not bool(torch.isfinite(probe).all()):
+            # of its own; its sum, not isfinite, which writes masks as large as the mean); zero
+            # weights could hide a row, so weighted problems sum G instead
+            probe = start.sum() if uniform else X0.sum()
+            if not bool(torch.isfinite(probe)):
                 check_finite(G, "G")  # decides (a non-finite sum may also be an overflow)
         rows, n_iter, done, floor = local_weiszfeld(X0, w0, w_sum, start, uniform=uniform, eps=eps, tol=tol,
                                                     max_iter=max_iter, fixed_iter=fixed_iter,

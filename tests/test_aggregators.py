@@ -411,3 +411,24 @@ def test_registry_errors_are_clear():
     assert options == {"init": "median", "eps": 1e-8, "tol": 1e-6, "max_iter": 3, "fixed_iter": True}
     with pytest.raises(TypeError, match="unknown bgmd option"):
         resolve_rule("bgmd", "hook", generator=None)  # the hook seeds its own sampler
+
+
+def test_finite_rows_and_zero_dropped_copy_nothing_when_every_row_counts():
+    from median_sgd import _masked
+
+    G = rows(6, 5, seed=4)
+    G[1, 2], G[3, 0], G[4, 4], G[5] = float("nan"), float("inf"), -float("inf"), 1e308
+    ok = _masked.finite_rows(G)
+    assert ok.tolist() == [True, False, True, False, False, True]
+    dropped = _masked.zero_dropped(G, ok)
+    assert torch.equal(dropped[ok], G[ok]) and torch.equal(dropped[~ok], torch.zeros(3, 5))
+    # every row ok, on the CPU: G itself (no copy of G: the aggregators only read it)
+    clean = rows(6, 5, seed=5)
+    assert _masked.zero_dropped(clean, _masked.finite_rows(clean)) is clean
+    # sums that overflow are still redone from scaled terms (finite ones: no redo)
+    huge = torch.full((4, 3), 1e308, dtype=torch.float64)
+    count = torch.tensor([4])
+    torch.testing.assert_close(_masked.sum_rows_over(huge, count), torch.full((3,), 1e308,
+                                                                               dtype=torch.float64))
+    torch.testing.assert_close(_masked.sum_rows_over(clean, torch.tensor([6])), clean.mean(0),
+                               rtol=0, atol=0)

@@ -286,3 +286,44 @@ def test_gram_route_with_two_batch_dimensions_matches_each_problem_alone():
         for j in range(3):
             alone = ms.geometric_median(X[i, j])
             torch.testing.assert_close(out.median[i, j], alone.median, rtol=1e-9, atol=1e-9)
+
+
+def _passes_over_X(monkeypatch, X):
+    """``geometric_median(X)`` and how many exact passes over ``X`` it made."""
+    calls = []
+    exact = wz._weiszfeld_pass
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return exact(*args, **kwargs)
+
+    monkeypatch.setattr(wz, "_weiszfeld_pass", counted)
+    out = ms.geometric_median(X)
+    return out, len(calls)
+
+
+def test_gram_route_within_its_noise_takes_a_step_more_and_one_exact_step_confirms(monkeypatch):
+    # float32, 16 rows, a quarter shifted by 10 (the benchmarks' matrix): the Gram iteration
+    # first passes its test within its noise (K's rounding) right at the tolerance (1.59e-5
+    # against tol * n = 1.6e-5); the exact test there failed by 0.01% (1.63e-5) and cost a second
+    # exact step. One Gram step more (no pass over X): the first exact step confirms.
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(16, 100_000, generator=g)
+    X[:4] += 10.0
+    out, passes = _passes_over_X(monkeypatch, X)
+    assert bool(out.converged)
+    assert passes == 2  # the first iterate's distances, then the step that confirms
+    # the answer is that of the plain iteration to the tolerance's precision
+    plain = ms.geometric_median(X.double(), tol=1e-10, max_iter=500).median
+    assert float(torch.linalg.vector_norm(out.median.double() - plain)) < 1e-3 * float(
+        torch.linalg.vector_norm(X.double() - plain, dim=-1).min())
+
+
+def test_gram_route_in_float64_stops_where_the_exact_iteration_would(monkeypatch):
+    # noise negligible: the Gram iteration stops at the exact iteration's step (chapter "How
+    # fast is a median?" shows the two answers agree to 1e-14)
+    X = _rows(11, 16, 8192)
+    out, passes = _passes_over_X(monkeypatch, X)
+    plain = ms.geometric_median(X, fixed_iter=True, max_iter=int(out.n_iter))
+    assert bool(out.converged) and passes == 2
+    torch.testing.assert_close(out.median, plain.median, rtol=0, atol=1e-12)
