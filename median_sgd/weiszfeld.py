@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from ._numerics import midpoint, pow2_scale, scaled_l2_norm
+from ._numerics import host_reads_are_free, midpoint, pow2_scale, scaled_l2_norm
 from ._ranks import CollectiveCounter, ProcessGroupRanks, SimulatedRanks
 
 __all__ = ["weiszfeld", "distance_floor", "local_weiszfeld", "weighted_mean", "ranks_weiszfeld", "LocalRows", "RankRows", "ProcessGroupRanks",
@@ -253,7 +253,7 @@ class LocalRows:
         self.resolution_unit = torch.finfo(X.dtype).eps
         self.rounding = 4 * self.resolution_unit
         self.beta = w  # the iterate is sum_i beta_i X_i / sum_i beta_i
-        self.work = self.answer = None  # (..., d) buffers of :meth:`step`
+        self.answer = None  # the answer's buffer in :meth:`step`
 
     def gram_start(self, eps: float, tol: float, max_iter: int, medoid: bool = False):
         """Iterate on the coefficients first (:func:`_weiszfeld_gram`; from the medoid with
@@ -295,24 +295,27 @@ class LocalRows:
         return self.rounding * torch.linalg.vector_norm(self.offset, dim=-1, keepdim=True)
 
     def step(self, beta, beta_sum, active):
-        # The (..., d) vectors of a step go into buffers kept across steps (the rest, the answer,
-        # and the centre given up, which takes the next iterate): a fresh vector of millions of
-        # entries is fresh pages from the operating system every step, which on a CPU costs
-        # several times the arithmetic. Same operations, same bits.
-        if self.work is None:
-            self.work = torch.empty_like(self.neg)
-            self.answer = torch.empty_like(self.neg)
+        # The step's (..., d) vectors reuse memory: the centre given up holds the rest, then the
+        # next iterate; the answer is that iterate itself while every problem is active (a host
+        # read: on the CPU). A fresh vector of millions of entries is fresh pages from the
+        # operating system, which on a CPU costs several times the arithmetic (measured: 1.7 ms
+        # for 4 MB, a subtraction 0.16 ms). Same operations, same bits.
+        spare = self.neg if self._neg_free else torch.empty_like(self.neg)
         # Re-centre on the iterate rounded: z = -rounded + rest, exactly when the offset is
         # smaller than the centre (when it moves a lot, precision does not matter yet).
-        rest = torch.sub(self.rounded, self.neg, out=self.work).add_(self.offset)
-        spare = self.neg if self._neg_free else torch.empty_like(self.neg)
+        rest = torch.sub(self.rounded, self.neg, out=spare).add_(self.offset)
         self.neg, self._neg_free = self.rounded, True
         self.offset, self.dist = self._pass(beta / beta_sum)
         # z_next - z = resultant / sum(beta), resultant = sum_i beta_i (X_i - z); the norm of
         # rest - offset, its negative (exact)
         res_norm = beta_sum.squeeze(-1) * torch.linalg.vector_norm(rest.sub_(self.offset), dim=-1)
         self.rounded = torch.sub(self.neg, self.offset, out=spare)
-        self.result = torch.where(active.unsqueeze(-1), self.rounded, self.result, out=self.answer)
+        if _syncs_are_free(active.device) and host_reads_are_free(active) and bool(active.all()):
+            self.result = self.rounded
+        else:
+            if self.answer is None:
+                self.answer = torch.empty_like(self.neg)
+            self.result = torch.where(active.unsqueeze(-1), self.rounded, self.result, out=self.answer)
         return res_norm
 
     def median(self):
