@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._numerics import host_reads_are_free, midpoint
+from ._numerics import known_all, midpoint
 
 
 def finite_rows(G: torch.Tensor) -> torch.Tensor:
@@ -26,13 +26,7 @@ def zero_dropped(G: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """``G`` with the rows outside ``ok`` set to 0 (finite placeholders that get weight 0): a new
     tensor, or ``G`` itself where every row is ok and the host can tell at no cost (the CPU; no
     copy of ``G``). Callers only read it."""
-    return G if _all_known_ok(ok) else torch.where(ok.unsqueeze(-1), G, 0)
-
-
-def _all_known_ok(ok: torch.Tensor) -> bool:
-    """Whether every row is ok, where the host can read it at no cost (else False: the caller's
-    general, synchronisation-free path)."""
-    return host_reads_are_free(ok) and bool(ok.all())
+    return G if known_all(ok) else torch.where(ok.unsqueeze(-1), G, 0)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,7 +44,7 @@ def sum_rows_over(terms: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     acc = acc_dtype(terms.dtype)
     safe = count.clamp_min(1)
     fast = terms.sum(-2, dtype=acc) / safe
-    if _all_known_ok(torch.isfinite(fast)):  # no overflow: no G-sized temporary for the redo
+    if known_all(torch.isfinite(fast)):  # no overflow: no G-sized temporary for the redo
         return torch.where(count > 0, fast, 0)
     scaled = (terms.to(acc) / safe.unsqueeze(-1)).sum(-2)
     out = torch.where(torch.isfinite(fast), fast, scaled)
@@ -65,7 +59,7 @@ def masked_mean(G: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
 
 def sorted_with_dropped_last(G: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """Every column of ``G`` sorted, the rows outside ``ok`` moved to the end (as +inf)."""
-    return (G if _all_known_ok(ok) else torch.where(ok.unsqueeze(-1), G, torch.inf)).sort(dim=-2).values
+    return (G if known_all(ok) else torch.where(ok.unsqueeze(-1), G, torch.inf)).sort(dim=-2).values
 
 
 def masked_coordinate_median(G: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,13 @@ def host_reads_are_free(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def known_all(flags: torch.Tensor) -> bool:
+    """Whether every flag is true, where the host can read them at no cost
+    (:func:`host_reads_are_free`); else False, so that the caller takes its general,
+    synchronisation-free path."""
+    return host_reads_are_free(flags) and bool(flags.all())
+
+
 def midpoint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(a + b) / 2``, or ``a / 2 + b / 2`` where ``a + b`` overflows (two values near the dtype's
     largest; half precision: above ~32,752). Halving each is exact for normal numbers, so the

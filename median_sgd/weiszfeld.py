@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from ._numerics import host_reads_are_free, midpoint, pow2_scale, scaled_l2_norm
+from ._numerics import known_all, midpoint, pow2_scale, scaled_l2_norm
 from ._ranks import CollectiveCounter, ProcessGroupRanks, SimulatedRanks
 
 __all__ = ["weiszfeld", "distance_floor", "local_weiszfeld", "weighted_mean", "ranks_weiszfeld", "LocalRows", "RankRows", "ProcessGroupRanks",
@@ -310,7 +310,7 @@ class LocalRows:
         # rest - offset, its negative (exact)
         res_norm = beta_sum.squeeze(-1) * torch.linalg.vector_norm(rest.sub_(self.offset), dim=-1)
         self.rounded = torch.sub(self.neg, self.offset, out=spare)
-        if _syncs_are_free(active.device) and host_reads_are_free(active) and bool(active.all()):
+        if _syncs_are_free(active.device) and known_all(active):
             self.result = self.rounded
         else:
             if self.answer is None:
